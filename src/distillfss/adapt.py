@@ -1,0 +1,232 @@
+"""TransferFSS (teacher fine-tuning on the support set) and DistillFSS (student distillation).
+
+The frozen backbone's features of every support image are computed **once** and reused by every step: a step then
+costs only the attention, the decoder and the ConvDist heads. When the attention is frozen (trainable set A, or the
+second stage of two-stage distillation) its coarse masks are constant and are computed once too.
+
+Episodes (one optimizer step = one pass over all episodes, batched into a single forward):
+
+* ``leave_one_out`` (default): every support image is the query once, with all the other images as its shots.
+  The original plain builder used a single other image per query (``subsample: 1``); using all others trains the
+  teacher in the regime it meets at test time (K shots).
+* ``paired``: episode t targets class (t mod C) + 1; its query and one shot are two random images containing that
+  class, plus up to two random other shots (the original PairedSubstitutor with subsample 3).
+
+In each episode, ground-truth pixels of classes with no shot are set to background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .backbones import FrozenBackbone, Pyramid
+from .config import AdaptConfig, ModelConfig
+from .losses import coarse_mse, focal_loss
+from .student import Student, build_student
+from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
+    "A": ("decoder.conv1", "decoder.conv2", "decoder.conv3", "decoder.mixer"),
+    "B": ("decoder.", "attention."),
+    "C": ("decoder.conv1", "decoder.conv2", "decoder.conv3", "decoder.mixer", "attention."),
+}
+
+
+@dataclass
+class AdaptResult:
+    teacher: Teacher
+    student: Student | None
+    log: list[dict]
+    seconds: float  # wall time of adaptation, support encoding included
+
+
+def trainable_parameters(teacher: Teacher, which: str) -> list[nn.Parameter]:
+    prefixes = TRAINABLE_SETS[which]
+    return [p for n, p in teacher.named_parameters() if not n.startswith("backbone.") and n.startswith(prefixes)]
+
+
+def _episodes(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One step's episodes -> (shot_valid (M, C, M) bool: episode t may use shot k for class c,
+    queries (M,) long: the support image that is episode t's query)."""
+    m, n_cls = flags.shape
+    if cfg.episodes == "leave_one_out" or m < 2:
+        valid = (~torch.eye(m, dtype=torch.bool)).unsqueeze(1).expand(-1, n_cls, -1).clone()
+        return valid, torch.arange(m)
+    valid = torch.zeros(m, n_cls, m, dtype=torch.bool)
+    queries = torch.zeros(m, dtype=torch.long)
+    for t in range(m):
+        c = t % n_cls
+        holders = flags[:, c].nonzero().flatten()
+        if len(holders) < 2:  # a class with fewer than two images cannot form a pair: plain episode instead
+            q = t
+            others = [k for k in range(m) if k != q]
+        else:
+            pick = holders[torch.randperm(len(holders), generator=gen)[:2]]
+            q, first = int(pick[0]), int(pick[1])
+            rest = [k for k in torch.randperm(m, generator=gen).tolist() if k not in (q, first)]
+            others = [first, *rest[:2]]
+        queries[t] = q
+        valid[t, :, others] = True
+    return valid, queries
+
+
+def _targets(labels: Tensor, shot_valid: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
+    """GT of each episode with classes that have no shot set to background -> (labels, present (M, C))."""
+    present = (shot_valid & flags.T.unsqueeze(0)).any(dim=2)  # (M, C)
+    lab = labels.clone()
+    for c in range(present.shape[1]):
+        absent = ~present[:, c]  # (M,)
+        lab[absent] = torch.where(lab[absent] == c + 1, torch.zeros_like(lab[absent]), lab[absent])
+    return lab, present
+
+
+def adapt(
+    backbone: FrozenBackbone,
+    images: Tensor,
+    labels: Tensor,
+    model_cfg: ModelConfig,
+    cfg: AdaptConfig,
+    teacher: Teacher | None = None,
+    progress: bool = True,
+    log_path: Path | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> AdaptResult:
+    """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distill a student.
+
+    Args:
+        backbone: the frozen backbone (shared by teacher and student).
+        images: (M, 3, S, S) support images in [0, 1]; labels: (M, S, S) long, 255 = ignore.
+        teacher: a starting teacher (e.g. meta-trained); a fresh one from ``cfg.seed`` when None.
+        log_path: where to append one JSON line per step.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if teacher is None:
+        teacher = build_teacher(backbone, model_cfg)
+    support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
+    flags = support.flags  # (M, C)
+    student = build_student(backbone, teacher.decoder, model_cfg.num_classes) if cfg.method == "distill" else None
+    log_rows: list[dict] = []
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
+
+    def record(row: dict) -> None:
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        log_rows.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+        if on_step:
+            on_step(row)
+
+    try:
+        if cfg.method == "transfer" or cfg.mode == "joint":
+            _train(teacher, student, support, labels, cfg, cfg.iterations, "joint", gen, progress, record)
+        else:
+            _train(teacher, None, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
+            steps = cfg.student_iterations or cfg.iterations
+            _train(teacher, student, support, labels, cfg, steps, "student", gen, progress, record)
+    finally:
+        if log_file:
+            log_file.close()
+    teacher.eval()
+    if student is not None:
+        student.eval()
+    return AdaptResult(teacher, student, log_rows, time.perf_counter() - t0)
+
+
+def _train(
+    teacher: Teacher,
+    student: Student | None,
+    support: EncodedSupport,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    steps: int,
+    stage: str,
+    gen: torch.Generator,
+    progress: bool,
+    record: Callable[[dict], None],
+) -> None:
+    """One training stage. ``stage``: 'joint' (teacher, and student if given), 'teacher', or 'student'
+    (teacher frozen, only the ConvDist heads learn, decoder shared and frozen)."""
+    flags = support.flags
+    train_teacher = stage in ("joint", "teacher")
+    params: list[nn.Parameter] = trainable_parameters(teacher, cfg.trainable) if train_teacher else []
+    if student is not None:
+        params += list(student.heads.parameters())
+    frozen_attention = not any(n.startswith("attention.") for n in _names(teacher, params))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher.train(train_teacher)
+    if student is not None:
+        student.train()
+    fixed_episodes = cfg.episodes == "leave_one_out" or flags.shape[0] < 2
+    cached: dict[str, object] = {}
+    bar = tqdm(range(steps), desc=f"adapt ({stage})", disable=not progress, leave=False)
+    for step in bar:
+        shot_valid, queries = _episodes(cfg, flags, gen)
+        target, present = _targets(labels[queries], shot_valid, flags)
+        query = _select(support, queries)
+        # Constant coarse masks (frozen attention, no dropout) are computed once per episode set.
+        reuse = frozen_attention and fixed_episodes and not _has_dropout(teacher)
+        if reuse and "coarse" in cached:
+            coarse = cached["coarse"]
+        else:
+            with torch.set_grad_enabled(not frozen_attention):
+                coarse = [
+                    teacher.attention[g](q, k, support.masks[i], support.token_valid(shot_valid, i))
+                    for i, (g, q, k) in enumerate(zip(teacher.groups, query.layers, teacher.keys(support)))
+                ]
+            if reuse:
+                cached["coarse"] = coarse
+        row: dict = {"step": step + 1, "stage": stage}
+        loss = torch.zeros(())
+        if train_teacher:
+            t_out = teacher.decode(coarse, query, present)
+            f_t = focal_loss(t_out.logits, target, cfg.focal_gamma)
+            loss = loss + f_t
+            row["focal_teacher"] = round(f_t.item(), 5)
+        if student is not None:
+            s_out = student.forward_features(query)
+            f_s = focal_loss(s_out.logits, target, cfg.focal_gamma)
+            d = coarse_mse(coarse, s_out.coarse, teacher.strides, present)
+            loss = loss + f_s + cfg.distill_weight * d
+            row["focal_student"] = round(f_s.item(), 5)
+            row["distill"] = round(d.item(), 5)
+        n_terms = int(train_teacher) + (2 if student is not None else 0)
+        loss = loss / n_terms
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        row["loss"] = round(loss.item(), 5)
+        record(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+    for p in params:
+        p.requires_grad_(False)
+
+
+def _names(module: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    ids = {id(p) for p in params}
+    return [n for n, p in module.named_parameters() if id(p) in ids]
+
+
+def _has_dropout(teacher: Teacher) -> bool:
+    return any(a.attn_dropout > 0 or a.pe_dropout.p > 0 for a in teacher.attention)
+
+
+def _select(support: EncodedSupport, idx: Tensor) -> Pyramid:
+    p = support.pyramid
+    return Pyramid(p.skip4[idx], tuple(t[idx] for t in p.layers))

