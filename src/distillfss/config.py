@@ -46,11 +46,11 @@ class AdaptConfig:
 
     method: Literal["distill", "transfer"] = "distill"
     mode: Literal["joint", "two_stage"] = "joint"  # joint = the original code; two_stage = teacher, then student
-    iterations: int = 150  # optimizer steps (one step = one pass over all episodes)
+    iterations: int = 100  # optimizer steps (one step = one pass over all episodes)
     student_iterations: int | None = None  # two_stage only: student steps (default: same as iterations)
     lr: float = 1e-3
     weight_decay: float = 0.01  # AdamW default, as the original
-    trainable: TrainableSet = "B"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
+    trainable: TrainableSet = "A"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
     episodes: Literal["leave_one_out", "paired"] = "leave_one_out"
     focal_gamma: float = 2.0
     distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)

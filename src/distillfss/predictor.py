@@ -6,19 +6,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data.tensors import image_tensor
-from .student import Student
 from .teacher import EncodedSupport, Teacher
 
 
 class Predictor:
     """Segments images with a student (no support) or a teacher (support encoded once, keys cached)."""
 
-    def __init__(
-        self, model: Teacher | Student, image_size: int, support: EncodedSupport | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, image_size: int, support: EncodedSupport | None = None) -> None:
+        """model: a Teacher (with ``support``), a Student, or any module mapping (B,3,S,S) to (B,C+1,S,S) logits."""
         if isinstance(model, Teacher) and support is None:
             raise ValueError("a teacher needs its support set")
         self.model = model.eval()
@@ -32,7 +30,8 @@ class Predictor:
         if isinstance(self.model, Teacher):
             feats = self.model.backbone(images)
             return self.model.forward_features(feats, self.support, keys=self._keys).logits
-        return self.model(images).logits
+        out = self.model(images)
+        return out if isinstance(out, Tensor) else out.logits
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size."""

@@ -151,9 +151,7 @@ def load_mask(path: Path, num_classes: int, expect_size: tuple[int, int] | None 
     values = np.unique(a)
     bad = values[(values > num_classes) & (values != IGNORE)]
     if bad.size:
-        raise DataError(
-            f"{path}: label values {bad[:5].tolist()} outside the classes 0..{num_classes} (255 = ignore)"
-        )
+        raise DataError(f"{path}: label values {bad[:5].tolist()} outside the classes 0..{num_classes} (255 = ignore)")
     return a.astype(np.uint8)
 
 

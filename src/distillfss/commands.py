@@ -1,0 +1,139 @@
+"""The work behind each CLI subcommand (argparse namespace in, files out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .adapt import adapt as run_adapt
+from .backbones import build_backbone
+from .cli import model_config, timestamp, write_json
+from .config import AdaptConfig
+from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
+from .data.folder import IMAGE_EXTS, list_images
+from .evaluate import evaluate_predictor
+from .model_io import LOG, load_model, output_folder, save_model
+from .sampling import sample_support
+from .teacher import Teacher, build_teacher
+from .viz import overlay
+
+log = logging.getLogger("distillfss")
+
+
+def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
+    """A dataset folder (K sampled from train/) or a plain images/+masks/ folder (all, or K sampled)."""
+    if not path.is_dir():
+        raise DataError(f"{path}: support folder not found")
+    split = load_split(path, "train")
+    stems = [s.stem for s in split.samples]
+    if shots is None:
+        shots = 5 if (path / "train").is_dir() else len(stems)
+    if shots > len(stems):
+        raise DataError(f"{path}: {shots} shots requested but the pool has only {len(stems)} images")
+    sets = class_sets(split)  # also validates every mask of the pool
+    return split, sample_support(stems, shots, sets if split.num_classes > 1 else None)
+
+
+def adapt(args: argparse.Namespace) -> int:
+    split, stems = resolve_support(args.support, args.shots)
+    device = torch.device(args.device)
+    mcfg = model_config(args, split.num_classes)
+    acfg = AdaptConfig(
+        method=args.method,
+        mode=args.mode,
+        iterations=args.iterations,
+        trainable=args.trainable,
+        episodes=args.episodes,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    images, labels = load_support_tensors(split, stems, mcfg.image_size)
+    backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
+    teacher = _starting_teacher(args.teacher, backbone, mcfg)
+    with output_folder(args.out, args.overwrite) as tmp:
+        log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
+        result = run_adapt(
+            backbone, images.to(device), labels.to(device), mcfg, acfg, teacher=teacher, log_path=tmp / LOG
+        )
+        model = result.student if args.method == "distill" else result.teacher
+        meta = {
+            "created": timestamp(),
+            "adapt": acfg.to_dict(),
+            "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
+            "support": {"dataset": str(split.root), "stems": stems, "shots": len(stems)},
+            "adapt_seconds": round(result.seconds, 2),
+        }
+        save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels))
+    log.info(
+        "wrote %s (%s, %.1f s)",
+        args.out,
+        "student" if args.method == "distill" else "teacher",
+        result.seconds,
+    )
+    return 0
+
+
+def _starting_teacher(path: str | None, backbone, mcfg) -> Teacher | None:
+    if path is None:
+        return None
+    loaded = load_model(path, backbone=backbone)
+    if loaded.kind != "teacher":
+        raise DataError(f"{path}: is a {loaded.kind}, --teacher needs a teacher")
+    teacher = build_teacher(backbone, mcfg)
+    teacher.load_state_dict(loaded.model.state_dict())
+    return teacher
+
+
+def _image_inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTS:
+            raise DataError(f"{path}: not an image file ({', '.join(IMAGE_EXTS)})")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    files = list(list_images(path).values())
+    if not files:
+        raise DataError(f"{path}: no images (.png, .jpg, .tif, .bmp)")
+    return files
+
+
+def predict(args: argparse.Namespace) -> int:
+    files = _image_inputs(args.images)
+    loaded = load_model(args.model, args.backbone_weights)
+    loaded.predictor.model.to(args.device)
+    images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
+    with output_folder(args.out, args.overwrite) as tmp:
+        for f, img in tqdm(images, desc="predict"):
+            labels = loaded.predictor.predict(img)
+            Image.fromarray(labels).save(tmp / f"{f.stem}.png")
+            if args.overlay:
+                Image.fromarray(overlay(img, labels)).save(tmp / f"{f.stem}_overlay.png")
+    log.info("wrote %d label maps to %s", len(images), args.out)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model, args.backbone_weights)
+    split = load_split(args.data, args.split)
+    if split.classes != loaded.classes:
+        raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
+    result = evaluate_predictor(loaded.predictor, split)
+    text = json.dumps(result.to_json(), indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, result.to_json())
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0

@@ -1,0 +1,45 @@
+"""Evaluate a predictor on every image of a split: dataset-level IoU at each image's original resolution."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Split, load_pair
+from .metrics import IoUMeter
+from .predictor import Predictor
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    miou: float  # foreground classes, percent
+    miou_with_background: float
+    per_class: dict[str, float]
+    n_images: int
+    seconds_per_image: float  # model time only (resize, forward, resize back), file reading excluded
+
+    def to_json(self) -> dict:
+        return {
+            "miou": self.miou,
+            "miou_with_background": self.miou_with_background,
+            "per_class": self.per_class,
+            "n_images": self.n_images,
+            "seconds_per_image": round(self.seconds_per_image, 5),
+        }
+
+
+def evaluate_predictor(predictor: Predictor, split: Split, progress: bool = True) -> EvalResult:
+    meter = IoUMeter(split.classes)
+    seconds = 0.0
+    for sample in tqdm(split.samples, desc=f"evaluate {split.name}", disable=not progress, leave=False):
+        image, mask = load_pair(sample, split.num_classes)
+        t0 = time.perf_counter()
+        pred = predictor.predict(image)
+        seconds += time.perf_counter() - t0
+        meter.update(torch.from_numpy(pred), torch.from_numpy(mask))
+    iou = meter.compute()
+    n = len(split.samples)
+    return EvalResult(iou.miou, iou.miou_with_background, iou.per_class, n, seconds / max(n, 1))
