@@ -18,7 +18,7 @@ from .config import AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
-from .model_io import LOG, load_model, output_folder, save_model
+from .model_io import LOG, check_output, load_model, output_folder, save_model
 from .sampling import sample_support
 from .teacher import Teacher, build_teacher
 from .viz import overlay
@@ -41,6 +41,7 @@ def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
 
 
 def adapt(args: argparse.Namespace) -> int:
+    check_output(args.out, args.overwrite)
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
@@ -104,6 +105,7 @@ def _image_inputs(path: Path) -> list[Path]:
 
 
 def predict(args: argparse.Namespace) -> int:
+    check_output(args.out, args.overwrite)
     files = _image_inputs(args.images)
     loaded = load_model(args.model, args.backbone_weights)
     loaded.predictor.model.to(args.device)

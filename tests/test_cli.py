@@ -1,0 +1,129 @@
+"""CLI smoke runs on tiny synthetic datasets, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_dataset
+from PIL import Image
+
+from distillfss.cli import main
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2"]
+
+
+@pytest.fixture(scope="module")
+def multiclass_dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "multi", n_train=6, n_test=3, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, multiclass_dataset):
+    out = tmp_path_factory.mktemp("models") / "model"
+    assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "4", *FAST]) == 0
+    return out
+
+
+def test_adapt_writes_a_self_describing_model(student_dir) -> None:
+    config = json.loads((student_dir / "config.json").read_text())
+    assert config["kind"] == "student"
+    assert config["classes"] == ["background", "class1", "class2", "class3"]
+    assert config["support"]["shots"] == 4 and config["adapt"]["seed"] == 0
+    assert (student_dir / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (student_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+
+
+def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r) == {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image"}
+    assert r["n_images"] == 3 and set(r["per_class"]) == {"background", "class1", "class2", "class3"}
+    assert 0 <= r["miou"] <= 100
+
+
+def test_predict_keeps_input_size_and_writes_overlays(student_dir, multiclass_dataset, tmp_path) -> None:
+    out = tmp_path / "pred"
+    images = multiclass_dataset / "test" / "images"
+    assert main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out), "--overlay"]) == 0
+    labels = np.asarray(Image.open(out / "img00.png"))
+    assert labels.shape == (40, 48) and labels.max() <= 3
+    assert np.asarray(Image.open(out / "img00_overlay.png")).shape == (40, 48, 3)
+
+
+def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -> None:
+    from distillfss.model_io import load_model
+
+    out = tmp_path / "m"
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "3", *FAST]) == 0
+    a, b = load_model(out), load_model(out)
+    img = np.random.default_rng(0).uniform(size=(30, 50, 3)).astype(np.float32)
+    x = a.predictor.logits(__import__("torch").rand(1, 3, 64, 64))
+    assert np.array_equal(a.predictor.predict(img), b.predictor.predict(img))
+    assert x.shape == (1, 2, 64, 64)
+
+
+def test_transfer_saves_a_teacher_with_its_support(tmp_path, binary_dataset) -> None:
+    out = tmp_path / "t"
+    args = ["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", "--method", "transfer"]
+    assert main([*args, *FAST]) == 0
+    assert json.loads((out / "config.json").read_text())["kind"] == "teacher"
+    pred = tmp_path / "p"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--images",
+                str(binary_dataset / "test/images/img00.png"),
+                "--out",
+                str(pred),
+            ]
+        )
+        == 0
+    )
+    assert np.asarray(Image.open(pred / "img00.png")).shape == (40, 48)
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, binary_dataset, capsys) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and str(out) in err and len(err.splitlines()) == 1
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: (d / "train/masks/img00.png").unlink(), "no mask"),
+        (lambda d: (d / "train/images/img01.png").write_bytes(b"junk"), "not a readable image"),
+        (
+            lambda d: Image.fromarray(np.full((40, 48), 9, np.uint8)).save(d / "train/masks/img02.png"),
+            "outside the classes",
+        ),
+    ],
+)
+def test_bad_support_is_one_line_and_writes_nothing(tmp_path, binary_dataset, capsys, mutate, message) -> None:
+    mutate(binary_dataset)
+    out = tmp_path / "never"
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "4", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_too_many_shots(tmp_path, binary_dataset, capsys) -> None:
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(tmp_path / "x"), "--shots", "9", *FAST]) == 2
+    assert "only 4 images" in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys) -> None:
+    assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no images" in capsys.readouterr().err or "not a model folder" in capsys.readouterr().err

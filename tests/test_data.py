@@ -1,0 +1,100 @@
+"""Bad input: each case a clear error naming the file; odd-but-valid images are converted, not rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distillfss.data import DataError, class_sets, load_image, load_split, load_support_tensors
+
+
+def test_missing_folder(tmp_path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_split(tmp_path / "nope")
+
+
+def test_image_without_mask(binary_dataset) -> None:
+    (binary_dataset / "train/masks/img01.png").unlink()
+    with pytest.raises(DataError, match=r"img01\.png: no mask"):
+        load_split(binary_dataset, "train")
+
+
+def test_mask_without_image(binary_dataset) -> None:
+    (binary_dataset / "train/images/img01.png").unlink()
+    with pytest.raises(DataError, match=r"masks/img01\.png: mask without an image"):
+        load_split(binary_dataset, "train")
+
+
+def test_mask_of_another_size(binary_dataset) -> None:
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(binary_dataset / "train/masks/img02.png")
+    split = load_split(binary_dataset, "train")
+    with pytest.raises(DataError, match=r"img02\.png: mask is 10x10, its image is 48x40"):
+        class_sets(split) and load_support_tensors(split, ["img02"], 32)
+
+
+def test_label_outside_classes(binary_dataset) -> None:
+    m = np.zeros((40, 48), np.uint8)
+    m[0, 0], m[1, 1] = 7, 255  # 255 is ignore and fine; 7 is not a class
+    Image.fromarray(m).save(binary_dataset / "train/masks/img00.png")
+    with pytest.raises(DataError, match=r"img00\.png: label values \[7\] outside the classes 0\.\.1"):
+        class_sets(load_split(binary_dataset, "train"))
+
+
+def test_support_without_foreground(binary_dataset) -> None:
+    for p in (binary_dataset / "train/masks").iterdir():
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(p)
+    split = load_split(binary_dataset, "train")
+    with pytest.raises(DataError, match="no foreground pixel"):
+        load_support_tensors(split, ["img00", "img01"], 32)
+
+
+def test_corrupt_image(binary_dataset) -> None:
+    (binary_dataset / "train/images/img03.png").write_bytes(b"this is not a png")
+    split = load_split(binary_dataset, "train")
+    with pytest.raises(DataError, match=r"img03\.png: not a readable image"):
+        load_support_tensors(split, ["img03"], 32)
+
+
+def test_colour_mask_with_differing_channels(binary_dataset) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 2, (40, 48, 3), dtype=np.uint8)).save(
+        binary_dataset / "train/masks/img00.png"
+    )
+    with pytest.raises(DataError, match="single-channel"):
+        class_sets(load_split(binary_dataset, "train"))
+
+
+def test_bad_dataset_json(binary_dataset) -> None:
+    (binary_dataset / "dataset.json").write_text("{broken")
+    with pytest.raises(DataError, match=r"dataset\.json: not a valid dataset\.json"):
+        load_split(binary_dataset, "train")
+
+
+@pytest.mark.parametrize(
+    "array,mode",
+    [
+        (np.full((6, 7), 128, np.uint8), "L"),
+        (np.full((6, 7, 4), 128, np.uint8), "RGBA"),
+        (np.linspace(0, 4000, 42).reshape(6, 7).astype(np.uint16), "I;16"),
+    ],
+)
+def test_grayscale_rgba_16bit_are_converted(tmp_path, array, mode) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)  # Pillow infers L, RGBA and I;16 from the arrays
+    img = load_image(path)
+    assert img.shape == (6, 7, 3) and img.dtype == np.float32
+    assert img.min() >= 0 and img.max() <= 1
+    if mode == "I;16":
+        assert img.max() == pytest.approx(1.0)  # stretched, not left dark
+
+
+def test_plain_images_masks_folder_with_classes_txt(tmp_path) -> None:
+    root = tmp_path / "plain"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images/a.png")
+    Image.fromarray(np.eye(8, dtype=np.uint8) * 2).save(root / "masks/a.png")
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    split = load_split(root, "train")
+    assert split.classes == ("background", "cat", "dog")
+    assert class_sets(split) == [{2}]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from distillfss.metrics import IoUMeter
+from distillfss.sampling import midpoint_order, sample_support
+
+
+def test_midpoint_sampler_matches_the_paper_example() -> None:
+    stems = [f"s{i:03d}" for i in range(100)]
+    assert sample_support(stems, 5) == [stems[i] for i in (0, 24, 49, 74, 99)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50, 707])
+def test_midpoint_order_is_a_permutation(n: int) -> None:
+    assert sorted(midpoint_order(n)) == list(range(n))
+
+
+def test_sampler_is_deterministic_nested_and_order_free() -> None:
+    stems = [f"img{i:03d}" for i in range(37)]
+    shuffled = stems[:]
+    random.Random(1).shuffle(shuffled)
+    prev: set[str] = set()
+    for k in range(1, 38):
+        chosen = sample_support(stems, k)
+        assert chosen == sample_support(shuffled, k)  # listing order does not matter
+        assert len(set(chosen)) == k and prev <= set(chosen)  # nested
+        prev = set(chosen)
+
+
+def test_stratified_sampler_covers_classes_and_nests() -> None:
+    stems = [f"img{i:02d}" for i in range(30)]
+    sets = [{1} if i < 24 else {2} for i in range(30)]  # class 2 is rare and sits at the end
+    two = sample_support(stems, 2, sets)
+    assert any(int(s[3:]) >= 24 for s in two)  # the rare class is represented at K=2
+    prev: set[str] = set()
+    for k in range(1, 31):
+        chosen = set(sample_support(stems, k, sets))
+        assert len(chosen) == k and prev <= chosen
+        prev = chosen
+
+
+def test_sampler_rejects_k_larger_than_pool() -> None:
+    with pytest.raises(ValueError, match="only 3 images"):
+        sample_support(["a", "b", "c"], 4)
+
+
+def test_iou_hand_computed() -> None:
+    meter = IoUMeter(("background", "a", "b"))
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    meter.update(pred, target)
+    meter.update(torch.tensor([[2]]), torch.tensor([[2]]))  # a second "image" accumulates into the same matrix
+    r = meter.compute()
+    # background: tp 1 (0,0); fp 2 ((1,1)->0 gt 2, (1,3)->0 gt 1); fn 1 ((0,1) gt 0 -> 1) -> 1/4
+    # a: tp 2; fp 1; fn 1 -> 2/4;  b: tp 2 (incl. 2nd image); fp 0; fn 1 -> 2/3. Pixel 255 ignored.
+    assert r.per_class["background"] == pytest.approx(25.0)
+    assert r.per_class["a"] == pytest.approx(50.0)
+    assert r.per_class["b"] == pytest.approx(200 / 3, abs=1e-3)
+    assert r.miou == pytest.approx((50 + 200 / 3) / 2, abs=1e-3)
+    assert r.miou_with_background == pytest.approx((25 + 50 + 200 / 3) / 3, abs=1e-3)
+
+
+def test_iou_class_absent_everywhere_scores_zero() -> None:
+    meter = IoUMeter(("background", "a"))
+    meter.update(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long))
+    assert meter.compute().per_class == {"background": 100.0, "a": 0.0}
