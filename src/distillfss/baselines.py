@@ -44,7 +44,7 @@ class LinearProbe(nn.Module):
         logits = self.classifier(f)
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-    def fit(self, images: Tensor, labels: Tensor, l2: float = 1e-4, max_iter: int = 100) -> None:
+    def fit(self, images: Tensor, labels: Tensor, l2: float = 1e-2, max_iter: int = 100) -> None:
         """images: (K, 3, S, S); labels: (K, S, S) long with 255 = ignore."""
         with torch.no_grad():
             f = probe_features(self.backbone(images), self.strides)  # (K, D, h, w)

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--out", required=True, type=Path, help="folder for <stem>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png colour overlays")
+    p.add_argument(
+        "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
     p.add_argument("--device", default="cpu")
@@ -96,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     p.add_argument("--backbone-weights", default=None, metavar="PATH")
     p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("speed", help="time per query and peak memory: teacher vs student vs backbone")
+    p.add_argument("--ways", default="1,3,5", help="comma-separated numbers of classes")
+    p.add_argument("--shots", default="1,5,10,25,50", help="comma-separated numbers of support images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median, min, max reported)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--models", default="backbone,student,teacher", help="subset of backbone,student,teacher")
+    p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
+    _model_flags(p)
+
+    p = sub.add_parser("export", help="export a student as a standalone ONNX graph")
+    p.add_argument("--model", required=True, type=Path, help="student folder written by adapt")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, type=Path, help=".onnx file to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH")
 
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

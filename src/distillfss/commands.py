@@ -18,7 +18,7 @@ from .config import AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
-from .model_io import LOG, check_output, load_model, output_folder, save_model
+from .model_io import LOG, ModelError, check_output, load_model, output_folder, save_model
 from .sampling import sample_support
 from .teacher import Teacher, build_teacher
 from .viz import overlay
@@ -107,12 +107,19 @@ def _image_inputs(path: Path) -> list[Path]:
 def predict(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     files = _image_inputs(args.images)
-    loaded = load_model(args.model, args.backbone_weights)
-    loaded.predictor.model.to(args.device)
+    if args.engine == "onnx":
+        from .export import OnnxPredictor
+
+        if not args.model.is_file():
+            raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
+        predictor = OnnxPredictor(args.model)
+    else:
+        predictor = load_model(args.model, args.backbone_weights).predictor
+        predictor.model.to(args.device)
     images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
     with output_folder(args.out, args.overwrite) as tmp:
         for f, img in tqdm(images, desc="predict"):
-            labels = loaded.predictor.predict(img)
+            labels = predictor.predict(img)
             Image.fromarray(labels).save(tmp / f"{f.stem}.png")
             if args.overlay:
                 Image.fromarray(overlay(img, labels)).save(tmp / f"{f.stem}_overlay.png")
@@ -131,6 +138,52 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result.to_json())
+    return 0
+
+
+def speed(args: argparse.Namespace) -> int:
+    from .speed import run_speed, table, write
+
+    ways, shots = _int_list(args.ways, "--ways"), _int_list(args.shots, "--shots")
+    models = tuple(m.strip() for m in args.models.split(","))
+    bad = set(models) - {"backbone", "student", "teacher"}
+    if bad:
+        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, teacher")
+    mcfg = model_config(args, 1)
+    result = run_speed(mcfg, ways, shots, args.device, args.warmup, args.iters, args.threads, models, progress=log.info)
+    write(result, args.json)
+    print(table(result))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise DataError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    if args.out.exists() and not args.overwrite:
+        raise DataError(f"{args.out}: exists (pass --overwrite to replace it)")
+    loaded = load_model(args.model, args.backbone_weights)
+    if loaded.kind != "student":
+        raise DataError(f"{args.model}: is a {loaded.kind}; only students export (they need no support input)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    try:
+        diff = export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp)
+        if diff > 1e-3:
+            raise ModelError(f"{args.out}: ONNX logits differ from PyTorch by {diff:.2e} (> 1e-3); not written")
+        tmp.replace(args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s (max |ONNX - PyTorch| = %.2e)", args.out, diff)
     return 0
 
 

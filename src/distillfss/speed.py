@@ -1,0 +1,275 @@
+"""``distillfss speed``: time per query and peak memory, teacher vs student vs the bare backbone.
+
+Random inputs of the model's real size (batch 1, K support images each holding every class, as the paper's
+speed script). Each measurement: warm-up iterations, then the median / min / max of N timed iterations.
+
+* CUDA: events + synchronize; peak memory = ``torch.cuda.max_memory_allocated`` of the timed loop.
+* CPU: ``time.perf_counter``; peak memory = the peak resident set of a fresh child process that builds the model
+  and runs only this measurement (so one configuration's memory never leaks into another's).
+
+Rows: ``backbone`` (the floor of any support-free model), ``student``, ``teacher`` with the support set encoded
+inside the timed call (``support_encoding: true``) and with it encoded once beforehand (``false``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import build_backbone
+from .config import ModelConfig
+from .student import build_student
+from .teacher import build_teacher, encode_support
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    model: str  # "backbone" | "student" | "teacher"
+    ways: int
+    shots: int
+    support_encoding: bool  # teacher only: support features computed inside the timed call
+    ms_median: float
+    ms_min: float
+    ms_max: float
+    peak_memory_mb: float
+
+
+@dataclass(frozen=True)
+class SpeedJob:
+    model: str
+    ways: int
+    shots: int
+    support_encoding: bool
+    model_cfg: ModelConfig
+    device: str
+    warmup: int
+    iters: int
+    threads: int
+    backbone_weights: str | None = "random"  # timings do not depend on the weights' values
+
+
+def _runner(job: SpeedJob) -> Callable[[], object]:
+    """Build the model for a job and return the zero-argument call that is timed."""
+    torch.manual_seed(0)
+    dev = torch.device(job.device)
+    cfg = job.model_cfg
+    s = cfg.image_size
+    backbone = build_backbone(cfg.backbone, s, job.backbone_weights).to(dev)
+    query = torch.rand(1, 3, s, s, device=dev)
+    if job.model == "backbone":
+        return lambda: backbone(query)
+    teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways})).to(dev).eval()
+    if job.model == "student":
+        student = build_student(backbone, teacher.decoder, job.ways).to(dev).eval()
+        return lambda: student(query).logits
+    images = torch.rand(job.shots, 3, s, s, device=dev)
+    labels = torch.randint(0, job.ways + 1, (job.shots, s, s), device=dev)
+    labels[:, 0, : job.ways + 1] = torch.arange(job.ways + 1, device=dev)  # every shot holds every class
+    if job.support_encoding:
+        return lambda: teacher(query, encode_support(backbone, images, labels, job.ways)).logits
+    support = encode_support(backbone, images, labels, job.ways)
+    keys = teacher.keys(support)
+    return lambda: teacher.forward_features(backbone(query), support, keys=keys).logits
+
+
+def measure(job: SpeedJob) -> SpeedRow:
+    """Run one measurement in this process."""
+    torch.set_num_threads(job.threads)
+    fn = _runner(job)
+    cuda = job.device.startswith("cuda")
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(job.warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(job.iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _peak_rss_mb()
+    return SpeedRow(
+        job.model,
+        job.ways,
+        job.shots,
+        job.support_encoding,
+        round(statistics.median(times), 2),
+        round(min(times), 2),
+        round(max(times), 2),
+        round(peak, 1),
+    )
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: reset by exec, so a spawned child reports only its own)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; includes the parent's
+
+
+def _child(job: SpeedJob, queue: mp.Queue) -> None:
+    queue.put(measure(job))
+
+
+def measure_isolated(job: SpeedJob) -> SpeedRow:
+    """CPU: one fresh process per measurement, so its peak RSS is this measurement's own."""
+    if job.device.startswith("cuda"):
+        return measure(job)
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(job, queue))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+def run_speed(
+    model_cfg: ModelConfig,
+    ways: list[int],
+    shots: list[int],
+    device: str = "cpu",
+    warmup: int = 2,
+    iters: int = 10,
+    threads: int | None = None,
+    models: tuple[str, ...] = ("backbone", "student", "teacher"),
+    isolate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    threads = threads or torch.get_num_threads()
+    jobs = []
+    if "backbone" in models:
+        jobs.append(SpeedJob("backbone", 0, 0, False, model_cfg, device, warmup, iters, threads))
+    for w in ways:
+        for k in shots:
+            if "student" in models:
+                jobs.append(SpeedJob("student", w, k, False, model_cfg, device, warmup, iters, threads))
+            if "teacher" in models:
+                for enc in (True, False):
+                    jobs.append(SpeedJob("teacher", w, k, enc, model_cfg, device, warmup, iters, threads))
+    rows = []
+    for job in jobs:
+        row = measure_isolated(job) if isolate else measure(job)
+        rows.append(asdict(row))
+        if progress:
+            progress(
+                f"{row.model:8s} ways {row.ways} shots {row.shots:3d} enc {int(row.support_encoding)}: "
+                f"{row.ms_median:9.1f} ms  {row.peak_memory_mb:8.0f} MB"
+            )
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
+    return {
+        "device": f"{device} ({name})",
+        "threads": threads,
+        "image_size": model_cfg.image_size,
+        "backbone": model_cfg.backbone,
+        "warmup": warmup,
+        "iterations": iters,
+        "rows": rows,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def table(result: dict) -> str:
+    """Markdown shaped like the paper's Table 2: rows = model, columns = (ways, shots), ms per query."""
+    rows = result["rows"]
+    combos = sorted({(r["ways"], r["shots"]) for r in rows if r["model"] != "backbone"})
+    head = "| model | " + " | ".join(f"{w}-way {k}-shot" for w, k in combos) + " |"
+    lines = [
+        f"Time per query (median ms) and peak memory (MB) on {result['device']}, {result['threads']} threads, "
+        f"{result['image_size']} px, backbone {result['backbone']}.",
+        "",
+        head,
+        "|---|" + "---|" * len(combos),
+    ]
+    kinds = [
+        ("student", False, "DistillFSS student"),
+        ("teacher", False, "teacher (support cached)"),
+        ("teacher", True, "teacher (support encoded per query)"),
+    ]
+    for model, enc, label in kinds:
+        cells = []
+        for w, k in combos:
+            r = next(
+                (
+                    r
+                    for r in rows
+                    if r["model"] == model and r["ways"] == w and r["shots"] == k and r["support_encoding"] == enc
+                ),
+                None,
+            )
+            cells.append(f"{r['ms_median']:.1f} ms / {r['peak_memory_mb']:.0f} MB" if r else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    bb = next((r for r in rows if r["model"] == "backbone"), None)
+    if bb:
+        lines += ["", f"Bare backbone forward (the floor): {bb['ms_median']:.1f} ms, {bb['peak_memory_mb']:.0f} MB."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, enc, style in (("teacher", True, "-o"), ("student", False, "--s")):
+        for w in sorted({r["ways"] for r in rows if r["model"] == model}):
+            pts = sorted(
+                (r["shots"], r["ms_median"])
+                for r in rows
+                if r["model"] == model and r["ways"] == w and r["support_encoding"] == enc
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{model} {w}-way")
+    bb = next((r for r in rows if r["model"] == "backbone"), None)
+    if bb:
+        ax.axhline(bb["ms_median"], color="gray", lw=0.8, label="backbone")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("shots")
+    ax.set_ylabel("ms per query")
+    ax.set_title(result["device"], fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, json_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.with_suffix(".md").write_text(table(result))
+    plot(result, json_path.with_suffix(".png"))

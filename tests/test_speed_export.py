@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distillfss.cli import main
+from distillfss.config import ModelConfig
+from distillfss.speed import SpeedJob, measure, table
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+CFG = ModelConfig(backbone="efficientnet_lite0", image_size=64, heads=2)
+
+
+@pytest.mark.parametrize("model,enc", [("backbone", False), ("student", False), ("teacher", True), ("teacher", False)])
+def test_speed_measurement_reports_sane_numbers(model: str, enc: bool) -> None:
+    row = measure(SpeedJob(model, 2, 3, enc, CFG, "cpu", warmup=1, iters=2, threads=2))
+    assert 0 < row.ms_min <= row.ms_median <= row.ms_max
+    assert row.peak_memory_mb > 0
+    assert row.model == model and row.support_encoding == enc
+
+
+def test_speed_table_has_every_combination() -> None:
+    rows = [
+        {"model": "student", "ways": w, "shots": k, "support_encoding": False, "ms_median": 1.0, "peak_memory_mb": 2.0}
+        for w in (1, 3)
+        for k in (1, 5)
+    ]
+    text = table({"rows": rows, "device": "cpu", "threads": 2, "image_size": 64, "backbone": "x"})
+    assert "3-way 5-shot" in text and text.count("1.0 ms") == 4
+
+
+def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> None:
+    model = tmp_path / "m"
+    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1", "--shots", "2"]
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 0
+
+    from distillfss.export import OnnxPredictor
+    from distillfss.model_io import load_model
+
+    loaded, ort_pred = load_model(model), OnnxPredictor(onnx_file)
+    assert ort_pred.classes == loaded.classes and ort_pred.image_size == 64
+    for x in (torch.rand(3, 3, 64, 64), torch.zeros(1, 3, 64, 64)):  # dynamic batch, random and constant input
+        ref = loaded.predictor.logits(x).numpy()
+        assert np.abs(ort_pred.logits(x.numpy()) - ref).max() <= 1e-3
+    from distillfss.data import load_image
+
+    real = load_image(binary_dataset / "test/images/img00.png")
+    x = torch.from_numpy(real).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+    assert np.abs(ort_pred.logits(x.numpy()) - loaded.predictor.logits(x).numpy()).max() <= 1e-3
+
+    out = tmp_path / "pred"
+    images = str(binary_dataset / "test/images")
+    assert main(["predict", "--model", str(onnx_file), "--engine", "onnx", "--images", images, "--out", str(out)]) == 0
+    assert (out / "img00.png").is_file()
+    assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 2  # refuses to overwrite
