@@ -104,10 +104,7 @@ def measure(job: SpeedJob) -> SpeedRow:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1000)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
     return SpeedRow(
         job.model,
         job.ways,
