@@ -100,14 +100,13 @@ def _sdpa(q: Tensor, k: Tensor, values: Tensor, dropout_p: float = 0.0) -> Tenso
     """Fused attention of q (B, heads, Nq, d) over k (B, heads, Ns, d) with per-batch values (B, V, Ns).
 
     PyTorch's fused CPU/GPU kernels need q, k and v to share their last dimension, so the V value channels are
-    zero-padded to d (or q and k to V, which leaves the scores unchanged; the scale is passed explicitly).
+    zero-padded to a common width, a multiple of 8 (zeros leave the scores unchanged; the scale is passed explicitly).
     Returns (B, heads, Nq, V).
     """
     b, heads, _, d = q.shape
     n_val = values.shape[1]
-    width = max(d, n_val)
-    if width > d:
-        q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
+    width = -(-max(d, n_val) // 8) * 8  # multiples of 8 keep the fused CUDA kernels eligible
+    q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
     v = F.pad(values.transpose(1, 2), (0, width - n_val))  # (B, Ns, width)
     v = v.unsqueeze(1).expand(-1, heads, -1, -1)  # (B, heads, Ns, width)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0 / math.sqrt(d))

@@ -63,6 +63,9 @@ def _adapt_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--episodes", default="leave_one_out", choices=["leave_one_out", "paired"])
     g.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    g.add_argument(
+        "--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"], help="autocast for decoder/heads"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--teacher", default=None, metavar="CKPT", help="a starting teacher folder (e.g. meta-trained)")
 
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)
     g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
     g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])
+    g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
     g.add_argument("--seed", type=int, default=0)
     return parser
 

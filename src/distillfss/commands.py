@@ -52,6 +52,7 @@ def adapt(args: argparse.Namespace) -> int:
         trainable=args.trainable,
         episodes=args.episodes,
         lr=args.lr,
+        precision=args.precision,
         seed=args.seed,
     )
     images, labels = load_support_tensors(split, stems, mcfg.image_size)

@@ -70,7 +70,13 @@ def run_demo(args: argparse.Namespace) -> dict:
             stems = sample_support([s.stem for s in train.samples], shots, class_sets(train))
             images, labels = load_support_tensors(train, stems, mcfg.image_size)
             images, labels = images.to(device), labels.to(device)
-            acfg = AdaptConfig(iterations=args.iterations, mode=args.mode, trainable=args.trainable, seed=args.seed)
+            acfg = AdaptConfig(
+                iterations=args.iterations,
+                mode=args.mode,
+                trainable=args.trainable,
+                precision=args.precision,
+                seed=args.seed,
+            )
             log.info("[%s] %d shots: %s", name, shots, ", ".join(stems))
             base = {"dataset": name, "shots": shots, "support": stems, "model": mcfg.to_dict()}
 

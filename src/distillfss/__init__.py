@@ -1,0 +1,37 @@
+"""distillfss: few-shot segmentation distilled into a fast, support-free student (DistillFSS).
+
+Public API::
+
+    from distillfss import build_backbone, build_teacher, build_student, adapt, Predictor, load_model
+"""
+
+from .adapt import AdaptResult, adapt
+from .backbones import BACKBONES, FrozenBackbone, Pyramid, build_backbone
+from .config import PRESETS, AdaptConfig, ModelConfig
+from .model_io import load_model, save_model
+from .predictor import Predictor
+from .student import Student, build_student
+from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKBONES",
+    "PRESETS",
+    "AdaptConfig",
+    "AdaptResult",
+    "EncodedSupport",
+    "FrozenBackbone",
+    "ModelConfig",
+    "Predictor",
+    "Pyramid",
+    "Student",
+    "Teacher",
+    "adapt",
+    "build_backbone",
+    "build_student",
+    "build_teacher",
+    "encode_support",
+    "load_model",
+    "save_model",
+]
