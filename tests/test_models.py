@@ -159,3 +159,20 @@ def test_modes_and_episode_builders_train(lite0_64, mode: str, episodes: str) ->
     stages = [r["stage"] for r in result.log]
     assert stages == (["teacher"] * 2 + ["student"] * 2 if mode == "two_stage" else ["joint"] * 2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log)
+
+
+def test_configs_round_trip_and_ignore_unknown_keys() -> None:
+    m = ModelConfig(image_size=96, heads=4, num_classes=3)
+    a = AdaptConfig(iterations=7, mode="two_stage", seed=5)
+    assert ModelConfig.from_dict({**m.to_dict(), "future_field": 1}) == m
+    assert AdaptConfig.from_dict(a.to_dict()) == a
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
+    from distillfss.adapt import lr_factor
+
+    f = [lr_factor("cosine", 100, s) for s in range(100)]
+    assert f[0] < f[4] == 1.0  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[-1] < 0.01
+    assert lr_factor("constant", 100, 50) == 1.0

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .backbones import FrozenBackbone, Pyramid
 from .config import AdaptConfig, ModelConfig
-from .losses import coarse_mse, focal_loss
+from .losses import balanced_weights, coarse_mse, focal_loss
 from .student import Student, build_student
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 
@@ -113,10 +115,14 @@ def adapt(
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = images.device
     if teacher is None:
         teacher = build_teacher(backbone, model_cfg)
+    teacher.to(device)
     support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
-    student = build_student(backbone, teacher.decoder, model_cfg.num_classes) if cfg.method == "distill" else None
+    student = None
+    if cfg.method == "distill":
+        student = build_student(backbone, teacher.decoder, model_cfg.num_classes).to(device)
     log_rows: list[dict] = []
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
 
@@ -169,6 +175,9 @@ def _train(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_cls = flags.shape[1]
+    weights = balanced_weights(labels, n_cls) if cfg.class_weights == "balanced" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.schedule, steps))
     teacher.train(train_teacher)
     if student is not None:
         student.train()
@@ -181,7 +190,8 @@ def _train(
     cached: dict[str, object] = {}
     bar = tqdm(range(steps), desc=f"adapt ({stage})", disable=not progress, leave=False)
     for step in bar:
-        shot_valid, queries = _episodes(cfg, flags, gen)
+        shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
+        shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
         target, present = _targets(labels[queries], shot_valid, flags)
         query = _select(support, queries)
         # Constant coarse masks (frozen attention, no dropout) are computed once per episode set.
@@ -201,12 +211,12 @@ def _train(
         with autocast:
             if train_teacher:
                 t_out = teacher.decode(coarse, query, present)
-                f_t = focal_loss(t_out.logits, target, cfg.focal_gamma)
+                f_t = focal_loss(t_out.logits, target, cfg.focal_gamma, weights)
                 loss = loss + f_t
                 row["focal_teacher"] = round(f_t.item(), 5)
             if student is not None:
                 s_out = student.forward_features(query)
-                f_s = focal_loss(s_out.logits, target, cfg.focal_gamma)
+                f_s = focal_loss(s_out.logits, target, cfg.focal_gamma, weights)
                 d = coarse_mse(coarse, [c.float() for c in s_out.coarse], teacher.strides, present)
                 loss = loss + f_s + cfg.distill_weight * d
                 row["focal_student"] = round(f_s.item(), 5)
@@ -216,11 +226,22 @@ def _train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         row["loss"] = round(loss.item(), 5)
         record(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     for p in params:
         p.requires_grad_(False)
+
+
+def lr_factor(schedule: str, steps: int, step: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 def _names(module: nn.Module, params: list[nn.Parameter]) -> list[str]:

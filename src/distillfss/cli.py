@@ -63,6 +63,7 @@ def _adapt_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--episodes", default="leave_one_out", choices=["leave_one_out", "paired"])
     g.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    g.add_argument("--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"])
     g.add_argument(
         "--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"], help="autocast for decoder/heads"
     )
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--models", default="backbone,student,teacher", help="subset of backbone,student,teacher")
     p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     _model_flags(p)
 
     p = sub.add_parser("export", help="export a student as a standalone ONNX graph")
@@ -133,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
     g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])
     g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
+    g.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    g.add_argument("--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"])
     g.add_argument("--seed", type=int, default=0)
     return parser
 

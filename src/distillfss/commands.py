@@ -53,6 +53,7 @@ def adapt(args: argparse.Namespace) -> int:
         episodes=args.episodes,
         lr=args.lr,
         precision=args.precision,
+        schedule=args.schedule,
         seed=args.seed,
     )
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
@@ -84,7 +85,7 @@ def adapt(args: argparse.Namespace) -> int:
 def _starting_teacher(path: str | None, backbone, mcfg) -> Teacher | None:
     if path is None:
         return None
-    loaded = load_model(path, backbone=backbone)
+    loaded = load_model(path, backbone=backbone, device=next(backbone.parameters()).device)
     if loaded.kind != "teacher":
         raise DataError(f"{path}: is a {loaded.kind}, --teacher needs a teacher")
     teacher = build_teacher(backbone, mcfg)
@@ -115,8 +116,7 @@ def predict(args: argparse.Namespace) -> int:
             raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
         predictor = OnnxPredictor(args.model)
     else:
-        predictor = load_model(args.model, args.backbone_weights).predictor
-        predictor.model.to(args.device)
+        predictor = load_model(args.model, args.backbone_weights, device=args.device).predictor
     images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
     with output_folder(args.out, args.overwrite) as tmp:
         for f, img in tqdm(images, desc="predict"):
@@ -129,7 +129,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.backbone_weights)
+    loaded = load_model(args.model, args.backbone_weights, device=args.device)
     split = load_split(args.data, args.split)
     if split.classes != loaded.classes:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
@@ -151,7 +151,20 @@ def speed(args: argparse.Namespace) -> int:
     if bad:
         raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, teacher")
     mcfg = model_config(args, 1)
-    result = run_speed(mcfg, ways, shots, args.device, args.warmup, args.iters, args.threads, models, progress=log.info)
+    result = run_speed(
+        mcfg,
+        ways,
+        shots,
+        args.device,
+        args.warmup,
+        args.iters,
+        args.threads,
+        models,
+        progress=log.info,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
     write(result, args.json)
     print(table(result))
     return 0

@@ -7,13 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 TrainableSet = Literal["A", "B", "C"]
+_C = TypeVar("_C", bound="_Serializable")
+
+
+class _Serializable:
+    """JSON round trip for the frozen config dataclasses; unknown keys (from newer versions) are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Serializable):
     """Architecture of the teacher (and of the student, which reuses its decoder)."""
 
     backbone: str = "efficientnet_lite2"  # one of backbones.BACKBONES
@@ -24,14 +37,6 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities (paper: 0.5)
     num_classes: int = 1  # foreground classes
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 # Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class AdaptConfig:
+class AdaptConfig(_Serializable):
     """TransferFSS / DistillFSS training on a support set."""
 
     method: Literal["distill", "transfer"] = "distill"
@@ -49,21 +54,15 @@ class AdaptConfig:
     iterations: int = 100  # optimizer steps (one step = one pass over all episodes)
     student_iterations: int | None = None  # two_stage only: student steps (default: same as iterations)
     lr: float = 1e-3
+    schedule: Literal["cosine", "constant"] = "constant"  # cosine: 5 % linear warm-up, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW default, as the original
     trainable: TrainableSet = "A"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
     episodes: Literal["leave_one_out", "paired"] = "leave_one_out"
     focal_gamma: float = 2.0
+    class_weights: Literal["none", "balanced"] = "balanced"  # balanced: frequency^-0.5 (the original: none)
     distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast for the decoder/heads (~1.8x faster on this CPU)
     seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AdaptConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)

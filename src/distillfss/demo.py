@@ -75,6 +75,8 @@ def run_demo(args: argparse.Namespace) -> dict:
                 mode=args.mode,
                 trainable=args.trainable,
                 precision=args.precision,
+                lr=args.lr,
+                schedule=args.schedule,
                 seed=args.seed,
             )
             log.info("[%s] %d shots: %s", name, shots, ", ".join(stems))

@@ -9,16 +9,30 @@ from torch import Tensor
 IGNORE = 255
 
 
-def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
-    """Multi-class focal loss, mean over non-ignored pixels; no alpha, no class weights (as the original).
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weights: Tensor | None = None) -> Tensor:
+    """Multi-class focal loss, mean over non-ignored pixels.
 
-    logits: (B, C+1, H, W); target: (B, H, W) long with 255 = ignore.
+    logits: (B, C+1, H, W); target: (B, H, W) long with 255 = ignore; weights: optional (C+1,) per-class
+    weights (the original uses none).
     """
     valid = target != IGNORE
     t = torch.where(valid, target, torch.zeros_like(target))
     logp = F.log_softmax(logits.float(), dim=1).gather(1, t.unsqueeze(1)).squeeze(1)  # (B, H, W)
     loss = -((1 - logp.exp()) ** gamma) * logp
-    return (loss * valid).sum() / valid.sum().clamp_min(1)
+    w = valid.float() if weights is None else weights[t] * valid
+    return (loss * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def balanced_weights(labels: Tensor, num_classes: int, power: float = 0.5) -> Tensor:
+    """(C+1,) class weights proportional to frequency^-power over the non-ignored pixels of ``labels``.
+
+    Rare foreground classes (a few percent of the pixels) otherwise lose to background early in training and
+    a freshly initialised decoder can settle on predicting background everywhere.
+    """
+    counts = torch.bincount(labels[labels != IGNORE].flatten(), minlength=num_classes + 1)[: num_classes + 1]
+    freq = counts.float() / counts.sum().clamp_min(1)
+    w = torch.where(counts > 0, freq.clamp_min(1e-6) ** -power, torch.zeros_like(freq))
+    return w / (w * freq).sum().clamp_min(1e-8)  # the average pixel keeps weight 1
 
 
 def coarse_mse(teacher: list[Tensor], student: list[Tensor], strides: tuple[int, ...], present: Tensor) -> Tensor:

@@ -94,9 +94,12 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def load_model(
-    folder: Path | str, backbone_weights: str | None = None, backbone: FrozenBackbone | None = None
+    folder: Path | str,
+    backbone_weights: str | None = None,
+    backbone: FrozenBackbone | None = None,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Rebuild a saved teacher or student; loading is strict and names missing or unexpected keys."""
+    """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys."""
     folder = Path(folder)
     config = read_config(folder)
     model_cfg = ModelConfig.from_dict(config["model"])
@@ -114,11 +117,11 @@ def load_model(
     model = teacher if config["kind"] == "teacher" else build_student(backbone, teacher.decoder, model_cfg.num_classes)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_strict(model, state, weights_path)
-    model.eval()
+    model.to(device).eval()
     support = None
     if config["kind"] == "teacher":
-        images = tensors["support.images"].float() / 255
-        labels = tensors["support.labels"].long()
+        images = tensors["support.images"].to(device).float() / 255
+        labels = tensors["support.labels"].to(device).long()
         support = encode_support(backbone, images, labels, model_cfg.num_classes)
     return LoadedModel(
         config["kind"], model, model_cfg, classes, config, Predictor(model, model_cfg.image_size, support)

@@ -36,7 +36,8 @@ class Predictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size."""
         h, w = image.shape[:2]
-        x = image_tensor(image, self.image_size).unsqueeze(0)
-        logits = self.logits(x)
+        device = next(self.model.parameters()).device
+        x = image_tensor(image, self.image_size).unsqueeze(0).to(device)
+        logits = self.logits(x).float().cpu()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits.argmax(1)[0].to(torch.uint8).numpy()

@@ -54,6 +54,9 @@ class SpeedJob:
     iters: int
     threads: int
     backbone_weights: str | None = "random"  # timings do not depend on the weights' values
+    precision: str = "fp32"  # "bf16": autocast the whole forward
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student / backbone (opt-in; the warm-up absorbs compilation)
 
 
 def _runner(job: SpeedJob) -> Callable[[], object]:
@@ -62,22 +65,37 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     dev = torch.device(job.device)
     cfg = job.model_cfg
     s = cfg.image_size
-    backbone = build_backbone(cfg.backbone, s, job.backbone_weights).to(dev)
-    query = torch.rand(1, 3, s, s, device=dev)
+    fmt = torch.channels_last if job.channels_last else torch.contiguous_format
+    backbone = build_backbone(cfg.backbone, s, job.backbone_weights).to(dev, memory_format=fmt)
+    query = torch.rand(1, 3, s, s, device=dev).to(memory_format=fmt)
     if job.model == "backbone":
-        return lambda: backbone(query)
+        return _wrap(job, backbone, lambda m: m(query))
     teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways})).to(dev).eval()
     if job.model == "student":
-        student = build_student(backbone, teacher.decoder, job.ways).to(dev).eval()
-        return lambda: student(query).logits
+        student = build_student(backbone, teacher.decoder, job.ways).to(dev, memory_format=fmt).eval()
+        return _wrap(job, student, lambda m: m(query).logits)
     images = torch.rand(job.shots, 3, s, s, device=dev)
     labels = torch.randint(0, job.ways + 1, (job.shots, s, s), device=dev)
     labels[:, 0, : job.ways + 1] = torch.arange(job.ways + 1, device=dev)  # every shot holds every class
     if job.support_encoding:
-        return lambda: teacher(query, encode_support(backbone, images, labels, job.ways)).logits
-    support = encode_support(backbone, images, labels, job.ways)
-    keys = teacher.keys(support)
-    return lambda: teacher.forward_features(backbone(query), support, keys=keys).logits
+        return _wrap(job, teacher, lambda m: m(query, encode_support(backbone, images, labels, job.ways)).logits)
+    with torch.inference_mode():
+        support = encode_support(backbone, images, labels, job.ways)
+        keys = teacher.keys(support)
+    return _wrap(job, teacher, lambda m: m.forward_features(backbone(query), support, keys=keys).logits)
+
+
+def _wrap(job: SpeedJob, model: torch.nn.Module, call: Callable[[torch.nn.Module], object]) -> Callable[[], object]:
+    """Apply the job's inference options around ``call(model)``."""
+    if job.compile:
+        model = torch.compile(model)
+    autocast = torch.autocast(torch.device(job.device).type, dtype=torch.bfloat16, enabled=job.precision == "bf16")
+
+    def fn() -> object:
+        with autocast:
+            return call(model)
+
+    return fn
 
 
 def measure(job: SpeedJob) -> SpeedRow:
@@ -156,21 +174,26 @@ def run_speed(
     models: tuple[str, ...] = ("backbone", "student", "teacher"),
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> dict:
     threads = threads or torch.get_num_threads()
-    jobs = []
-    if "backbone" in models:
-        jobs.append(SpeedJob("backbone", 0, 0, False, model_cfg, device, warmup, iters, threads))
+    opts = {"precision": precision, "channels_last": channels_last, "compile": compile}
+
+    def job(model: str, w: int, k: int, enc: bool) -> SpeedJob:
+        return SpeedJob(model, w, k, enc, model_cfg, device, warmup, iters, threads, **opts)
+
+    jobs = [job("backbone", 0, 0, False)] if "backbone" in models else []
     for w in ways:
         for k in shots:
             if "student" in models:
-                jobs.append(SpeedJob("student", w, k, False, model_cfg, device, warmup, iters, threads))
+                jobs.append(job("student", w, k, False))
             if "teacher" in models:
-                for enc in (True, False):
-                    jobs.append(SpeedJob("teacher", w, k, enc, model_cfg, device, warmup, iters, threads))
+                jobs += [job("teacher", w, k, True), job("teacher", w, k, False)]
     rows = []
-    for job in jobs:
-        row = measure_isolated(job) if isolate else measure(job)
+    for j in jobs:
+        row = measure_isolated(j) if isolate else measure(j)
         rows.append(asdict(row))
         if progress:
             progress(
@@ -185,6 +208,7 @@ def run_speed(
         "backbone": model_cfg.backbone,
         "warmup": warmup,
         "iterations": iters,
+        **opts,
         "rows": rows,
     }
 
@@ -206,7 +230,8 @@ def table(result: dict) -> str:
     head = "| model | " + " | ".join(f"{w}-way {k}-shot" for w, k in combos) + " |"
     lines = [
         f"Time per query (median ms) and peak memory (MB) on {result['device']}, {result['threads']} threads, "
-        f"{result['image_size']} px, backbone {result['backbone']}.",
+        f"{result['image_size']} px, backbone {result['backbone']}, precision {result.get('precision', 'fp32')}"
+        f"{', channels_last' if result.get('channels_last') else ''}{', torch.compile' if result.get('compile') else ''}.",
         "",
         head,
         "|---|" + "---|" * len(combos),

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillfss.losses import balanced_weights, coarse_mse, focal_loss
+
+
+def test_focal_loss_ignores_255_and_reduces_to_ce_at_gamma_0() -> None:
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, 0, 0] = 255
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert focal_loss(logits, target, gamma=0.0) == pytest.approx(ce.item(), rel=1e-5)
+    assert focal_loss(logits, target, gamma=2.0) < ce  # focusing only ever lowers each term
+
+
+def test_balanced_weights_favour_rare_classes_and_keep_the_mean() -> None:
+    labels = torch.zeros(1, 10, 10, dtype=torch.long)
+    labels[0, :1, :4] = 1  # 4 % foreground
+    labels[0, 9, 9] = 255
+    w = balanced_weights(labels, num_classes=2)
+    assert w[1] > w[0] > 0 and w[2] == 0  # class 2 absent: weight 0
+    freq = torch.tensor([95 / 99, 4 / 99, 0.0])
+    assert (w * freq).sum() == pytest.approx(1.0, rel=1e-5)
+    assert w[1] / w[0] == pytest.approx((95 / 4) ** 0.5, rel=1e-4)
+
+
+def test_coarse_mse_only_counts_classes_with_shots() -> None:
+    t = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 2, 2)]
+    s = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 2, 2)]
+    s[0][:, 1] = 5.0  # error only on class 2, which has no shot
+    present = torch.tensor([[True, False]])
+    assert coarse_mse(t, s, (8, 16), present) == 0
+    assert coarse_mse(t, s, (8, 16), torch.tensor([[True, True]])) > 0
