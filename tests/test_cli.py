@@ -127,3 +127,31 @@ def test_too_many_shots(tmp_path, binary_dataset, capsys) -> None:
 def test_missing_model_folder(tmp_path, capsys) -> None:
     assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no images" in capsys.readouterr().err or "not a model folder" in capsys.readouterr().err
+
+
+def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--datasets", "nuclei", "--iterations", "1", "--image-size", "64"]
+    assert main([*args, "--probe-size", "64", "--backbone", "efficientnet_lite0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["teacher", "transferfss", "distillfss", "linear_probe"]
+    for r in results["rows"]:
+        assert {
+            "dataset",
+            "method",
+            "shots",
+            "miou",
+            "miou_with_background",
+            "per_class",
+            "adapt_seconds",
+            "ms_per_image",
+        } <= set(r)
+        assert r["dataset"] == "nuclei" and r["shots"] == 5 and 0 <= r["miou"] <= 100
+    assert "| nuclei | 5 |" in (out / "report.md").read_text()
+    assert (out / "miou.png").is_file() and len(list((out / "overlays").glob("nuclei_*.png"))) == 3
+
+
+def test_demo_unknown_dataset(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "d"), "--datasets", "nope"]) == 2
+    assert "unknown demo dataset" in capsys.readouterr().err

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     g = p.add_argument_group("adaptation")
     g.add_argument("--shots", type=int, default=5)
+    g.add_argument("--probe-size", type=int, default=384, help="resolution of the linear probe (0: the model's own)")
     g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)
     g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
     g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])

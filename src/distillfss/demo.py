@@ -5,7 +5,8 @@ For each dataset: K support images from train/ (midpoint sampler), then on every
 * ``teacher``: the teacher before adaptation (fresh decoder, identity-initialised attention), with the K shots;
 * ``transferfss``: the teacher fine-tuned on the support set;
 * ``distillfss``: the support-free student;
-* ``linear_probe``: per-pixel logistic regression on the same frozen features and support set.
+* ``linear_probe``: per-pixel logistic regression on the same frozen backbone's features and support set, at
+  ``--probe-size`` (default 384 px, where it is strongest on these sets; the models run at their own size).
 
 Writes report.md, results.json, overlays/ and miou.png into the output folder.
 """
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from .adapt import adapt
-from .backbones import build_backbone
+from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe
 from .cli import model_config, timestamp, write_json
 from .config import AdaptConfig
@@ -60,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     with output_folder(args.out, args.overwrite) as tmp:
         (tmp / "overlays").mkdir()
         backbone = None
+        probe_backbones: dict[int, FrozenBackbone] = {}
         for name in names:
             root = demo_root() / name
             train, test = load_split(root, "train"), load_split(root, "test")
@@ -81,6 +83,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             )
             log.info("[%s] %d shots: %s", name, shots, ", ".join(stems))
             base = {"dataset": name, "shots": shots, "support": stems, "model": mcfg.to_dict()}
+            probe_res = args.probe_size or mcfg.image_size
 
             torch.manual_seed(args.seed)
             fresh = build_teacher(backbone, mcfg).to(device)
@@ -94,10 +97,16 @@ def run_demo(args: argparse.Namespace) -> dict:
             adapt_seconds["transferfss"] = adapt_seconds["distillfss"] = result.seconds
 
             t0 = time.perf_counter()
-            probe = LinearProbe(backbone, mcfg.num_classes).to(device)
-            probe.fit(images, labels)
+            probe_size = args.probe_size or mcfg.image_size
+            if probe_size not in probe_backbones:
+                probe_backbones[probe_size] = build_backbone(mcfg.backbone, probe_size, args.backbone_weights).to(
+                    device
+                )
+            probe = LinearProbe(probe_backbones[probe_size], mcfg.num_classes).to(device)
+            probe_images, probe_labels = load_support_tensors(train, stems, probe_size)
+            probe.fit(probe_images.to(device), probe_labels.to(device))
             adapt_seconds["linear_probe"] = time.perf_counter() - t0
-            predictors["linear_probe"] = Predictor(probe, mcfg.image_size)
+            predictors["linear_probe"] = Predictor(probe, probe_size)
 
             for method in METHODS:
                 ev = evaluate_predictor(predictors[method], test, progress=False)
@@ -111,6 +120,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                     "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                     "n_images": ev.n_images,
                     "adapt": acfg.to_dict() if method in ("transferfss", "distillfss") else None,
+                    "image_size": probe_res if method == "linear_probe" else mcfg.image_size,
                 }
                 rows.append(row)
                 log.info("[%s] %-12s mIoU %6.2f  (%.1f ms/image)", name, method, ev.miou, row["ms_per_image"])
@@ -162,17 +172,19 @@ def _report(results: dict, names: list[str]) -> str:
     rows = results["rows"]
     cfg = rows[0]["model"]
     acfg = next(r["adapt"] for r in rows if r["adapt"])
+    probe = next(r["image_size"] for r in rows if r["method"] == "linear_probe")
     lines = [
         "# distillfss demo",
         "",
         f"Created {results['created']} on {results['device']} with {results['threads']} threads. "
         f"Backbone `{cfg['backbone']}` (frozen), {cfg['image_size']} px, adaptation: {acfg['iterations']} steps, "
-        f"mode `{acfg['mode']}`, trainable set {acfg['trainable']}, seed {acfg['seed']}.",
+        f"mode `{acfg['mode']}`, trainable set {acfg['trainable']}, {acfg['precision']}, lr {acfg['lr']}, "
+        f"class weights {acfg['class_weights']}, seed {acfg['seed']}.",
         "",
         "Foreground mIoU (%) on every test image, from one confusion matrix per dataset at the images' original "
         "resolution. `teacher` = before adaptation; `transferfss` = the adapted teacher (needs the support "
         "images); `distillfss` = the support-free student; `linear_probe` = logistic regression on the same "
-        "frozen features and support set.",
+        f"frozen backbone's features and support set, at {probe} px.",
         "",
         "| dataset | shots | " + " | ".join(METHODS) + " |",
         "|---|---|" + "---|" * len(METHODS),
