@@ -135,7 +135,7 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     assert main([*args, "--probe-size", "64", "--backbone", "efficientnet_lite0"]) == 0
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
-    assert methods == ["teacher", "transferfss", "distillfss", "linear_probe"]
+    assert methods == ["teacher", "transferfss", "distillfss", "linear_probe", "prototype"]
     for r in results["rows"]:
         assert {
             "dataset",

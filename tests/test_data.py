@@ -98,3 +98,11 @@ def test_plain_images_masks_folder_with_classes_txt(tmp_path) -> None:
     split = load_split(root, "train")
     assert split.classes == ("background", "cat", "dog")
     assert class_sets(split) == [{2}]
+
+
+def test_class_without_pixels_in_the_support(multiclass_dataset) -> None:
+    split = load_split(multiclass_dataset, "train")
+    sets = class_sets(split)
+    stem = next(s.stem for s, c in zip(split.samples, sets) if c != {1, 2, 3})
+    with pytest.raises(DataError, match=r"have no pixel in any support image"):
+        load_support_tensors(split, [stem], 32)

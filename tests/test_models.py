@@ -176,3 +176,21 @@ def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
     assert f[-1] < 0.01
     assert lr_factor("constant", 100, 50) == 1.0
+
+
+@pytest.mark.parametrize("method", ["distill", "transfer"])
+def test_save_load_gives_identical_predictions(tmp_path, lite0_64, method: str) -> None:
+    from distillfss.model_io import load_model, save_model
+
+    images, labels = _support(3, 2)
+    cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=2)
+    result = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=2, method=method), progress=False)
+    model = result.student if method == "distill" else result.teacher
+    save_model(tmp_path, model, cfg, ("background", "a", "b"), {}, support=(images, labels))
+    loaded = load_model(tmp_path, backbone=lite0_64)
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        before = (
+            model(x).logits if method == "distill" else model(x, encode_support(lite0_64, images, labels, 2)).logits
+        )
+    assert_close(loaded.predictor.logits(x), before, atol=1e-5, rtol=1e-5)

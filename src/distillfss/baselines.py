@@ -72,3 +72,35 @@ class LinearProbe(nn.Module):
 
         opt.step(closure)
         self.classifier.requires_grad_(False)
+
+
+class PrototypeMatcher(nn.Module):
+    """Training-free prototype matching (PANet-style): masked average pooling of the support's multi-level
+    features gives one prototype per class (background included); each query pixel takes the class of the most
+    cosine-similar prototype. ``forward`` returns (B, C+1, S, S) logits (scaled cosine similarities)."""
+
+    def __init__(self, backbone: FrozenBackbone, num_classes: int, scale: float = 20.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.strides = tuple(li.stride for li in backbone.layer_info)
+        self.num_classes = num_classes
+        self.scale = scale
+        self.register_buffer("prototypes", torch.zeros(0))
+
+    def fit(self, images: Tensor, labels: Tensor) -> None:
+        """images: (K, 3, S, S); labels: (K, S, S) long with 255 = ignore."""
+        with torch.no_grad():
+            f = F.normalize(probe_features(self.backbone(images), self.strides), dim=1)  # (K, D, h, w)
+            y = F.interpolate(labels[:, None].float(), size=f.shape[-2:], mode="nearest")[:, 0].long()
+            protos = []
+            for c in range(self.num_classes + 1):
+                sel = (y == c).unsqueeze(1).float()  # (K, 1, h, w)
+                n = sel.sum()
+                proto = (f * sel).sum(dim=(0, 2, 3)) / n.clamp_min(1)
+                protos.append(F.normalize(proto, dim=0) if n > 0 else torch.zeros_like(proto))
+            self.prototypes = torch.stack(protos)  # (C+1, D); a class with no pixel gets a zero prototype
+
+    def forward(self, images: Tensor) -> Tensor:
+        f = F.normalize(probe_features(self.backbone(images), self.strides), dim=1)
+        logits = self.scale * torch.einsum("bdhw,cd->bchw", f, self.prototypes)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)

@@ -6,7 +6,8 @@ For each dataset: K support images from train/ (midpoint sampler), then on every
 * ``transferfss``: the teacher fine-tuned on the support set;
 * ``distillfss``: the support-free student;
 * ``linear_probe``: per-pixel logistic regression on the same frozen backbone's features and support set, at
-  ``--probe-size`` (default 384 px, where it is strongest on these sets; the models run at their own size).
+  ``--probe-size`` (default 384 px, where it is strongest on these sets; the models run at their own size);
+* ``prototype``: training-free prototype matching (masked average pooling + cosine), same features and size.
 
 Writes report.md, results.json, overlays/ and miou.png into the output folder.
 """
@@ -25,7 +26,7 @@ from PIL import Image
 
 from .adapt import adapt
 from .backbones import FrozenBackbone, build_backbone
-from .baselines import LinearProbe
+from .baselines import LinearProbe, PrototypeMatcher
 from .cli import model_config, timestamp, write_json
 from .config import AdaptConfig
 from .data import DataError, class_sets, load_pair, load_split, load_support_tensors
@@ -38,7 +39,7 @@ from .viz import overlay
 
 log = logging.getLogger("distillfss")
 
-METHODS = ("teacher", "transferfss", "distillfss", "linear_probe")
+METHODS = ("teacher", "transferfss", "distillfss", "linear_probe", "prototype")
 N_OVERLAYS = 3
 
 
@@ -107,6 +108,11 @@ def run_demo(args: argparse.Namespace) -> dict:
             probe.fit(probe_images.to(device), probe_labels.to(device))
             adapt_seconds["linear_probe"] = time.perf_counter() - t0
             predictors["linear_probe"] = Predictor(probe, probe_size)
+            t0 = time.perf_counter()
+            proto = PrototypeMatcher(probe_backbones[probe_size], mcfg.num_classes).to(device)
+            proto.fit(probe_images.to(device), probe_labels.to(device))
+            adapt_seconds["prototype"] = time.perf_counter() - t0
+            predictors["prototype"] = Predictor(proto, probe_size)
 
             for method in METHODS:
                 ev = evaluate_predictor(predictors[method], test, progress=False)
@@ -120,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                     "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                     "n_images": ev.n_images,
                     "adapt": acfg.to_dict() if method in ("transferfss", "distillfss") else None,
-                    "image_size": probe_res if method == "linear_probe" else mcfg.image_size,
+                    "image_size": probe_res if method in ("linear_probe", "prototype") else mcfg.image_size,
                 }
                 rows.append(row)
                 log.info("[%s] %-12s mIoU %6.2f  (%.1f ms/image)", name, method, ev.miou, row["ms_per_image"])
@@ -184,7 +190,8 @@ def _report(results: dict, names: list[str]) -> str:
         "Foreground mIoU (%) on every test image, from one confusion matrix per dataset at the images' original "
         "resolution. `teacher` = before adaptation; `transferfss` = the adapted teacher (needs the support "
         "images); `distillfss` = the support-free student; `linear_probe` = logistic regression on the same "
-        f"frozen backbone's features and support set, at {probe} px.",
+        f"frozen backbone's features and support set, at {probe} px; `prototype` = training-free prototype "
+        f"matching (masked average pooling + cosine), same features and size.",
         "",
         "| dataset | shots | " + " | ".join(METHODS) + " |",
         "|---|---|" + "---|" * len(METHODS),
@@ -197,7 +204,7 @@ def _report(results: dict, names: list[str]) -> str:
         "Timings: adaptation seconds (support encoding included) and milliseconds per test image (resize, "
         "forward, resize back).",
         "",
-        "| dataset | adapt s (TransferFSS+DistillFSS) | adapt s (probe) | "
+        "| dataset | adapt s (TransferFSS+DistillFSS) | fit s (probe) | "
         + " | ".join(f"ms/img {m}" for m in METHODS)
         + " |",
         "|---|---|---|" + "---|" * len(METHODS),

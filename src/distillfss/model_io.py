@@ -56,7 +56,7 @@ def save_model(
         if support is None:
             raise ValueError("saving a teacher needs its support set")
         images, labels = support
-        tensors["support.images"] = (images.cpu() * 255).round().to(torch.uint8).contiguous()
+        tensors["support.images"] = images.detach().cpu().float().contiguous()  # exact: predictions reload bit-equal
         tensors["support.labels"] = labels.cpu().to(torch.uint8).contiguous()
     save_file(tensors, str(out / WEIGHTS))
     config = {
@@ -120,7 +120,7 @@ def load_model(
     model.to(device).eval()
     support = None
     if config["kind"] == "teacher":
-        images = tensors["support.images"].to(device).float() / 255
+        images = tensors["support.images"].to(device)
         labels = tensors["support.labels"].to(device).long()
         support = encode_support(backbone, images, labels, model_cfg.num_classes)
     return LoadedModel(

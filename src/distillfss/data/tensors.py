@@ -53,4 +53,10 @@ def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple
             f"{split.root}: the support set ({', '.join(stems)}) has no foreground pixel; "
             "pick images that show the classes (or more shots)"
         )
+    missing = [split.classes[c] for c in range(1, split.num_classes + 1) if not (lab == c).any()]
+    if missing:
+        raise DataError(
+            f"{split.root}: class(es) {missing} have no pixel in any support image ({', '.join(stems)}); "
+            "use more shots or a support set that shows every class"
+        )
     return torch.stack(images), lab
