@@ -194,3 +194,16 @@ def test_save_load_gives_identical_predictions(tmp_path, lite0_64, method: str) 
             model(x).logits if method == "distill" else model(x, encode_support(lite0_64, images, labels, 2)).logits
         )
     assert_close(loaded.predictor.logits(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_inference_agrees_with_fp32(lite0_64) -> None:
+    from distillfss.predictor import Predictor
+
+    images, labels = _support(3, 1)
+    cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
+    student = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3), progress=False).student
+    x = torch.rand(2, 3, S, S)
+    fp32 = Predictor(student, S, channels_last=False).logits(x)
+    fast = Predictor(student, S, precision="bf16", channels_last=True).logits(x)
+    assert fast.dtype == torch.float32
+    assert_close(fast, fp32, atol=0.1 * fp32.abs().max().item(), rtol=0.05)

@@ -116,7 +116,9 @@ def predict(args: argparse.Namespace) -> int:
             raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
         predictor = OnnxPredictor(args.model)
     else:
-        predictor = load_model(args.model, args.backbone_weights, device=args.device).predictor
+        predictor = load_model(
+            args.model, args.backbone_weights, device=args.device, precision=args.precision
+        ).predictor
     images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
     with output_folder(args.out, args.overwrite) as tmp:
         for f, img in tqdm(images, desc="predict"):
@@ -129,7 +131,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.backbone_weights, device=args.device)
+    loaded = load_model(args.model, args.backbone_weights, device=args.device, precision=args.precision)
     split = load_split(args.data, args.split)
     if split.classes != loaded.classes:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")

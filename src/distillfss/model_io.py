@@ -98,6 +98,7 @@ def load_model(
     backbone_weights: str | None = None,
     backbone: FrozenBackbone | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> LoadedModel:
     """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys."""
     folder = Path(folder)
@@ -124,7 +125,7 @@ def load_model(
         labels = tensors["support.labels"].to(device).long()
         support = encode_support(backbone, images, labels, model_cfg.num_classes)
     return LoadedModel(
-        config["kind"], model, model_cfg, classes, config, Predictor(model, model_cfg.image_size, support)
+        config["kind"], model, model_cfg, classes, config, Predictor(model, model_cfg.image_size, support, precision)
     )
 
 

@@ -15,29 +15,45 @@ from .teacher import EncodedSupport, Teacher
 class Predictor:
     """Segments images with a student (no support) or a teacher (support encoded once, keys cached)."""
 
-    def __init__(self, model: nn.Module, image_size: int, support: EncodedSupport | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: int,
+        support: EncodedSupport | None = None,
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
         """model: a Teacher (with ``support``), a Student, or any module mapping (B,3,S,S) to (B,C+1,S,S) logits."""
         if isinstance(model, Teacher) and support is None:
             raise ValueError("a teacher needs its support set")
         self.model = model.eval()
         self.image_size = image_size
+        self.precision = precision
+        # channels_last only changes the memory layout (same numbers): measured ~1.25x faster on CPU.
+        self._fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.support = support
         self._keys = model.keys(support) if isinstance(model, Teacher) and support is not None else None
 
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S)."""
-        if isinstance(self.model, Teacher):
-            feats = self.model.backbone(images)
-            return self.model.forward_features(feats, self.support, keys=self._keys).logits
-        out = self.model(images)
-        return out if isinstance(out, Tensor) else out.logits
+        """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S), float32."""
+        images = images.to(memory_format=self._fmt)
+        bf16 = self.precision == "bf16"
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if isinstance(self.model, Teacher):
+                feats = self.model.backbone(images)
+                out = self.model.forward_features(feats, self.support, keys=self._keys).logits
+            else:
+                out = self.model(images)
+        return (out if isinstance(out, Tensor) else out.logits).float()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size."""
         h, w = image.shape[:2]
         device = next(self.model.parameters()).device
         x = image_tensor(image, self.image_size).unsqueeze(0).to(device)
-        logits = self.logits(x).float().cpu()
+        logits = self.logits(x).cpu()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits.argmax(1)[0].to(torch.uint8).numpy()
