@@ -7,6 +7,7 @@ exit status 2; nothing is written half-way (outputs go to a temporary folder mov
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -151,6 +152,12 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     if args.image_size:
         fields["image_size"] = args.image_size
     return ModelConfig(backbone=args.backbone, num_classes=num_classes, **fields)
+
+
+def adapt_config(args: argparse.Namespace) -> AdaptConfig:
+    """The adaptation flags present on this subcommand, the dataclass defaults for the rest."""
+    names = {f.name for f in dataclasses.fields(AdaptConfig)}
+    return AdaptConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

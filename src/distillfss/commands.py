@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .cli import model_config, timestamp, write_json
-from .config import AdaptConfig
+from .cli import adapt_config, model_config, timestamp, write_json
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
@@ -45,17 +44,7 @@ def adapt(args: argparse.Namespace) -> int:
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
-    acfg = AdaptConfig(
-        method=args.method,
-        mode=args.mode,
-        iterations=args.iterations,
-        trainable=args.trainable,
-        episodes=args.episodes,
-        lr=args.lr,
-        precision=args.precision,
-        schedule=args.schedule,
-        seed=args.seed,
-    )
+    acfg = adapt_config(args)
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
     teacher = _starting_teacher(args.teacher, backbone, mcfg)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -24,22 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapt import adapt
-from .backbones import FrozenBackbone, build_backbone
-from .baselines import LinearProbe, PrototypeMatcher
-from .cli import model_config, timestamp, write_json
-from .config import AdaptConfig
-from .data import DataError, class_sets, load_pair, load_split, load_support_tensors
-from .evaluate import evaluate_predictor
+from .cli import adapt_config, model_config, timestamp, write_json
+from .data import DataError, load_pair, load_split
 from .model_io import check_output, output_folder
 from .predictor import Predictor
-from .sampling import sample_support
-from .teacher import build_teacher, encode_support
+from .protocol import METHODS, BackboneCache, Cell, run_cell
 from .viz import overlay
 
 log = logging.getLogger("distillfss")
 
-METHODS = ("teacher", "transferfss", "distillfss", "linear_probe", "prototype")
 N_OVERLAYS = 3
 
 
@@ -59,77 +51,29 @@ def run_demo(args: argparse.Namespace) -> dict:
     check_output(args.out, args.overwrite)
     device = torch.device(args.device)
     rows: list[dict] = []
+    backbones = BackboneCache(args.backbone, args.backbone_weights, device)
     with output_folder(args.out, args.overwrite) as tmp:
         (tmp / "overlays").mkdir()
-        backbone = None
-        probe_backbones: dict[int, FrozenBackbone] = {}
         for name in names:
             root = demo_root() / name
             train, test = load_split(root, "train"), load_split(root, "test")
             mcfg = model_config(args, train.num_classes)
-            if backbone is None:
-                backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
-            shots = min(args.shots, len(train.samples))
-            stems = sample_support([s.stem for s in train.samples], shots, class_sets(train))
-            images, labels = load_support_tensors(train, stems, mcfg.image_size)
-            images, labels = images.to(device), labels.to(device)
-            acfg = AdaptConfig(
-                iterations=args.iterations,
-                mode=args.mode,
-                trainable=args.trainable,
-                precision=args.precision,
-                lr=args.lr,
-                schedule=args.schedule,
-                seed=args.seed,
+            cell = Cell(
+                name,
+                train,
+                test,
+                min(args.shots, len(train.samples)),
+                mcfg,
+                adapt_config(args),
+                args.probe_size or mcfg.image_size,
             )
-            log.info("[%s] %d shots: %s", name, shots, ", ".join(stems))
-            base = {"dataset": name, "shots": shots, "support": stems, "model": mcfg.to_dict()}
-            probe_res = args.probe_size or mcfg.image_size
-
-            torch.manual_seed(args.seed)
-            fresh = build_teacher(backbone, mcfg).to(device)
-            support = encode_support(backbone, images, labels, mcfg.num_classes)
-            predictors = {"teacher": Predictor(fresh, mcfg.image_size, support)}
-            adapt_seconds = {"teacher": 0.0}
-
-            result = adapt(backbone, images, labels, mcfg, acfg, log_path=tmp / f"train_log_{name}.jsonl")
-            predictors["transferfss"] = Predictor(result.teacher, mcfg.image_size, support)
-            predictors["distillfss"] = Predictor(result.student, mcfg.image_size)
-            adapt_seconds["transferfss"] = adapt_seconds["distillfss"] = result.seconds
-
-            t0 = time.perf_counter()
-            probe_size = args.probe_size or mcfg.image_size
-            if probe_size not in probe_backbones:
-                probe_backbones[probe_size] = build_backbone(mcfg.backbone, probe_size, args.backbone_weights).to(
-                    device
+            log.info("[%s] %d shots", name, cell.shots)
+            cell_rows, predictors = run_cell(cell, backbones, log_path=tmp / f"train_log_{name}.jsonl")
+            for row in cell_rows:
+                log.info(
+                    "[%s] %-12s mIoU %6.2f  (%.1f ms/image)", name, row["method"], row["miou"], row["ms_per_image"]
                 )
-            probe = LinearProbe(probe_backbones[probe_size], mcfg.num_classes).to(device)
-            probe_images, probe_labels = load_support_tensors(train, stems, probe_size)
-            probe.fit(probe_images.to(device), probe_labels.to(device))
-            adapt_seconds["linear_probe"] = time.perf_counter() - t0
-            predictors["linear_probe"] = Predictor(probe, probe_size)
-            t0 = time.perf_counter()
-            proto = PrototypeMatcher(probe_backbones[probe_size], mcfg.num_classes).to(device)
-            proto.fit(probe_images.to(device), probe_labels.to(device))
-            adapt_seconds["prototype"] = time.perf_counter() - t0
-            predictors["prototype"] = Predictor(proto, probe_size)
-
-            for method in METHODS:
-                ev = evaluate_predictor(predictors[method], test, progress=False)
-                row = {
-                    **base,
-                    "method": method,
-                    "miou": ev.miou,
-                    "miou_with_background": ev.miou_with_background,
-                    "per_class": ev.per_class,
-                    "adapt_seconds": round(adapt_seconds[method], 2),
-                    "ms_per_image": round(ev.seconds_per_image * 1000, 1),
-                    "n_images": ev.n_images,
-                    "adapt": acfg.to_dict() if method in ("transferfss", "distillfss") else None,
-                    "image_size": probe_res if method in ("linear_probe", "prototype") else mcfg.image_size,
-                }
-                rows.append(row)
-                log.info("[%s] %-12s mIoU %6.2f  (%.1f ms/image)", name, method, ev.miou, row["ms_per_image"])
+            rows += cell_rows
             _write_overlays(tmp / "overlays", name, test, predictors)
 
         results = {

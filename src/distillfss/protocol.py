@@ -1,0 +1,115 @@
+"""One evaluation cell of the protocol: a dataset, a fixed support set of K images, every method adapted on it
+and evaluated on every test image. Shared by ``demo`` and ``benchmark``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapt import adapt
+from .backbones import FrozenBackbone, build_backbone
+from .baselines import LinearProbe, PrototypeMatcher
+from .config import AdaptConfig, ModelConfig
+from .data import Split, class_sets, load_support_tensors
+from .evaluate import evaluate_predictor
+from .predictor import Predictor
+from .sampling import sample_support
+from .teacher import build_teacher, encode_support
+
+METHODS = ("teacher", "transferfss", "distillfss", "linear_probe", "prototype")
+
+
+@dataclass
+class BackboneCache:
+    """Frozen backbones by working size, built once per run."""
+
+    name: str
+    weights: str | None
+    device: torch.device
+    built: dict[int, FrozenBackbone] = field(default_factory=dict)
+
+    def get(self, size: int) -> FrozenBackbone:
+        if size not in self.built:
+            self.built[size] = build_backbone(self.name, size, self.weights).to(self.device)
+        return self.built[size]
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    train: Split
+    test: Split
+    shots: int
+    model_cfg: ModelConfig
+    adapt_cfg: AdaptConfig
+    probe_size: int  # working size of the linear probe and prototype baselines
+    methods: tuple[str, ...] = METHODS
+
+
+def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None) -> tuple[list[dict], dict]:
+    """Adapt and evaluate every method of a cell -> (result rows, predictors by method)."""
+    unknown = sorted(set(cell.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    mcfg, acfg, device = cell.model_cfg, cell.adapt_cfg, backbones.device
+    stems = sample_support([s.stem for s in cell.train.samples], cell.shots, class_sets(cell.train))
+    base = {"dataset": cell.dataset, "shots": cell.shots, "support": stems, "model": mcfg.to_dict()}
+    predictors: dict[str, Predictor] = {}
+    seconds: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    wanted = set(cell.methods)
+
+    if wanted & {"teacher", "transferfss", "distillfss"}:
+        backbone = backbones.get(mcfg.image_size)
+        images, labels = load_support_tensors(cell.train, stems, mcfg.image_size)
+        images, labels = images.to(device), labels.to(device)
+        support = encode_support(backbone, images, labels, mcfg.num_classes)
+        if "teacher" in wanted:
+            torch.manual_seed(acfg.seed)
+            predictors["teacher"] = Predictor(build_teacher(backbone, mcfg).to(device), mcfg.image_size, support)
+            seconds["teacher"] = 0.0
+        if wanted & {"transferfss", "distillfss"}:
+            method = "distill" if "distillfss" in wanted else "transfer"
+            cfg = AdaptConfig.from_dict({**acfg.to_dict(), "method": method})
+            result = adapt(backbone, images, labels, mcfg, cfg, log_path=log_path)
+            predictors["transferfss"] = Predictor(result.teacher, mcfg.image_size, support)
+            if result.student is not None:
+                predictors["distillfss"] = Predictor(result.student, mcfg.image_size)
+            seconds["transferfss"] = seconds["distillfss"] = result.seconds
+        for m in ("teacher", "transferfss", "distillfss"):
+            sizes[m] = mcfg.image_size
+
+    if wanted & {"linear_probe", "prototype"}:
+        pb = backbones.get(cell.probe_size)
+        p_images, p_labels = load_support_tensors(cell.train, stems, cell.probe_size)
+        p_images, p_labels = p_images.to(device), p_labels.to(device)
+        for name, cls in (("linear_probe", LinearProbe), ("prototype", PrototypeMatcher)):
+            if name in wanted:
+                t0 = time.perf_counter()
+                model = cls(pb, mcfg.num_classes).to(device)
+                model.fit(p_images, p_labels)
+                seconds[name] = time.perf_counter() - t0
+                predictors[name] = Predictor(model, cell.probe_size)
+                sizes[name] = cell.probe_size
+
+    rows = []
+    for method in cell.methods:
+        ev = evaluate_predictor(predictors[method], cell.test, progress=False)
+        rows.append(
+            {
+                **base,
+                "method": method,
+                "miou": ev.miou,
+                "miou_with_background": ev.miou_with_background,
+                "per_class": ev.per_class,
+                "adapt_seconds": round(seconds[method], 2),
+                "ms_per_image": round(ev.seconds_per_image * 1000, 1),
+                "n_images": ev.n_images,
+                "adapt": acfg.to_dict() if method in ("transferfss", "distillfss") else None,
+                "image_size": sizes[method],
+            }
+        )
+    return rows, predictors
