@@ -128,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--backbone-weights", default=None, metavar="PATH")
 
+    p = sub.add_parser("benchmark", help="the paper's protocol over datasets x shots (resumable)")
+    p.add_argument("--data", required=True, help="comma-separated bundled dataset names and/or dataset folders")
+    p.add_argument("--shots", default="1,2,5", help="comma-separated K values (nested support sets)")
+    p.add_argument("--methods", default="teacher,transferfss,distillfss,linear_probe,prototype")
+    p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
+    p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
+    _model_flags(p)
+    g = p.add_argument_group("adaptation (ablations)")
+    g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)
+    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
+    g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])
+    g.add_argument(
+        "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="0: DistillFSS without the MSE"
+    )
+    g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
+    g.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--overwrite", action="store_true")
@@ -152,6 +171,16 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     if args.image_size:
         fields["image_size"] = args.image_size
     return ModelConfig(backbone=args.backbone, num_classes=num_classes, **fields)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise DataError(f"{flag}: expected positive integers, got {text!r}")
+    return values
 
 
 def adapt_config(args: argparse.Namespace) -> AdaptConfig:

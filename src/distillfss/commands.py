@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .cli import adapt_config, model_config, timestamp, write_json
+from .cli import adapt_config, int_list, model_config, timestamp, write_json
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
@@ -136,7 +136,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def speed(args: argparse.Namespace) -> int:
     from .speed import run_speed, table, write
 
-    ways, shots = _int_list(args.ways, "--ways"), _int_list(args.shots, "--shots")
+    ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
     models = tuple(m.strip() for m in args.models.split(","))
     bad = set(models) - {"backbone", "student", "teacher"}
     if bad:
@@ -161,16 +161,6 @@ def speed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise DataError(f"{flag}: expected positive integers, got {text!r}")
-    return values
-
-
 def export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
@@ -189,6 +179,13 @@ def export(args: argparse.Namespace) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     log.info("wrote %s (max |ONNX - PyTorch| = %.2e)", args.out, diff)
+    return 0
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark, table
+
+    print(table(run_benchmark(args)))
     return 0
 
 

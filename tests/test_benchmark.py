@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_dataset
+from distillfss.benchmark import table
+from distillfss.cli import main
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
+
+
+def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
+    data = write_dataset(tmp_path / "toy", n_train=5, n_test=2)
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", str(data), "--shots", "1,2,9", "--out", str(out), *FAST]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    cells = {(r["dataset"], r["shots"]) for r in results["rows"]}
+    assert cells == {("toy", 1), ("toy", 2)}  # K=9 exceeds the pool and is skipped
+    assert len(results["rows"]) == 2 * 5
+    one, two = (set(next(r for r in results["rows"] if r["shots"] == k)["support"]) for k in (1, 2))
+    assert one <= two  # nested support sets
+    assert all(r["adapt"]["seed"] == 0 for r in results["rows"] if r["adapt"])
+    text = (out / "table.md").read_text()
+    assert "toy K=1" in text and "| distillfss |" in text and (out / "miou_vs_shots.png").is_file()
+
+    # Resume: a finished cell is not run again (its row, timings included, stays as it was).
+    before = (out / "results.json").read_text()
+    assert main(args) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
+
+    # Another configuration in the same folder is refused.
+    assert main([*args, "--seed", "1"]) == 2
+
+
+def test_benchmark_names_unimplemented_paper_datasets(tmp_path, capsys) -> None:
+    assert main(["benchmark", "--data", "kvasir", "--out", str(tmp_path / "b")]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_table_marks_missing_cells() -> None:
+    rows = [
+        {"dataset": "a", "shots": 1, "method": "m", "miou": 10.0},
+        {"dataset": "a", "shots": 5, "method": "m", "miou": 20.0},
+        {"dataset": "a", "shots": 5, "method": "n", "miou": 30.0},
+    ]
+    text = table({"rows": rows})
+    assert "| m | 10.0 | 20.0 | 15.0 |" in text and "| n | - | 30.0 | 30.0 |" in text
+
+
+@pytest.mark.parametrize("bad", ["--methods", "--shots"])
+def test_benchmark_bad_flags(tmp_path, capsys, bad) -> None:
+    value = "bogus" if bad == "--methods" else "x"
+    args = ["benchmark", "--data", "nuclei", "--out", str(tmp_path / "b"), bad, value]
+    assert main(args) == 2
+    assert bad in capsys.readouterr().err
