@@ -207,3 +207,23 @@ def test_bf16_inference_agrees_with_fp32(lite0_64) -> None:
     fast = Predictor(student, S, precision="bf16", channels_last=True).logits(x)
     assert fast.dtype == torch.float32
     assert_close(fast, fp32, atol=0.1 * fp32.abs().max().item(), rtol=0.05)
+
+
+def test_voting_with_one_chunk_equals_the_plain_teacher(lite0_64) -> None:
+    teacher = _teacher(lite0_64, 2)
+    images, labels = _support(4, 2)
+    support = encode_support(lite0_64, images, labels, 2)
+    query = lite0_64(torch.rand(2, 3, S, S))
+    with torch.no_grad():
+        plain = teacher.forward_features(query, support).logits
+        voted = teacher.forward_voting(query, support, chunk=10)
+        assert_close(voted, plain, atol=1e-5, rtol=1e-5)
+        # Chunks of one shot: each class's foreground logit is the max over its single-shot runs.
+        one = teacher.forward_voting(query, support, chunk=1)
+        singles = [
+            teacher.forward_features(query, support.subset(torch.tensor([k]))).class_logits[:, :, 1]
+            for k in range(4)
+            if support.flags[k].any()
+        ]
+    fg_max = torch.stack(singles).amax(0)  # (B, C, S, S) (NEG where a class is absent from a shot)
+    assert_close(one[:, 1:], fg_max.clamp_min(-1e4), atol=1e-4, rtol=1e-4)

@@ -58,3 +58,10 @@ def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> N
     assert main(["predict", "--model", str(onnx_file), "--engine", "onnx", "--images", images, "--out", str(out)]) == 0
     assert (out / "img00.png").is_file()
     assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 2  # refuses to overwrite
+
+
+def test_speed_measures_onnx_and_voting() -> None:
+    onnx_row = measure(SpeedJob("onnx", 2, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
+    assert onnx_row.model == "onnx" and onnx_row.ms_median > 0
+    vote = measure(SpeedJob("teacher", 1, 3, False, CFG, "cpu", warmup=1, iters=2, threads=2, chunk=2))
+    assert vote.ms_median > 0

@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median, min, max reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    p.add_argument("--models", default="backbone,student,teacher", help="subset of backbone,student,teacher")
+    p.add_argument(
+        "--models",
+        default="backbone,student,teacher",
+        help="subset of backbone,student,onnx,teacher (onnx: the exported student on onnxruntime, CPU)",
+    )
+    p.add_argument("--chunk", type=int, default=0, help="teacher: voting over chunks of this many shots (paper: 10)")
     p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")

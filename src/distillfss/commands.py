@@ -138,9 +138,11 @@ def speed(args: argparse.Namespace) -> int:
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
     models = tuple(m.strip() for m in args.models.split(","))
-    bad = set(models) - {"backbone", "student", "teacher"}
+    bad = set(models) - {"backbone", "student", "onnx", "teacher"}
     if bad:
-        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, teacher")
+        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, onnx, teacher")
+    if "onnx" in models and args.device != "cpu":
+        raise DataError("--models onnx runs on onnxruntime's CPU provider; use --device cpu")
     mcfg = model_config(args, 1)
     result = run_speed(
         mcfg,
@@ -155,6 +157,7 @@ def speed(args: argparse.Namespace) -> int:
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        chunk=args.chunk,
     )
     write(result, args.json)
     print(table(result))

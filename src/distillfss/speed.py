@@ -32,7 +32,7 @@ from .teacher import build_teacher, encode_support
 
 @dataclass(frozen=True)
 class SpeedRow:
-    model: str  # "backbone" | "student" | "teacher"
+    model: str  # "backbone" | "student" | "onnx" (the student on onnxruntime) | "teacher"
     ways: int
     shots: int
     support_encoding: bool  # teacher only: support features computed inside the timed call
@@ -57,6 +57,7 @@ class SpeedJob:
     precision: str = "fp32"  # "bf16": autocast the whole forward
     channels_last: bool = False
     compile: bool = False  # torch.compile the student / backbone (opt-in; the warm-up absorbs compilation)
+    chunk: int = 0  # teacher: the paper's voting over chunks of this many shots (0 = all shots at once)
 
 
 def _runner(job: SpeedJob) -> Callable[[], object]:
@@ -70,6 +71,8 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     query = torch.rand(1, 3, s, s, device=dev).to(memory_format=fmt)
     if job.model == "backbone":
         return _wrap(job, backbone, lambda m: m(query))
+    if job.model == "onnx":
+        return _onnx_runner(job, backbone, query)
     teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways})).to(dev).eval()
     if job.model == "student":
         student = build_student(backbone, teacher.decoder, job.ways).to(dev, memory_format=fmt).eval()
@@ -77,12 +80,40 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     images = torch.rand(job.shots, 3, s, s, device=dev)
     labels = torch.randint(0, job.ways + 1, (job.shots, s, s), device=dev)
     labels[:, 0, : job.ways + 1] = torch.arange(job.ways + 1, device=dev)  # every shot holds every class
+    if job.chunk:
+        if job.support_encoding:
+            return _wrap(
+                job,
+                teacher,
+                lambda m: m.forward_voting(
+                    backbone(query), encode_support(backbone, images, labels, job.ways), job.chunk
+                ),
+            )
+        with torch.inference_mode():
+            support = encode_support(backbone, images, labels, job.ways)
+        return _wrap(job, teacher, lambda m: m.forward_voting(backbone(query), support, job.chunk))
     if job.support_encoding:
         return _wrap(job, teacher, lambda m: m(query, encode_support(backbone, images, labels, job.ways)).logits)
     with torch.inference_mode():
         support = encode_support(backbone, images, labels, job.ways)
         keys = teacher.keys(support)
     return _wrap(job, teacher, lambda m: m.forward_features(backbone(query), support, keys=keys).logits)
+
+
+def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], object]:
+    """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch)."""
+    import tempfile
+
+    from .export import OnnxPredictor, export_onnx
+
+    cfg = job.model_cfg
+    teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
+    student = build_student(backbone, teacher.decoder, job.ways).eval()
+    path = Path(tempfile.mkdtemp()) / "student.onnx"
+    export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
+    predictor = OnnxPredictor(path, threads=job.threads)
+    x = query.cpu().numpy()
+    return lambda: predictor.logits(x)
 
 
 def _wrap(job: SpeedJob, model: torch.nn.Module, call: Callable[[torch.nn.Module], object]) -> Callable[[], object]:
@@ -177,9 +208,11 @@ def run_speed(
     precision: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
+    chunk: int = 0,
+    onnx: bool = False,
 ) -> dict:
     threads = threads or torch.get_num_threads()
-    opts = {"precision": precision, "channels_last": channels_last, "compile": compile}
+    opts = {"precision": precision, "channels_last": channels_last, "compile": compile, "chunk": chunk}
 
     def job(model: str, w: int, k: int, enc: bool) -> SpeedJob:
         return SpeedJob(model, w, k, enc, model_cfg, device, warmup, iters, threads, **opts)
@@ -189,6 +222,8 @@ def run_speed(
         for k in shots:
             if "student" in models:
                 jobs.append(job("student", w, k, False))
+            if "onnx" in models:
+                jobs.append(job("onnx", w, k, False))
             if "teacher" in models:
                 jobs += [job("teacher", w, k, True), job("teacher", w, k, False)]
     rows = []
@@ -223,6 +258,17 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def _options(result: dict) -> str:
+    opts = []
+    if result.get("channels_last"):
+        opts.append("channels_last")
+    if result.get("compile"):
+        opts.append("torch.compile")
+    if result.get("chunk"):
+        opts.append(f"teacher voting over chunks of {result['chunk']} shots")
+    return "".join(f", {o}" for o in opts)
+
+
 def table(result: dict) -> str:
     """Markdown shaped like the paper's Table 2: rows = model, columns = (ways, shots), ms per query."""
     rows = result["rows"]
@@ -231,13 +277,14 @@ def table(result: dict) -> str:
     lines = [
         f"Time per query (median ms) and peak memory (MB) on {result['device']}, {result['threads']} threads, "
         f"{result['image_size']} px, backbone {result['backbone']}, precision {result.get('precision', 'fp32')}"
-        f"{', channels_last' if result.get('channels_last') else ''}{', torch.compile' if result.get('compile') else ''}.",
+        f"{_options(result)}.",
         "",
         head,
         "|---|" + "---|" * len(combos),
     ]
     kinds = [
         ("student", False, "DistillFSS student"),
+        ("onnx", False, "student, onnxruntime"),
         ("teacher", False, "teacher (support cached)"),
         ("teacher", True, "teacher (support encoded per query)"),
     ]

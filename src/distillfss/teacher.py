@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .attention import MaskAttention
 from .backbones import FrozenBackbone, Pyramid
 from .config import ModelConfig
-from .decoder import Decoder, decode_classes, merge_one_vs_all
+from .decoder import NEG, Decoder, decode_classes, merge_one_vs_all
 
 
 @dataclass
@@ -33,6 +33,13 @@ class EncodedSupport:
     @property
     def shots(self) -> int:
         return self.flags.shape[0]
+
+    def subset(self, shots: Tensor) -> EncodedSupport:
+        """The same support restricted to the shots at indices ``shots`` (1-D long), in that order."""
+        p = self.pyramid
+        pyramid = Pyramid(p.skip4[shots], tuple(t[shots] for t in p.layers))
+        masks = [m.view(m.shape[0], self.shots, -1)[:, shots].flatten(1) for m in self.masks]  # (C, k*h*w)
+        return EncodedSupport(pyramid, masks, self.flags[shots])
 
     def token_valid(self, shot_valid: Tensor, layer: int) -> Tensor:
         """(B, C, K) per-shot validity -> (B, C, K*h*w) per-token validity for one layer."""
@@ -107,6 +114,34 @@ class Teacher(nn.Module):
             valid = support.token_valid(shot_valid, i)  # (B, C, K*h*w)
             coarse.append(self.attention[g](q, keys[i], support.masks[i], valid))  # (B, C, h, w)
         return self.decode(coarse, query, shot_valid.any(dim=2))
+
+    def forward_voting(self, query: Pyramid, support: EncodedSupport, chunk: int = 10) -> Tensor:
+        """The original's "voting": each class's shots split into consecutive chunks of at most ``chunk``; each
+        chunk runs on its own (attending only to its shots), and per pixel and class the chunk with the largest
+        foreground logit wins, its background logit coming along. Returns merged logits (B, C+1, S, S)."""
+        b, n_cls = query.skip4.shape[0], support.flags.shape[1]
+        per_class = [support.flags[:, c].nonzero().flatten() for c in range(n_cls)]
+        n_chunks = max(1, max(-(-len(s) // chunk) for s in per_class))
+        best: Tensor | None = None
+        present = torch.zeros(b, n_cls, dtype=torch.bool, device=query.skip4.device)
+        for j in range(n_chunks):
+            members = [s[j * chunk : (j + 1) * chunk] for s in per_class]
+            union = torch.unique(torch.cat(members))
+            if union.numel() == 0:
+                continue
+            sub = support.subset(union)
+            valid = torch.stack([torch.isin(union, m) for m in members])  # (C, k)
+            out = self.forward_features(query, sub, valid.unsqueeze(0).expand(b, -1, -1))
+            got = valid.any(dim=1).unsqueeze(0).expand(b, -1)  # (B, C)
+            logits = out.class_logits.masked_fill(~got[:, :, None, None, None], NEG)  # (B, C, 2, S, S)
+            if best is None:
+                best = logits
+            else:
+                wins = (logits[:, :, 1:2] > best[:, :, 1:2]).expand_as(logits)
+                best = torch.where(wins, logits, best)
+            present |= got
+        assert best is not None
+        return merge_one_vs_all(best, present)
 
     def decode(self, coarse: list[Tensor], query: Pyramid, present: Tensor) -> ModelOutput:
         """Coarse masks (per layer, (B, C, h, w)) -> outputs; ``present`` (B, C): classes that had shots."""
