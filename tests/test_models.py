@@ -227,3 +227,10 @@ def test_voting_with_one_chunk_equals_the_plain_teacher(lite0_64) -> None:
         ]
     fg_max = torch.stack(singles).amax(0)  # (B, C, S, S) (NEG where a class is absent from a shot)
     assert_close(one[:, 1:], fg_max.clamp_min(-1e4), atol=1e-4, rtol=1e-4)
+
+
+def test_one_shot_adaptation_learns_from_its_single_image(lite0_64) -> None:
+    images, labels = _support(1, 1)
+    cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
+    result = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3), progress=False)
+    assert all(r["focal_teacher"] > 0 for r in result.log)  # the image is not reduced to all-background

@@ -6,7 +6,8 @@ second stage of two-stage distillation) its coarse masks are constant and are co
 
 Episodes (one optimizer step = one pass over all episodes, batched into a single forward):
 
-* ``leave_one_out`` (default): every support image is the query once, with all the other images as its shots.
+* ``leave_one_out`` (default): every support image is the query once, with all the other images as its shots
+  (a single support image is its own shot).
   The original plain builder used a single other image per query (``subsample: 1``); using all others trains the
   teacher in the regime it meets at test time (K shots).
 * ``paired``: episode t targets class (t mod C) + 1; its query and one shot are two random images containing that
@@ -62,7 +63,9 @@ def _episodes(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Te
     """One step's episodes -> (shot_valid (M, C, M) bool: episode t may use shot k for class c,
     queries (M,) long: the support image that is episode t's query)."""
     m, n_cls = flags.shape
-    if cfg.episodes == "leave_one_out" or m < 2:
+    if m == 1:  # a single support image is its own shot: the only episode there is
+        return torch.ones(1, n_cls, 1, dtype=torch.bool), torch.arange(1)
+    if cfg.episodes == "leave_one_out":
         valid = (~torch.eye(m, dtype=torch.bool)).unsqueeze(1).expand(-1, n_cls, -1).clone()
         return valid, torch.arange(m)
     valid = torch.zeros(m, n_cls, m, dtype=torch.bool)
