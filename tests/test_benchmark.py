@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import write_dataset
+
 from distillfss.benchmark import table
 from distillfss.cli import main
 
