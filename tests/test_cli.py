@@ -155,3 +155,12 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
 def test_demo_unknown_dataset(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path / "d"), "--datasets", "nope"]) == 2
     assert "unknown demo dataset" in capsys.readouterr().err
+
+
+def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None:
+    plain = binary_dataset / "train"  # images/ + masks/, no split folders
+    out = tmp_path / "plain_model"
+    assert main(["adapt", "--support", str(plain), "--out", str(out), *FAST]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["support"]["shots"] == 4
+    assert config["classes"] == ["background", "class1"]  # dataset.json one level up is found

@@ -47,7 +47,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _adapt_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adaptation")
-    g.add_argument("--shots", type=int, default=5, help="support images K sampled from train/ (default 5)")
+    g.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="support images K (default: 5 sampled from a dataset's train/, or every image of a plain folder)",
+    )
     g.add_argument(
         "--method",
         default="distill",
