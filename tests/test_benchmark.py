@@ -37,7 +37,7 @@ def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
 
 def test_benchmark_names_unimplemented_paper_datasets(tmp_path, capsys) -> None:
     assert main(["benchmark", "--data", "kvasir", "--out", str(tmp_path / "b")]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert "distillfss data convert kvasir" in capsys.readouterr().err
 
 
 def test_table_marks_missing_cells() -> None:

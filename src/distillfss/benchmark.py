@@ -22,7 +22,6 @@ from .protocol import METHODS, BackboneCache, Cell, run_cell
 
 log = logging.getLogger("distillfss")
 
-# The paper's seven datasets need adapters for their native download layouts (not implemented yet).
 PAPER_DATASETS = ("lung", "isic", "kvasir", "nucleus", "weedmap", "pothole", "industrial")
 
 
@@ -35,8 +34,8 @@ def resolve_dataset(spec: str) -> tuple[str, Path]:
         return path.name, path
     if spec.lower() in PAPER_DATASETS:
         raise DataError(
-            f"{spec}: the adapter for this paper dataset's native layout is not implemented yet; "
-            "convert it to the project's folder format (README) and pass the folder"
+            f"{spec}: pass the dataset as a folder in the project format; convert the download first with "
+            f"`distillfss data convert {spec.lower()} SRC DST` (adapters: kvasir, nucleus, pothole)"
         )
     raise DataError(f"{spec}: neither a bundled dataset ({', '.join(demo_datasets())}) nor a folder")
 

@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
     g.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("data", help="dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("convert", help="write a paper dataset from its native layout in the project format")
+    c.add_argument("name", help="kvasir, nucleus or pothole (lung, isic, weedmap, industrial: not yet)")
+    c.add_argument("src", type=Path, help="the dataset as downloaded (see the README for each layout)")
+    c.add_argument("dst", type=Path, help="new dataset folder to write")
+    c.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--overwrite", action="store_true")

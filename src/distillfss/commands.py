@@ -192,6 +192,15 @@ def benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def data(args: argparse.Namespace) -> int:
+    from .data.paper import convert
+
+    with output_folder(args.dst, args.overwrite) as tmp:
+        counts = convert(args.name, args.src, tmp)
+    log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 

@@ -1,0 +1,184 @@
+"""Adapters from the paper's benchmark datasets, in their native download layouts, to the project's folder format.
+
+Implemented: Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not yet: Lung Nodule (pickles), ISIC 2018,
+WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
+
+Splits are deterministic and recorded in ``dataset.json``: file lists are sorted, and where the original drew a
+random 80/20 split (scikit-learn ``train_test_split(test_size=0.2, random_state=42)``, cached in a ``test.csv``
+that is not shipped) we draw our own from the sorted ids with ``numpy.random.default_rng(42)``: the same
+proportions and seed, not the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .folder import IMAGE_EXTS, DataError
+
+SPLIT_SEED = 42
+
+
+@dataclass(frozen=True)
+class Item:
+    stem: str
+    split: str  # "train" | "test"
+    image: Callable[[], np.ndarray]  # (H, W, 3) uint8
+    mask: Callable[[], np.ndarray]  # (H, W) uint8 labels
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    domain: str
+    classes: tuple[str, ...]
+    split_rule: str
+    items: Callable[[Path], Iterator[Item]]
+
+
+def _files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found (see the README for the expected layout)")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def _rgb(path: Path) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    return load
+
+
+def random_split(ids: list[str], test_fraction: float = 0.2) -> set[str]:
+    """The test ids of a seeded 80/20 split over the sorted ids."""
+    ids = sorted(ids)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
+    n_test = int(round(test_fraction * len(ids)))
+    return {ids[i] for i in order[:n_test]}
+
+
+def _kvasir(src: Path) -> Iterator[Item]:
+    images = _files(src / "images")
+    masks = {p.stem: p for p in _files(src / "masks")}
+    test = random_split([p.stem for p in images])
+    for p in images:
+        if p.stem not in masks:
+            raise DataError(f"{p}: no mask {src / 'masks' / p.stem}.*")
+        m = masks[p.stem]
+
+        def mask(m: Path = m) -> np.ndarray:
+            with Image.open(m) as im:
+                first = np.asarray(im.convert("RGB"))[..., 0]
+            return (first > 245).astype(np.uint8)  # JPEG masks: the original's threshold
+
+        yield Item(p.stem, "test" if p.stem in test else "train", _rgb(p), mask)
+
+
+def _nucleus(src: Path) -> Iterator[Item]:
+    if not src.is_dir():
+        raise DataError(f"{src}: folder not found (expected stage1_train/<id>/images and masks)")
+    ids = sorted(d.name for d in src.iterdir() if (d / "images").is_dir())
+    if not ids:
+        raise DataError(f"{src}: no <id>/images/ folders (expected DSB 2018 stage1_train)")
+    test = random_split(ids)
+    for i in ids:
+        found = _files(src / i / "images")
+        if not found:
+            raise DataError(f"{src / i / 'images'}: no image")
+        image = found[0]
+
+        def mask(i: str = i) -> np.ndarray:
+            out = None
+            for m in _files(src / i / "masks"):
+                with Image.open(m) as im:
+                    inst = np.asarray(im.convert("L")) >= 128
+                out = inst if out is None else out | inst
+            if out is None:
+                raise DataError(f"{src / i / 'masks'}: no instance masks")
+            return out.astype(np.uint8)
+
+        yield Item(i, "test" if i in test else "train", _rgb(image), mask)
+
+
+def _pothole(src: Path) -> Iterator[Item]:
+    for split, folder in (("train", "training"), ("test", "testing")):
+        root = src / folder
+        if not root.is_dir():
+            raise DataError(f"{root}: folder not found (expected pothole-mix/{{training,testing}}/<subset>/)")
+        for subset in sorted(d for d in root.iterdir() if d.is_dir()):
+            masks = {p.stem: p for p in _files(subset / "masks")}
+            for p in _files(subset / "images"):
+                if p.stem not in masks:
+                    raise DataError(f"{p}: no mask {subset / 'masks' / p.stem}.*")
+
+                def mask(m: Path = masks[p.stem]) -> np.ndarray:
+                    with Image.open(m) as im:
+                        return (np.asarray(im.convert("L")) > 0).astype(np.uint8)  # cracks merged, as the paper
+
+                yield Item(f"{subset.name}_{p.stem}", split, _rgb(p), mask)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "kvasir": Adapter(
+        "kvasir",
+        "medical, colonoscopy polyps",
+        ("background", "polyp"),
+        f"sorted ids, numpy default_rng({SPLIT_SEED}) permutation, 20 % test",
+        _kvasir,
+    ),
+    "nucleus": Adapter(
+        "nucleus",
+        "microscopy, cell nuclei (DSB 2018 stage1_train)",
+        ("background", "nucleus"),
+        f"sorted ids, numpy default_rng({SPLIT_SEED}) permutation, 20 % test",
+        _nucleus,
+    ),
+    "pothole": Adapter(
+        "pothole",
+        "road surface, potholes and cracks (Pothole-mix)",
+        ("background", "pothole"),
+        "the official training/ and testing/ folders",
+        _pothole,
+    ),
+}
+NOT_YET = ("lung", "isic", "weedmap", "industrial")
+
+
+def convert(name: str, src: Path, dst: Path) -> dict[str, int]:
+    """Write dataset ``name`` from its native layout at ``src`` into the project format at ``dst`` (new folder).
+
+    Returns the number of images per split.
+    """
+    if name in NOT_YET:
+        raise DataError(f"{name}: the adapter for its native layout is not implemented yet")
+    if name not in ADAPTERS:
+        raise DataError(f"unknown dataset {name!r}; adapters: {', '.join(ADAPTERS)} (not yet: {', '.join(NOT_YET)})")
+    adapter = ADAPTERS[name]
+    items = list(adapter.items(Path(src)))  # validates the layout before anything is written
+    counts = {"train": 0, "test": 0}
+    for split in counts:
+        (dst / split / "images").mkdir(parents=True, exist_ok=True)
+        (dst / split / "masks").mkdir(parents=True, exist_ok=True)
+    for item in items:
+        image, mask = item.image(), item.mask()
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{src}: {item.stem}: mask {mask.shape} and image {image.shape[:2]} differ in size")
+        Image.fromarray(image).save(dst / item.split / "images" / f"{item.stem}.png")
+        Image.fromarray(mask).save(dst / item.split / "masks" / f"{item.stem}.png")
+        counts[item.split] += 1
+    meta = {
+        "name": adapter.name,
+        "domain": adapter.domain,
+        "classes": list(adapter.classes),
+        "source": str(src),
+        "split": adapter.split_rule,
+        "counts": counts,
+    }
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return counts

@@ -1,0 +1,73 @@
+"""Adapters for the paper's datasets, on tiny replicas of their native layouts made here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from distillfss.cli import main
+from distillfss.data import class_sets, load_split
+from distillfss.data.paper import random_split
+
+
+def _save(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_kvasir_thresholds_jpeg_masks_and_splits_80_20(tmp_path) -> None:
+    src = tmp_path / "Kvasir-SEG"
+    for i in range(10):
+        _save(src / "images" / f"cju{i:02d}.jpg", np.full((24, 24, 3), 90, np.uint8))
+        m = np.zeros((24, 24, 3), np.uint8)
+        m[0:8, 8:16] = 255  # polyp (8x8-aligned blocks survive JPEG nearly unchanged)
+        m[16:24, 0:8] = 240  # bright JPEG noise below the original's threshold (245) stays background
+        _save(src / "masks" / f"cju{i:02d}.jpg", m)
+    assert main(["data", "convert", "kvasir", str(src), str(tmp_path / "kv")]) == 0
+    train, test = load_split(tmp_path / "kv", "train"), load_split(tmp_path / "kv", "test")
+    assert len(train.samples) == 8 and len(test.samples) == 2
+    assert {s.stem for s in test.samples} == random_split([f"cju{i:02d}" for i in range(10)])
+    mask = np.asarray(Image.open(train.samples[0].mask))
+    assert mask[16:24, 0:8].max() == 0 and mask[2:6, 10:14].min() == 1 and mask.max() == 1
+    assert json.loads((tmp_path / "kv" / "dataset.json").read_text())["classes"] == ["background", "polyp"]
+
+
+def test_nucleus_merges_instance_masks(tmp_path) -> None:
+    src = tmp_path / "stage1_train"
+    for i in range(5):
+        sid = f"{i:03x}abc"
+        _save(src / sid / "images" / f"{sid}.png", np.full((16, 16, 4), 120, np.uint8))
+        for j in range(2):
+            inst = np.zeros((16, 16), np.uint8)
+            inst[2 + 6 * j : 6 + 6 * j, 2:6] = 255
+            _save(src / sid / "masks" / f"inst{j}.png", inst)
+    assert main(["data", "convert", "nucleus", str(src), str(tmp_path / "nu")]) == 0
+    split = load_split(tmp_path / "nu", "train")
+    assert len(split.samples) == 4
+    mask = np.asarray(Image.open(split.samples[0].mask))
+    assert mask.sum() == 2 * 16 and set(np.unique(mask)) == {0, 1}
+    assert class_sets(split)[0] == {1}
+
+
+def test_pothole_keeps_official_split_and_merges_cracks(tmp_path) -> None:
+    src = tmp_path / "pothole-mix"
+    for split in ("training", "testing"):
+        for subset in ("cracks-and-potholes", "gaps"):
+            m = np.zeros((12, 12), np.uint8)
+            m[1:4, 1:4], m[6:8, 6:8] = 1, 2  # pothole and crack
+            _save(src / split / subset / "images" / "a.jpg", np.full((12, 12, 3), 50, np.uint8))
+            _save(src / split / subset / "masks" / "a.png", m)
+    assert main(["data", "convert", "pothole", str(src), str(tmp_path / "po")]) == 0
+    test = load_split(tmp_path / "po", "test")
+    assert [s.stem for s in test.samples] == ["cracks-and-potholes_a", "gaps_a"]
+    assert np.asarray(Image.open(test.samples[0].mask)).sum() == 9 + 4
+
+
+def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
+    assert main(["data", "convert", "isic", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["data", "convert", "kvasir", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
+    assert "folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
