@@ -66,8 +66,32 @@ def test_pothole_keeps_official_split_and_merges_cracks(tmp_path) -> None:
 
 
 def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
-    assert main(["data", "convert", "isic", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert main(["data", "convert", "weedmap", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "not implemented yet" in capsys.readouterr().err
     assert main(["data", "convert", "kvasir", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
     assert "folder not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_lung_pickles_scale_with_the_train_set_range(tmp_path) -> None:
+    import pickle
+
+    src = tmp_path / "lung"
+    src.mkdir()
+
+    def record(lo: float, hi: float) -> dict:
+        hu = np.linspace(lo, hi, 64).reshape(8, 8)
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:4, 2:4] = 1
+        return {"label1": 2, "mask": mask, "hu_array_old": hu, "hu_array": hu}
+
+    (src / "lung_cancer_train.pkl").write_bytes(pickle.dumps([record(-1000, 0), record(-500, 200)]))
+    (src / "lung_cancer_test.pkl").write_bytes(pickle.dumps({k: [v] for k, v in record(-2000, 500).items()}))
+    assert main(["data", "convert", "lung", str(src), str(tmp_path / "lu")]) == 0
+    train, test = load_split(tmp_path / "lu", "train"), load_split(tmp_path / "lu", "test")
+    assert len(train.samples) == 2 and len(test.samples) == 1
+    first = np.asarray(Image.open(train.samples[0].image))
+    assert first.shape == (8, 8, 3) and first.min() == 0  # the train set's minimum maps to 0
+    last = np.asarray(Image.open(test.samples[0].image))
+    assert last.min() == 0 and last.max() == 255  # test values outside the train range are clipped
+    assert np.asarray(Image.open(test.samples[0].mask)).sum() == 4

@@ -1,7 +1,7 @@
 """Adapters from the paper's benchmark datasets, in their native download layouts, to the project's folder format.
 
-Implemented: Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not yet: Lung Nodule (pickles), ISIC 2018,
-WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
+Implemented: Lung Nodule (pickles), Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not yet: ISIC
+2018, WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
 
 Splits are deterministic and recorded in ``dataset.json``: file lists are sorted, and where the original drew a
 random 80/20 split (scikit-learn ``train_test_split(test_size=0.2, random_state=42)``, cached in a ``test.csv``
@@ -124,7 +124,58 @@ def _pothole(src: Path) -> Iterator[Item]:
                 yield Item(f"{subset.name}_{p.stem}", split, _rgb(p), mask)
 
 
+def _records(path: Path) -> list[dict]:
+    """The Lung pickles: a list of per-slice records (dicts or objects) or a dict of per-slice columns."""
+    import pickle
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected lung_cancer_train.pkl and lung_cancer_test.pkl)")
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # noqa: S301 - the user's own dataset file
+    except ModuleNotFoundError as e:
+        raise DataError(f"{path}: unpickling needs the package {e.name!r}; install it and retry") from None
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"{path}: not a readable pickle ({e})") from None
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # a pandas DataFrame
+        data = data.to_dict("records")
+    if isinstance(data, dict) and "hu_array" in data:
+        data = [dict(zip(data, row)) for row in zip(*data.values())]
+    records = [r if isinstance(r, dict) else vars(r) for r in data]
+    for i, r in enumerate(records):
+        if "hu_array" not in r or "mask" not in r:
+            raise DataError(f"{path}: record {i} has no 'hu_array' and 'mask' fields (found {sorted(r)[:6]})")
+    return records
+
+
+def _lung(src: Path) -> Iterator[Item]:
+    train = _records(src / "lung_cancer_train.pkl")
+    test = _records(src / "lung_cancer_test.pkl")
+    # The original scales every slice with the global min/max of the train set's lung-only HU arrays.
+    lo = min(float(np.min(r["hu_array"])) for r in train)
+    hi = max(float(np.max(r["hu_array"])) for r in train)
+
+    def image(r: dict) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            a = (np.asarray(r["hu_array"], dtype=np.float64) - lo) / max(hi - lo, 1e-8)
+            g = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+            return np.repeat(g[..., None], 3, axis=2)
+
+        return load
+
+    for split, records in (("train", train), ("test", test)):
+        for i, r in enumerate(records):
+            yield Item(f"{split}_{i:04d}", split, image(r), lambda r=r: (np.asarray(r["mask"]) > 0).astype(np.uint8))
+
+
 ADAPTERS: dict[str, Adapter] = {
+    "lung": Adapter(
+        "lung",
+        "medical, lung CT nodules (Lung-RADS pickles)",
+        ("background", "nodule"),
+        "the official train/test pickles; slices numbered in file order",
+        _lung,
+    ),
     "kvasir": Adapter(
         "kvasir",
         "medical, colonoscopy polyps",
@@ -147,7 +198,7 @@ ADAPTERS: dict[str, Adapter] = {
         _pothole,
     ),
 }
-NOT_YET = ("lung", "isic", "weedmap", "industrial")
+NOT_YET = ("isic", "weedmap", "industrial")
 
 
 def convert(name: str, src: Path, dst: Path) -> dict[str, int]:
