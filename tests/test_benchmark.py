@@ -56,3 +56,12 @@ def test_benchmark_bad_flags(tmp_path, capsys, bad) -> None:
     args = ["benchmark", "--data", "nuclei", "--out", str(tmp_path / "b"), bad, value]
     assert main(args) == 2
     assert bad in capsys.readouterr().err
+
+
+def test_per_class_shots_give_k_images_of_each_class(tmp_path) -> None:
+    data = write_dataset(tmp_path / "multi", n_train=9, n_test=2, num_classes=3)
+    out = tmp_path / "bench_pc"
+    args = ["benchmark", "--data", str(data), "--shots", "1", "--per-class", "--methods", "prototype"]
+    assert main([*args, "--out", str(out), *FAST]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["shots"] == 1 and row["shots_per_class"] and len(row["support"]) == 3

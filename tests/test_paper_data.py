@@ -95,3 +95,26 @@ def test_lung_pickles_scale_with_the_train_set_range(tmp_path) -> None:
     last = np.asarray(Image.open(test.samples[0].image))
     assert last.min() == 0 and last.max() == 255  # test values outside the train range are clipped
     assert np.asarray(Image.open(test.samples[0].mask)).sum() == 4
+
+
+def test_isic_labels_each_image_with_its_diagnosis_and_stratifies(tmp_path) -> None:
+    src = tmp_path / "isic"
+    header = "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\n"
+    rows = []
+    for i in range(15):
+        diag = ["NV", "MEL", "BKL"][i % 3] if i < 14 else "BCC"  # the last one is outside the 3 classes
+        cols = {k: "0.0" for k in ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]}
+        cols[diag] = "1.0"
+        rows.append(f"ISIC_{i:07d}," + ",".join(cols.values()) + "\n")
+        _save(src / "ISIC2018_Task1-2_Training_Input" / f"ISIC_{i:07d}.jpg", np.full((10, 10, 3), 100, np.uint8))
+        m = np.zeros((10, 10), np.uint8)
+        m[3:6, 3:6] = 255
+        _save(src / "ISIC2018_Task1_Training_GroundTruth" / f"ISIC_{i:07d}_segmentation.png", m)
+    (src / "ISIC_2019_Training_GroundTruth.csv").write_text(header + "".join(rows))
+    assert main(["data", "convert", "isic", str(src), str(tmp_path / "is")]) == 0
+    train, test = load_split(tmp_path / "is", "train"), load_split(tmp_path / "is", "test")
+    assert len(train.samples) + len(test.samples) == 14  # the BCC image is left out
+    assert train.classes == ("background", "nevus", "melanoma", "seborrheic keratosis")
+    assert {c for s in class_sets(test) for c in s} == {1, 2, 3}  # every class reaches the test split
+    first = np.asarray(Image.open(load_split(tmp_path / "is", "train").samples[0].mask))
+    assert set(np.unique(first)) <= {0, 1, 2, 3} and first.sum() > 0

@@ -56,6 +56,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "probe_size": args.probe_size,
         "adapt": acfg.to_dict(),
         "methods": list(methods),
+        "per_class": args.per_class,
     }
     out: Path = args.out
     results_path = out / "results.json"
@@ -77,11 +78,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for k in shots:
             if (name, k) in done:
                 continue
-            if k > len(train.samples):
+            total = k * train.num_classes if args.per_class else k
+            if total > len(train.samples):
                 log.warning("[%s] K=%d skipped: the pool has %d images", name, k, len(train.samples))
                 continue
             mcfg = model_config(args, train.num_classes)
-            cell = Cell(name, train, test, k, mcfg, acfg, args.probe_size or mcfg.image_size, methods)
+            cell = Cell(name, train, test, k, mcfg, acfg, args.probe_size or mcfg.image_size, methods, args.per_class)
             log.info("[%s] K=%d", name, k)
             rows, _ = run_cell(cell, backbones, log_path=out / f"train_log_{name}_{k}shot.jsonl")
             for r in rows:

@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
     p.add_argument("--device", default="cpu")
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
+    p.add_argument("--per-class", action="store_true", help="K images per class (the paper's ISIC/Industrial counts)")
     _model_flags(p)
     g = p.add_argument_group("adaptation (ablations)")
     g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)

@@ -47,6 +47,7 @@ class Cell:
     adapt_cfg: AdaptConfig
     probe_size: int  # working size of the linear probe and prototype baselines
     methods: tuple[str, ...] = METHODS
+    per_class: bool = False  # shots = K images per foreground class (K x C in all) instead of K in all
 
 
 def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None) -> tuple[list[dict], dict]:
@@ -55,8 +56,17 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     mcfg, acfg, device = cell.model_cfg, cell.adapt_cfg, backbones.device
-    stems = sample_support([s.stem for s in cell.train.samples], cell.shots, class_sets(cell.train))
-    base = {"dataset": cell.dataset, "shots": cell.shots, "support": stems, "model": mcfg.to_dict()}
+    total = cell.shots * cell.train.num_classes if cell.per_class else cell.shots
+    # The alternating, class-stratified sampler gives every class one image per round: its first K x C picks
+    # hold K images of each class (while a class has images left), nested in K like the rest.
+    stems = sample_support([s.stem for s in cell.train.samples], total, class_sets(cell.train))
+    base = {
+        "dataset": cell.dataset,
+        "shots": cell.shots,
+        "shots_per_class": cell.per_class,
+        "support": stems,
+        "model": mcfg.to_dict(),
+    }
     predictors: dict[str, Predictor] = {}
     seconds: dict[str, float] = {}
     sizes: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """Adapters from the paper's benchmark datasets, in their native download layouts, to the project's folder format.
 
-Implemented: Lung Nodule (pickles), Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not yet: ISIC
-2018, WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
+Implemented: Lung Nodule (pickles), ISIC 2018, Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not
+yet: WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
 
 Splits are deterministic and recorded in ``dataset.json``: file lists are sorted, and where the original drew a
 random 80/20 split (scikit-learn ``train_test_split(test_size=0.2, random_state=42)``, cached in a ``test.csv``
@@ -124,6 +124,51 @@ def _pothole(src: Path) -> Iterator[Item]:
                 yield Item(f"{subset.name}_{p.stem}", split, _rgb(p), mask)
 
 
+ISIC_CLASSES = {"NV": 1, "MEL": 2, "BKL": 3}  # nevus, melanoma, seborrheic keratosis (BKL in the 2019 CSV)
+
+
+def stratified_split(ids_by_class: dict[int, list[str]], test_fraction: float = 0.2) -> set[str]:
+    """Seeded 80/20 split drawn separately within each class (sorted ids), so every class reaches the test set."""
+    test: set[str] = set()
+    for c in sorted(ids_by_class):
+        test |= random_split(ids_by_class[c], test_fraction)
+    return test
+
+
+def _isic(src: Path) -> Iterator[Item]:
+    import csv
+
+    images_dir = src / "ISIC2018_Task1-2_Training_Input"
+    masks_dir = src / "ISIC2018_Task1_Training_GroundTruth"
+    csv_path = src / "ISIC_2019_Training_GroundTruth.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found (the ISIC 2019 class CSV gives each image's diagnosis)")
+    label: dict[str, int] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            scores = {k: float(v) for k, v in row.items() if k in ISIC_CLASSES or k.isupper()}
+            best = max(scores, key=scores.get) if scores else None
+            if best in ISIC_CLASSES:
+                label[row["image"]] = ISIC_CLASSES[best]
+    images = [p for p in _files(images_dir) if p.stem in label]  # other diagnoses are not among the 3 classes
+    if not images:
+        raise DataError(f"{images_dir}: no image with a nevus/melanoma/seborrheic-keratosis label in {csv_path.name}")
+    by_class: dict[int, list[str]] = {}
+    for p in images:
+        by_class.setdefault(label[p.stem], []).append(p.stem)
+    test = stratified_split(by_class)
+    for p in images:
+        m = masks_dir / f"{p.stem}_segmentation.png"
+        if not m.is_file():
+            raise DataError(f"{p}: no mask {m}")
+
+        def mask(m: Path = m, c: int = label[p.stem]) -> np.ndarray:
+            with Image.open(m) as im:
+                return ((np.asarray(im.convert("L")) >= 128) * c).astype(np.uint8)  # one class per image
+
+        yield Item(p.stem, "test" if p.stem in test else "train", _rgb(p), mask)
+
+
 def _records(path: Path) -> list[dict]:
     """The Lung pickles: a list of per-slice records (dicts or objects) or a dict of per-slice columns."""
     import pickle
@@ -169,6 +214,13 @@ def _lung(src: Path) -> Iterator[Item]:
 
 
 ADAPTERS: dict[str, Adapter] = {
+    "isic": Adapter(
+        "isic",
+        "medical, dermoscopy (ISIC 2018 task 1, 2019 diagnoses)",
+        ("background", "nevus", "melanoma", "seborrheic keratosis"),
+        f"per class: sorted ids, numpy default_rng({SPLIT_SEED}) permutation, 20 % test",
+        _isic,
+    ),
     "lung": Adapter(
         "lung",
         "medical, lung CT nodules (Lung-RADS pickles)",
@@ -198,7 +250,7 @@ ADAPTERS: dict[str, Adapter] = {
         _pothole,
     ),
 }
-NOT_YET = ("isic", "weedmap", "industrial")
+NOT_YET = ("weedmap", "industrial")
 
 
 def convert(name: str, src: Path, dst: Path) -> dict[str, int]:
