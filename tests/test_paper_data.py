@@ -66,7 +66,7 @@ def test_pothole_keeps_official_split_and_merges_cracks(tmp_path) -> None:
 
 
 def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
-    assert main(["data", "convert", "weedmap", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert main(["data", "convert", "industrial", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "not implemented yet" in capsys.readouterr().err
     assert main(["data", "convert", "kvasir", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
     assert "folder not found" in capsys.readouterr().err
@@ -118,3 +118,21 @@ def test_isic_labels_each_image_with_its_diagnosis_and_stratifies(tmp_path) -> N
     assert {c for s in class_sets(test) for c in s} == {1, 2, 3}  # every class reaches the test split
     first = np.asarray(Image.open(load_split(tmp_path / "is", "train").samples[0].mask))
     assert set(np.unique(first)) <= {0, 1, 2, 3} and first.sum() > 0
+
+
+def test_weedmap_stacks_channel_tiles_and_splits_by_field(tmp_path) -> None:
+    src = tmp_path / "RedEdge"
+    for field in ("000", "003"):
+        for frame in ("frame0000", "frame0001"):
+            for value, ch in ((10, "R"), (20, "G"), (30, "B")):
+                _save(src / field / "tile" / ch / f"{frame}.png", np.full((6, 6), value, np.uint8))
+            gt = np.zeros((6, 6), np.uint16)
+            gt[0, 0], gt[1, 1] = 10000, 2
+            _save(src / field / "groundtruth" / f"{field}_{frame}_GroundTruth_iMap.png", gt)
+    assert main(["data", "convert", "weedmap", str(src), str(tmp_path / "wm")]) == 0
+    train, test = load_split(tmp_path / "wm", "train"), load_split(tmp_path / "wm", "test")
+    assert [s.stem for s in train.samples] == ["000_frame0000", "000_frame0001"]
+    assert [s.stem for s in test.samples] == ["003_frame0000", "003_frame0001"]
+    assert np.asarray(Image.open(train.samples[0].image))[0, 0].tolist() == [10, 20, 30]
+    mask = np.asarray(Image.open(train.samples[0].mask))
+    assert mask[0, 0] == 1 and mask[1, 1] == 2 and train.classes == ("background", "crop", "weed")

@@ -1,7 +1,7 @@
 """Adapters from the paper's benchmark datasets, in their native download layouts, to the project's folder format.
 
-Implemented: Lung Nodule (pickles), ISIC 2018, Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), Pothole-mix. Not
-yet: WeedMap, Industrial-5i (``distillfss data convert`` names them and stops).
+Implemented: Lung Nodule (pickles), ISIC 2018, Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), WeedMap RedEdge,
+Pothole-mix. Not yet: Industrial-5i (``distillfss data convert`` names it and stops).
 
 Splits are deterministic and recorded in ``dataset.json``: file lists are sorted, and where the original drew a
 random 80/20 split (scikit-learn ``train_test_split(test_size=0.2, random_state=42)``, cached in a ``test.csv``
@@ -169,6 +169,41 @@ def _isic(src: Path) -> Iterator[Item]:
         yield Item(p.stem, "test" if p.stem in test else "train", _rgb(p), mask)
 
 
+def _weedmap(src: Path) -> Iterator[Item]:
+    """RedEdge tiles: ``<field>/tile/{R,G,B}/<frame>.png`` stacked to RGB, labels in
+    ``<field>/groundtruth/<field>_<frame>_GroundTruth_iMap.png`` (0 background, 1 crop, 2 weed; the original also
+    maps the value 10000 to crop). Field 000 is the train split, field 003 the test split."""
+    for split, field in (("train", "000"), ("test", "003")):
+        root = src / field
+        channels = [_files(root / "tile" / c) for c in ("R", "G", "B")]
+        for r in channels[0]:
+            planes = [root / "tile" / c / r.name for c in ("R", "G", "B")]
+            missing = [p for p in planes if not p.is_file()]
+            if missing:
+                raise DataError(f"{missing[0]}: channel tile missing for {r.name}")
+            gt = root / "groundtruth" / f"{field}_{r.stem}_GroundTruth_iMap.png"
+            if not gt.is_file():
+                raise DataError(f"{r}: no ground truth {gt}")
+
+            def image(planes: list[Path] = planes) -> np.ndarray:
+                out = []
+                for p in planes:
+                    with Image.open(p) as im:
+                        out.append(np.asarray(im.convert("L")))
+                return np.stack(out, axis=2)
+
+            def mask(gt: Path = gt) -> np.ndarray:
+                with Image.open(gt) as im:
+                    a = np.asarray(im)
+                a = a[..., 0] if a.ndim == 3 else a
+                a = np.where(a == 10000, 1, a)
+                if a.max() > 2:
+                    raise DataError(f"{gt}: labels {sorted(set(np.unique(a).tolist()) - {0, 1, 2})[:5]} not in 0/1/2")
+                return a.astype(np.uint8)
+
+            yield Item(f"{field}_{r.stem}", split, image, mask)
+
+
 def _records(path: Path) -> list[dict]:
     """The Lung pickles: a list of per-slice records (dicts or objects) or a dict of per-slice columns."""
     import pickle
@@ -214,6 +249,13 @@ def _lung(src: Path) -> Iterator[Item]:
 
 
 ADAPTERS: dict[str, Adapter] = {
+    "weedmap": Adapter(
+        "weedmap",
+        "agriculture, UAV multispectral tiles (WeedMap RedEdge)",
+        ("background", "crop", "weed"),
+        "field 000 = train, field 003 = test",
+        _weedmap,
+    ),
     "isic": Adapter(
         "isic",
         "medical, dermoscopy (ISIC 2018 task 1, 2019 diagnoses)",
@@ -250,7 +292,7 @@ ADAPTERS: dict[str, Adapter] = {
         _pothole,
     ),
 }
-NOT_YET = ("weedmap", "industrial")
+NOT_YET = ("industrial",)
 
 
 def convert(name: str, src: Path, dst: Path) -> dict[str, int]:
