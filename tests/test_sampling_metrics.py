@@ -68,3 +68,29 @@ def test_iou_class_absent_everywhere_scores_zero() -> None:
     meter = IoUMeter(("background", "a"))
     meter.update(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long))
     assert meter.compute().per_class == {"background": 100.0, "a": 0.0}
+
+
+def test_evaluation_at_a_fixed_size_resizes_the_ground_truth(tmp_path) -> None:
+    from conftest import write_dataset
+
+    from distillfss.data import label_tensor, load_mask, load_split
+    from distillfss.evaluate import evaluate_predictor
+
+    class Oracle:
+        """Returns the ground truth at the size it is asked for (resized like the evaluator does)."""
+
+        mask_path = None
+
+        def predict(self, image, size=None):
+            mask = load_mask(self.mask_path, 1)
+            if size is None or tuple(size) == mask.shape:
+                return mask
+            return label_tensor(mask, size[0]).to(torch.uint8).numpy()
+
+    split = load_split(write_dataset(tmp_path / "d"), "test")
+    oracle = Oracle()
+    for s in split.samples:
+        oracle.mask_path = s.mask
+        one = type(split)(split.name, split.root, split.classes, (s,))
+        for size in (None, 64):
+            assert evaluate_predictor(oracle, one, progress=False, eval_size=size).miou == pytest.approx(100.0)

@@ -57,6 +57,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "adapt": acfg.to_dict(),
         "methods": list(methods),
         "per_class": args.per_class,
+        "eval_size": args.eval_size,
     }
     out: Path = args.out
     results_path = out / "results.json"
@@ -83,7 +84,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 log.warning("[%s] K=%d skipped: the pool has %d images", name, k, len(train.samples))
                 continue
             mcfg = model_config(args, train.num_classes)
-            cell = Cell(name, train, test, k, mcfg, acfg, args.probe_size or mcfg.image_size, methods, args.per_class)
+            # The paper scores WeedMap at its native tile size and every other dataset at 384 x 384.
+            native = args.eval_size == 0 or name.lower().startswith("weedmap")
+            cell = Cell(
+                name,
+                train,
+                test,
+                k,
+                mcfg,
+                acfg,
+                args.probe_size or mcfg.image_size,
+                methods,
+                args.per_class,
+                None if native else args.eval_size,
+            )
             log.info("[%s] K=%d", name, k)
             rows, _ = run_cell(cell, backbones, log_path=out / f"train_log_{name}_{k}shot.jsonl")
             for r in rows:

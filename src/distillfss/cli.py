@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
     p.add_argument("--per-class", action="store_true", help="K images per class (the paper's ISIC/Industrial counts)")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=384,
+        help="score with the ground truth resized to N x N, as the paper (WeedMap always native); 0: original",
+    )
     _model_flags(p)
     g = p.add_argument_group("adaptation (ablations)")
     g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)

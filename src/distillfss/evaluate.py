@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Split, load_pair
+from .data import Split, label_tensor, load_pair
 from .metrics import IoUMeter
 from .predictor import Predictor
 
@@ -31,13 +31,19 @@ class EvalResult:
         }
 
 
-def evaluate_predictor(predictor: Predictor, split: Split, progress: bool = True) -> EvalResult:
+def evaluate_predictor(
+    predictor: Predictor, split: Split, progress: bool = True, eval_size: int | None = None
+) -> EvalResult:
+    """eval_size: None scores at each image's original resolution; N resizes the ground truth to N x N (nearest)
+    and scores the prediction there (the paper's protocol: 384 for every dataset but WeedMap)."""
     meter = IoUMeter(split.classes)
     seconds = 0.0
     for sample in tqdm(split.samples, desc=f"evaluate {split.name}", disable=not progress, leave=False):
         image, mask = load_pair(sample, split.num_classes)
+        if eval_size:
+            mask = label_tensor(mask, eval_size).to(torch.uint8).numpy()
         t0 = time.perf_counter()
-        pred = predictor.predict(image)
+        pred = predictor.predict(image, size=mask.shape)
         seconds += time.perf_counter() - t0
         meter.update(torch.from_numpy(pred), torch.from_numpy(mask))
     iou = meter.compute()

@@ -49,9 +49,9 @@ class Predictor:
                 out = self.model(images)
         return (out if isinstance(out, Tensor) else out.logits).float()
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size."""
-        h, w = image.shape[:2]
+    def predict(self, image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size (or at ``size`` = (h, w))."""
+        h, w = size or image.shape[:2]
         device = next(self.model.parameters()).device
         x = image_tensor(image, self.image_size).unsqueeze(0).to(device)
         logits = self.logits(x).cpu()

@@ -48,6 +48,7 @@ class Cell:
     probe_size: int  # working size of the linear probe and prototype baselines
     methods: tuple[str, ...] = METHODS
     per_class: bool = False  # shots = K images per foreground class (K x C in all) instead of K in all
+    eval_size: int | None = None  # None: score at original resolution; N: ground truth resized to N x N
 
 
 def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None) -> tuple[list[dict], dict]:
@@ -64,6 +65,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
         "dataset": cell.dataset,
         "shots": cell.shots,
         "shots_per_class": cell.per_class,
+        "eval_resolution": cell.eval_size or "original",
         "support": stems,
         "model": mcfg.to_dict(),
     }
@@ -107,7 +109,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
 
     rows = []
     for method in cell.methods:
-        ev = evaluate_predictor(predictors[method], cell.test, progress=False)
+        ev = evaluate_predictor(predictors[method], cell.test, progress=False, eval_size=cell.eval_size)
         rows.append(
             {
                 **base,
