@@ -164,3 +164,13 @@ def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None
     config = json.loads((out / "config.json").read_text())
     assert config["support"]["shots"] == 4
     assert config["classes"] == ["background", "class1"]  # dataset.json one level up is found
+
+
+def test_adapt_can_start_from_a_saved_teacher(tmp_path, binary_dataset, multiclass_dataset) -> None:
+    teacher = tmp_path / "teacher"
+    base = ["adapt", "--shots", "2", *FAST]
+    assert main([*base, "--support", str(binary_dataset), "--out", str(teacher), "--method", "transfer"]) == 0
+    out = tmp_path / "from_teacher"
+    # a binary teacher starts a 3-class adaptation: its attention and decoder do not depend on the classes
+    assert main([*base, "--support", str(multiclass_dataset), "--out", str(out), "--teacher", str(teacher)]) == 0
+    assert json.loads((out / "config.json").read_text())["kind"] == "student"

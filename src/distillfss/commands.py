@@ -12,8 +12,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
-from .backbones import build_backbone
+from .backbones import FrozenBackbone, build_backbone
 from .cli import adapt_config, int_list, model_config, timestamp, write_json
+from .config import ModelConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
@@ -71,7 +72,8 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _starting_teacher(path: str | None, backbone, mcfg) -> Teacher | None:
+def _starting_teacher(path: str | None, backbone: FrozenBackbone, mcfg: ModelConfig) -> Teacher | None:
+    """A teacher folder's attention and decoder weights on this backbone (they do not depend on the classes)."""
     if path is None:
         return None
     loaded = load_model(path, backbone=backbone, device=next(backbone.parameters()).device)
