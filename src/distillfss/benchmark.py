@@ -116,8 +116,10 @@ def table(results: dict) -> str:
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = [(n, k) for n in names for k in sorted({r["shots"] for r in rows if r["dataset"] == n})]
+    size = results.get("config", {}).get("eval_size")
+    where = f"{size} x {size} (WeedMap native)" if size else "original resolution"
     lines = [
-        "Foreground mIoU (%), dataset-level confusion matrix at original resolution; configuration in results.json.",
+        f"Foreground mIoU (%), dataset-level confusion matrix at {where}; configuration in results.json.",
         "",
         "| method | " + " | ".join(f"{n} K={k}" for n, k in cols) + " | mean |",
         "|---|" + "---|" * (len(cols) + 1),
