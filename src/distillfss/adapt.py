@@ -190,25 +190,24 @@ def _train(
     autocast = torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     for m in (teacher.decoder, *([student.heads] if student is not None else [])):
         m.to(memory_format=torch.channels_last)  # faster oneDNN convolutions; no effect on results
-    cached: dict[str, object] = {}
+    # Fixed episodes are built once; with a frozen attention and no dropout their coarse masks are constant too.
+    reuse = frozen_attention and fixed_episodes and not _has_dropout(teacher)
+    episode: tuple | None = None
+    coarse: list[Tensor] | None = None
     bar = tqdm(range(steps), desc=f"adapt ({stage})", disable=not progress, leave=False)
     for step in bar:
-        shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
-        shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
-        target, present = _targets(labels[queries], shot_valid, flags)
-        query = _select(support, queries)
-        # Constant coarse masks (frozen attention, no dropout) are computed once per episode set.
-        reuse = frozen_attention and fixed_episodes and not _has_dropout(teacher)
-        if reuse and "coarse" in cached:
-            coarse = cached["coarse"]
-        else:
+        if episode is None or not fixed_episodes:
+            shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
+            shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
+            target, present = _targets(labels[queries], shot_valid, flags)
+            episode = (shot_valid, target, present, _select(support, queries))
+        shot_valid, target, present, query = episode
+        if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
                 coarse = [
                     teacher.attention[g](q, k, support.masks[i], support.token_valid(shot_valid, i))
                     for i, (g, q, k) in enumerate(zip(teacher.groups, query.layers, teacher.keys(support)))
                 ]
-            if reuse:
-                cached["coarse"] = coarse
         row: dict = {"step": step + 1, "stage": stage}
         loss = torch.zeros((), device=labels.device)
         with autocast:
