@@ -174,3 +174,11 @@ def test_adapt_can_start_from_a_saved_teacher(tmp_path, binary_dataset, multicla
     # a binary teacher starts a 3-class adaptation: its attention and decoder do not depend on the classes
     assert main([*base, "--support", str(multiclass_dataset), "--out", str(out), "--teacher", str(teacher)]) == 0
     assert json.loads((out / "config.json").read_text())["kind"] == "student"
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

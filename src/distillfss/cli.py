@@ -219,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from . import commands  # heavy imports (torch, timm) only after argument parsing
 
+    device = str(getattr(args, "device", "cpu"))
+    if device.startswith("cuda") and not commands.torch.cuda.is_available():
+        print(f"distillfss {args.command}: error: --device {device}: no CUDA device is available here", file=sys.stderr)
+        return 2
     try:
         return getattr(commands, args.command.replace("-", "_"))(args)
     except USER_ERRORS as e:
