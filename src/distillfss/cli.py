@@ -45,8 +45,52 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=None, help="working resolution (overrides the preset)")
 
 
-def _adapt_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("adaptation")
+def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> None:
+    """The TransferFSS / DistillFSS schedule flags shared by adapt, demo and benchmark."""
+    g = p.add_argument_group(title)
+    g.add_argument("--iterations", type=int, default=AdaptConfig.iterations, help="optimizer steps (default 100)")
+    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"], help="joint (the original) or two-stage")
+    g.add_argument(
+        "--trainable",
+        default=AdaptConfig.trainable,
+        choices=["A", "B", "C"],
+        help="teacher modules that train: A mappers+mixers, B everything but the backbone, C A+attention",
+    )
+    g.add_argument("--lr", type=float, default=AdaptConfig.lr, help="AdamW learning rate")
+    g.add_argument(
+        "--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"], help="learning-rate schedule"
+    )
+    g.add_argument(
+        "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="weight of the MSE (0: ablation)"
+    )
+    g.add_argument(
+        "--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"], help="autocast for decoder/heads"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
+
+
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
+    _device_flag(p)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillfss", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("adapt", help="fine-tune a teacher on a support set and distill a student")
+    p.add_argument("--support", required=True, type=Path, help="dataset folder (with train/) or images/+masks/")
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    _device_flag(p)
+    _model_flags(p)
+    g = p.add_argument_group("support set and method")
     g.add_argument(
         "--shots",
         type=int,
@@ -59,36 +103,14 @@ def _adapt_flags(p: argparse.ArgumentParser) -> None:
         choices=["distill", "transfer"],
         help="distill: TransferFSS + DistillFSS, saves the support-free student; transfer: saves the teacher",
     )
-    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"], help="joint (original) or two-stage")
-    g.add_argument("--iterations", type=int, default=AdaptConfig.iterations, help="optimizer steps")
     g.add_argument(
-        "--trainable",
-        default=AdaptConfig.trainable,
-        choices=["A", "B", "C"],
-        help="teacher modules that train: A mappers+mixers, B everything but the backbone, C A+attention",
+        "--episodes",
+        default="leave_one_out",
+        choices=["leave_one_out", "paired"],
+        help="episode builder: each image the query once with all others as shots, or the original pairs",
     )
-    g.add_argument("--episodes", default="leave_one_out", choices=["leave_one_out", "paired"])
-    g.add_argument("--lr", type=float, default=AdaptConfig.lr)
-    g.add_argument("--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"])
-    g.add_argument(
-        "--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"], help="autocast for decoder/heads"
-    )
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--teacher", default=None, metavar="CKPT", help="a starting teacher folder (e.g. meta-trained)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distillfss", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("adapt", help="fine-tune a teacher on a support set and distill a student")
-    p.add_argument("--support", required=True, type=Path, help="dataset folder (with train/) or images/+masks/")
-    p.add_argument("--out", required=True, type=Path, help="model folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    _model_flags(p)
-    _adapt_flags(p)
+    _training_flags(p)
 
     p = sub.add_parser("predict", help="segment images with a saved model")
     p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
@@ -99,23 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
+    _inference_flags(p)
 
     p = sub.add_parser("evaluate", help="mIoU of a saved model on a dataset split")
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
-    p.add_argument("--backbone-weights", default=None, metavar="PATH")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
+    _inference_flags(p)
 
     p = sub.add_parser("speed", help="time per query and peak memory: teacher vs student vs backbone")
     p.add_argument("--ways", default="1,3,5", help="comma-separated numbers of classes")
     p.add_argument("--shots", default="1,5,10,25,50", help="comma-separated numbers of support images")
-    p.add_argument("--device", default="cpu")
+    _device_flag(p)
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median, min, max reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -133,18 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a student as a standalone ONNX graph")
     p.add_argument("--model", required=True, type=Path, help="student folder written by adapt")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
     p.add_argument("--out", required=True, type=Path, help=".onnx file to write")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--backbone-weights", default=None, metavar="PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
 
     p = sub.add_parser("benchmark", help="the paper's protocol over datasets x shots (resumable)")
     p.add_argument("--data", required=True, help="comma-separated bundled dataset names and/or dataset folders")
     p.add_argument("--shots", default="1,2,5", help="comma-separated K values (nested support sets)")
-    p.add_argument("--methods", default="teacher,transferfss,distillfss,linear_probe,prototype")
+    p.add_argument(
+        "--methods",
+        default="teacher,transferfss,distillfss,linear_probe,prototype",
+        help="comma-separated methods to run",
+    )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
-    p.add_argument("--device", default="cpu")
+    _device_flag(p)
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
     p.add_argument("--per-class", action="store_true", help="K images per class (the paper's ISIC/Industrial counts)")
     p.add_argument(
@@ -154,40 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="score with the ground truth resized to N x N, as the paper (WeedMap always native); 0: original",
     )
     _model_flags(p)
-    g = p.add_argument_group("adaptation (ablations)")
-    g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)
-    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
-    g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])
-    g.add_argument(
-        "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="0: DistillFSS without the MSE"
-    )
-    g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
-    g.add_argument("--seed", type=int, default=0)
+    _training_flags(p, "adaptation (ablations)")
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("convert", help="write a paper dataset from its native layout in the project format")
-    c.add_argument("name", help="kvasir, nucleus or pothole (lung, isic, weedmap, industrial: not yet)")
+    c.add_argument("name", help="lung, isic, kvasir, nucleus, weedmap or pothole (industrial: not yet)")
     c.add_argument("src", type=Path, help="the dataset as downloaded (see the README for each layout)")
     c.add_argument("dst", type=Path, help="new dataset folder to write")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty dst")
 
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--datasets", default=None, help="comma-separated subset of the bundled datasets")
-    p.add_argument("--device", default="cpu")
+    _device_flag(p)
     _model_flags(p)
-    g = p.add_argument_group("adaptation")
-    g.add_argument("--shots", type=int, default=5)
-    g.add_argument("--probe-size", type=int, default=384, help="resolution of the linear probe (0: the model's own)")
-    g.add_argument("--iterations", type=int, default=AdaptConfig.iterations)
-    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"])
-    g.add_argument("--trainable", default=AdaptConfig.trainable, choices=["A", "B", "C"])
-    g.add_argument("--precision", default=AdaptConfig.precision, choices=["bf16", "fp32"])
-    g.add_argument("--lr", type=float, default=AdaptConfig.lr)
-    g.add_argument("--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"])
-    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=int, default=5, help="support images per dataset (default 5)")
+    p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's own)")
+    _training_flags(p)
     return parser
 
 
