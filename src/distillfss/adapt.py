@@ -106,6 +106,7 @@ def adapt(
     progress: bool = True,
     log_path: Path | None = None,
     on_step: Callable[[dict], None] | None = None,
+    support: EncodedSupport | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distill a student.
 
@@ -114,6 +115,8 @@ def adapt(
         images: (M, 3, S, S) support images in [0, 1]; labels: (M, S, S) long, 255 = ignore.
         teacher: a starting teacher (e.g. meta-trained); a fresh one from ``cfg.seed`` when None.
         log_path: where to append one JSON line per step.
+        support: the same images already encoded by ``backbone`` (saves recomputing their features); encoded
+            here when None. The reported seconds then exclude that encoding.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -122,7 +125,8 @@ def adapt(
     if teacher is None:
         teacher = build_teacher(backbone, model_cfg)
     teacher.to(device)
-    support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
+    if support is None:
+        support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
     student = None
     if cfg.method == "distill":
         student = build_student(backbone, teacher.decoder, model_cfg.num_classes).to(device)

@@ -78,7 +78,9 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
         backbone = backbones.get(mcfg.image_size)
         images, labels = load_support_tensors(cell.train, stems, mcfg.image_size)
         images, labels = images.to(device), labels.to(device)
-        support = encode_support(backbone, images, labels, mcfg.num_classes)
+        t0 = time.perf_counter()
+        support = encode_support(backbone, images, labels, mcfg.num_classes)  # shared by the teacher and adapt
+        encode_seconds = time.perf_counter() - t0
         if "teacher" in wanted:
             torch.manual_seed(acfg.seed)
             predictors["teacher"] = Predictor(build_teacher(backbone, mcfg).to(device), mcfg.image_size, support)
@@ -86,11 +88,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
         if wanted & {"transferfss", "distillfss"}:
             method = "distill" if "distillfss" in wanted else "transfer"
             cfg = AdaptConfig.from_dict({**acfg.to_dict(), "method": method})
-            result = adapt(backbone, images, labels, mcfg, cfg, log_path=log_path)
+            result = adapt(backbone, images, labels, mcfg, cfg, log_path=log_path, support=support)
             predictors["transferfss"] = Predictor(result.teacher, mcfg.image_size, support)
             if result.student is not None:
                 predictors["distillfss"] = Predictor(result.student, mcfg.image_size)
-            seconds["transferfss"] = seconds["distillfss"] = result.seconds
+            seconds["transferfss"] = seconds["distillfss"] = encode_seconds + result.seconds
         for m in ("teacher", "transferfss", "distillfss"):
             sizes[m] = mcfg.image_size
 
