@@ -1,32 +1,43 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("skimage")
 
-from distillfss.data.selfsup import SOURCE_IMAGES, SelfSupEpisodes, load_source_images  # noqa: E402
+from distillfss.data.episodes import episode_generator, sample_episode, usable_classes  # noqa: E402
+from distillfss.data.selfsup import SOURCE_IMAGES, VAL_IMAGES, SelfSupSource, load_source_images  # noqa: E402
 from distillfss.demo import demo_datasets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def episodes() -> SelfSupEpisodes:
-    return SelfSupEpisodes(load_source_images(("chelsea", "coffee", "brick")), size=64)
+def source() -> SelfSupSource:
+    return SelfSupSource(load_source_images(("chelsea", "coffee", "brick")), size=64, views=4)
 
 
-def test_episodes_have_consistent_pseudo_masks(episodes) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        ep = episodes.sample(gen)
-        assert ep.support_image.shape == ep.query_image.shape == (3, 64, 64)
-        assert ep.support_mask.shape == (64, 64) and set(ep.support_mask.unique().tolist()) <= {0, 1}
-        for m in (ep.support_mask, ep.query_mask):
+def test_episodes_pair_two_views_of_one_image(source) -> None:
+    classes = usable_classes(source, "train", 1)
+    assert classes
+    for j in range(5):
+        spec = sample_episode(source, "train", classes, 1, episode_generator(0, 0, j))
+        (shot,) = spec.support
+        assert shot != spec.query
+        for item in (spec.query, shot):
+            m = source.mask("train", item, spec.cls)
+            assert m.shape == (64, 64) and set(m.unique().tolist()) <= {0, 1}
             assert 0.01 <= m.float().mean() < 1.0
+            assert source.image("train", item).shape == (3, 64, 64)
+
+
+def test_validation_images_are_held_out(source) -> None:
+    d = source.describe()
+    assert d["val_images"] == ["coffee"] and "coffee" not in d["train_images"]
+    assert not set(source.classes("train")) & set(source.classes("val"))
+    assert set(VAL_IMAGES) <= set(SOURCE_IMAGES)
 
 
 def test_both_views_mask_the_same_region() -> None:
-    import numpy as np
-
     # Four flat colour quadrants: SLIC's superpixels follow them, so a pseudo-mask must cover one colour in both
     # views, whatever the crops, flips and colour jitter.
     img = np.zeros((96, 96, 3), np.float32)
@@ -34,21 +45,26 @@ def test_both_views_mask_the_same_region() -> None:
     img[:48, 48:] = (0.1, 0.9, 0.1)
     img[48:, :48] = (0.1, 0.1, 0.9)
     img[48:, 48:] = (0.9, 0.9, 0.1)
-    eps = SelfSupEpisodes({"quads": img}, size=48, n_segments=4, max_fraction=0.5)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        ep = eps.sample(gen)
+    src = SelfSupSource({"quads": img}, size=48, views=6, val_images=(), n_segments=4, max_fraction=0.5)
+    classes = usable_classes(src, "train", 1)
+    for j in range(10):
+        spec = sample_episode(src, "train", classes, 1, episode_generator(1, 0, j))
         colours = []
-        for image, mask in ((ep.support_image, ep.support_mask), (ep.query_image, ep.query_mask)):
+        for item in (spec.support[0], spec.query):
+            image, mask = src.image("train", item), src.mask("train", item, spec.cls)
             inside = image[:, mask.bool()].mean(dim=1)  # mean colour under the pseudo-mask
             colours.append((inside > inside.mean()).tolist())  # which channels are bright
-        assert colours[0] == colours[1], ep.source
+        assert colours[0] == colours[1], spec
 
 
-def test_sampling_is_deterministic(episodes) -> None:
-    a = episodes.sample(torch.Generator().manual_seed(3))
-    b = episodes.sample(torch.Generator().manual_seed(3))
-    assert a.source == b.source and torch.equal(a.query_mask, b.query_mask)
+def test_bank_and_episodes_are_deterministic() -> None:
+    imgs = load_source_images(("chelsea",))
+    a = SelfSupSource(imgs, size=48, views=3, seed=5, val_images=())
+    b = SelfSupSource(imgs, size=48, views=3, seed=5, val_images=())
+    assert torch.equal(a.image("train", 2), b.image("train", 2))
+    ea = sample_episode(a, "train", a.classes("train"), 1, episode_generator(0, 7, 1))
+    eb = sample_episode(b, "train", b.classes("train"), 1, episode_generator(0, 7, 1))
+    assert ea == eb
 
 
 def test_source_images_are_licensed_and_not_demo_data() -> None:

@@ -240,6 +240,23 @@ def _train(
         p.requires_grad_(False)
 
 
+def plateau(rows: list[dict], window: int = 10, fraction: float = 0.9) -> tuple[int, float]:
+    """When training reached its final loss plateau -> (step, seconds since the start of adaptation).
+
+    The loss is smoothed by a trailing mean over ``window`` steps; the plateau starts at the first step where the
+    smoothed loss has made ``fraction`` of its total decrease (from the first window to the last).
+    """
+    if not rows:
+        return 0, 0.0
+    loss = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+    w = min(window, len(loss))
+    smooth = torch.stack([loss[max(0, i - w + 1) : i + 1].mean() for i in range(len(loss))])
+    first, last = loss[:w].mean(), smooth[-1]
+    target = first - fraction * (first - last)
+    i = int(torch.nonzero(smooth <= target)[0]) if first > last else 0
+    return rows[i]["step"], rows[i]["seconds"]
+
+
 def lr_factor(schedule: str, steps: int, step: int) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based)."""
     if schedule == "constant":

@@ -67,23 +67,31 @@ class MaskAttention(nn.Module):
         k = self._tokens(support, self.k_proj)  # (K, heads, hw, d_k)
         return k.transpose(0, 1).flatten(1, 2)  # (heads, K*hw, d_k)
 
+    def episode_keys(self, support: Tensor, shots: int) -> Tensor:
+        """Keys of B independent episodes: support features (B*K, C, h, w), episode-major -> (B, heads, K*h*w, d_k)."""
+        k = self._tokens(support, self.k_proj)  # (B*K, heads, hw, d_k)
+        n, heads, hw, d = k.shape
+        return k.view(n // shots, shots, heads, hw, d).transpose(1, 2).flatten(2, 3)
+
     def forward(self, query: Tensor, keys: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
         """Coarse masks of every class for a batch of queries.
 
         Args:
             query: query features (B, C, h, w).
-            keys: from :meth:`keys`, (heads, Ns, d_k) with Ns = K*h*w.
-            masks: support mask values per class at this resolution, (C_cls, Ns) in [0, 1].
+            keys: from :meth:`keys`, (heads, Ns, d_k) with Ns = K*h*w, shared by the batch; or per query
+                (B, heads, Ns, d_k) from :meth:`episode_keys`.
+            masks: support mask values per class at this resolution, (C_cls, Ns) in [0, 1]; or per query
+                (B, C_cls, Ns).
             valid: which shots each query may use for each class, (B, C_cls, Ns) in {0, 1}.
 
         Returns:
             (B, C_cls, h, w) coarse masks in [0, 1]; 0 for a class with no valid shot.
         """
         b, _, h, w = query.shape
-        n_cls = masks.shape[0]
+        n_cls = masks.shape[-2]
         q = self._tokens(query, self.q_proj)  # (B, heads, hw, d_k)
-        k = keys.unsqueeze(0).expand(b, -1, -1, -1)  # (B, heads, Ns, d_k)
-        num = valid * masks.unsqueeze(0)  # (B, C_cls, Ns)
+        k = keys if keys.dim() == 4 else keys.unsqueeze(0).expand(b, -1, -1, -1)  # (B, heads, Ns, d_k)
+        num = valid * (masks if masks.dim() == 3 else masks.unsqueeze(0))  # (B, C_cls, Ns)
         p = self.attn_dropout if self.training else 0.0
         if p > 0:
             # Dropout must hit the numerator only: the renormaliser is the dropout-free softmax mass.

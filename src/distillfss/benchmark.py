@@ -17,8 +17,8 @@ import torch
 from .cli import adapt_config, int_list, model_config, timestamp, write_json
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
-from .model_io import ModelError
-from .protocol import METHODS, BackboneCache, Cell, run_cell
+from .model_io import ModelError, resolve_teacher
+from .protocol import ALL_METHODS, BackboneCache, Cell, run_cell
 
 log = logging.getLogger("distillfss")
 
@@ -45,9 +45,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     datasets = [resolve_dataset(s) for s in specs]
     shots = sorted(set(int_list(args.shots, "--shots")))
     methods = tuple(m.strip() for m in args.methods.split(","))
-    bad = sorted(set(methods) - set(METHODS))
+    bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
-        raise DataError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
     acfg = adapt_config(args)
     config = {
         "preset": args.preset,
@@ -58,6 +58,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "methods": list(methods),
         "per_class": args.per_class,
         "eval_size": args.eval_size,
+        "teacher": args.teacher,
     }
     out: Path = args.out
     results_path = out / "results.json"
@@ -84,6 +85,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 log.warning("[%s] K=%d skipped: the pool has %d images", name, k, len(train.samples))
                 continue
             mcfg = model_config(args, train.num_classes)
+            start, label = resolve_teacher(args.teacher, mcfg)
             # The paper scores WeedMap at its native tile size and every other dataset at 384 x 384.
             native = args.eval_size == 0 or name.lower().startswith("weedmap")
             cell = Cell(
@@ -97,6 +99,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 methods,
                 args.per_class,
                 None if native else args.eval_size,
+                start,
+                label,
             )
             log.info("[%s] K=%d", name, k)
             rows, _ = run_cell(cell, backbones, log_path=out / f"train_log_{name}_{k}shot.jsonl")

@@ -1,4 +1,4 @@
-"""Command line: ``distillfss adapt | predict | evaluate | demo | benchmark | speed | export | data convert``.
+"""Command line: ``distillfss adapt | predict | evaluate | demo | benchmark | speed | export | meta-train | data convert``.
 
 Flags become config objects; the library does the work. Errors a user can act on end in one line on stderr and
 exit status 2; nothing is written half-way (outputs go to a temporary folder moved into place on success).
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .backbones import BACKBONES, BackboneError
-from .config import PRESETS, AdaptConfig, ModelConfig
+from .config import PRESETS, AdaptConfig, MetaConfig, ModelConfig
 from .data import DataError
 from .model_io import ModelError
 
@@ -69,6 +69,16 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
 
 
+def _teacher_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--teacher",
+        default="auto",
+        metavar="auto|shipped|random|DIR",
+        help="starting teacher: 'auto' (default) the shipped meta-trained teacher when one fits the backbone and "
+        "preset, else a random initialisation; 'shipped'; 'random'; or a teacher folder (e.g. from meta-train)",
+    )
+
+
 def _device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -109,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["leave_one_out", "paired"],
         help="episode builder: each image the query once with all others as shots, or the original pairs",
     )
-    g.add_argument("--teacher", default=None, metavar="CKPT", help="a starting teacher folder (e.g. meta-trained)")
+    _teacher_flag(g)
     _training_flags(p)
 
     p = sub.add_parser("predict", help="segment images with a saved model")
@@ -162,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="teacher,transferfss,distillfss,linear_probe,prototype",
-        help="comma-separated methods to run",
+        help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
+        "random teacher whatever --teacher says",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
+    _teacher_flag(p)
     _device_flag(p)
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
     p.add_argument("--per-class", action="store_true", help="K images per class (the paper's ISIC/Industrial counts)")
@@ -177,6 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_flags(p)
     _training_flags(p, "adaptation (ablations)")
+
+    p = sub.add_parser(
+        "meta-train",
+        help="train the teacher on a source domain (one process, or many under torchrun)",
+        description="Episodic source-domain training of the teacher (DCAMA's loss 0.5 CE + 2 BCE). Run it again "
+        "with the same flags to resume an interrupted run. Many processes: torchrun --nproc_per_node N "
+        "-m distillfss meta-train ... (DistributedDataParallel; gloo on CPU, nccl on GPU).",
+    )
+    p.add_argument("--source", required=True, choices=["selfsup", "pascal", "coco"], help="the source domain")
+    p.add_argument("--data", type=Path, default=None, help="pascal: the VOC2012 folder; coco: the COCO 2014 folder")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed when it holds this run)")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first and start from step 0")
+    _device_flag(p)
+    _model_flags(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--fold", type=int, default=MetaConfig.fold, help="pascal/coco: fold held out for validation")
+    g.add_argument("--steps", type=int, default=MetaConfig.steps, help="optimizer steps (may grow on resume)")
+    g.add_argument("--batch", type=int, default=MetaConfig.batch, help="episodes per step, over all processes")
+    g.add_argument("--shots", type=int, default=MetaConfig.shots, help="shots per episode")
+    g.add_argument("--optimizer", default=MetaConfig.optimizer, choices=["adamw", "sgd"], help="sgd: DCAMA's")
+    g.add_argument("--lr", type=float, default=MetaConfig.lr, help="learning rate")
+    g.add_argument("--weight-decay", type=float, default=MetaConfig.weight_decay, help="weight decay")
+    g.add_argument("--precision", default=MetaConfig.precision, choices=["bf16", "fp32"], help="decoder autocast")
+    g.add_argument("--val-every", type=int, default=MetaConfig.val_every, help="steps between validations")
+    g.add_argument("--val-episodes", type=int, default=MetaConfig.val_episodes, help="fixed validation episodes")
+    g.add_argument("--views", type=int, default=MetaConfig.views, help="selfsup: augmented views per image")
+    g.add_argument("--seed", type=int, default=MetaConfig.seed, help="seed of initialisation and episodes")
+    g.add_argument("--save-every", type=int, default=25, help="steps between resume states")
+    g.add_argument("--cache-items", type=int, default=20_000, help="images whose features stay in memory")
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -194,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.add_argument("--shots", type=int, default=5, help="support images per dataset (default 5)")
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's own)")
+    _teacher_flag(p)
+    p.add_argument(
+        "--compare-random",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also adapt from a randomly initialised teacher (rows *_random) when the start is meta-trained",
+    )
     _training_flags(p)
     return parser
 

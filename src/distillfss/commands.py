@@ -12,15 +12,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
-from .backbones import FrozenBackbone, build_backbone
+from .backbones import build_backbone
 from .cli import adapt_config, int_list, model_config, timestamp, write_json
-from .config import ModelConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
-from .model_io import LOG, ModelError, check_output, load_model, output_folder, save_model
+from .model_io import (
+    LOG,
+    ModelError,
+    check_output,
+    load_model,
+    load_teacher_weights,
+    output_folder,
+    resolve_teacher,
+    save_model,
+)
 from .sampling import sample_support
-from .teacher import Teacher, build_teacher
 from .viz import overlay
 
 log = logging.getLogger("distillfss")
@@ -48,7 +55,9 @@ def adapt(args: argparse.Namespace) -> int:
     acfg = adapt_config(args)
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
-    teacher = _starting_teacher(args.teacher, backbone, mcfg)
+    start, label = resolve_teacher(args.teacher, mcfg)
+    log.info("starting teacher: %s", label)
+    teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
     with output_folder(args.out, args.overwrite) as tmp:
         log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
         result = run_adapt(
@@ -60,6 +69,7 @@ def adapt(args: argparse.Namespace) -> int:
             "adapt": acfg.to_dict(),
             "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
             "support": {"dataset": str(split.root), "stems": stems, "shots": len(stems)},
+            "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
         }
         save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels))
@@ -70,18 +80,6 @@ def adapt(args: argparse.Namespace) -> int:
         result.seconds,
     )
     return 0
-
-
-def _starting_teacher(path: str | None, backbone: FrozenBackbone, mcfg: ModelConfig) -> Teacher | None:
-    """A teacher folder's attention and decoder weights on this backbone (they do not depend on the classes)."""
-    if path is None:
-        return None
-    loaded = load_model(path, backbone=backbone, device=next(backbone.parameters()).device)
-    if loaded.kind != "teacher":
-        raise DataError(f"{path}: is a {loaded.kind}, --teacher needs a teacher")
-    teacher = build_teacher(backbone, mcfg)
-    teacher.load_state_dict(loaded.model.state_dict())
-    return teacher
 
 
 def _image_inputs(path: Path) -> list[Path]:
@@ -207,4 +205,48 @@ def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args)
+    return 0
+
+
+def meta_train(args: argparse.Namespace) -> int:
+    """Source-domain teacher training; under torchrun each process joins the process group first."""
+    import dataclasses
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    from .config import MetaConfig
+    from .data.sources import build_source
+    from .meta import meta_train as run_meta_train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        if args.overwrite and args.out.exists() and rank == 0:
+            if not args.out.is_dir():
+                raise ModelError(f"{args.out}: exists and is not a folder")
+            shutil.rmtree(args.out)
+        if world > 1:
+            dist.barrier()
+        names = {f.name for f in dataclasses.fields(MetaConfig)}
+        cfg = MetaConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        mcfg = model_config(args, 1)
+        source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
+        backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
+        result = run_meta_train(
+            source, backbone, mcfg, cfg, args.out, save_every=args.save_every, cache_items=args.cache_items
+        )
+        if rank == 0:
+            log.info("wrote %s: best validation mIoU %.1f at step %d", args.out, result.best_miou, result.best_step)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return 0

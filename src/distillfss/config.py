@@ -66,6 +66,27 @@ class AdaptConfig(_Serializable):
 
 
 @dataclass(frozen=True)
+class MetaConfig(_Serializable):
+    """Source-domain training of the teacher. Everything that changes the result is here (and in the checkpoint)."""
+
+    source: Literal["selfsup", "pascal", "coco"] = "selfsup"
+    fold: int = 0  # PASCAL-5i / COCO-20i fold held out for validation
+    steps: int = 1000  # optimizer steps (may be raised when resuming)
+    batch: int = 8  # episodes per step, global over all processes
+    shots: int = 1  # shots per episode (DCAMA trains 1-shot)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: DCAMA's SGD, Nesterov, momentum 0.9
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # DCAMA with sgd: 1e-4
+    ce_weight: float = 0.5
+    bce_weight: float = 2.0
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast of the decoder
+    val_every: int = 100
+    val_episodes: int = 60
+    views: int = 24  # selfsup: augmented views per source image in the bank
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SupportInfo:
     """Which images formed the support set (recorded beside every model)."""
 

@@ -1,12 +1,15 @@
 """Saved models describe themselves: ``config.json`` + ``model.safetensors`` (+ ``train_log.jsonl``).
 
 The backbone is never stored, only its name (and the weights file it came from, if any): it is rebuilt from its
-weight source at load time. A student needs nothing else; a teacher also stores its support images and masks.
+weight source at load time. A student needs nothing else; an adapted teacher also stores its support images and
+masks. A meta-trained teacher checkpoint (``meta-train``) has no support set (``"support": false``): it is a
+starting point for ``adapt --teacher``, not a predictor.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -121,12 +124,87 @@ def load_model(
     model.to(device).eval()
     support = None
     if config["kind"] == "teacher":
+        if config.get("support") is False:
+            raise ModelError(
+                f"{folder}: a meta-trained teacher without a support set; adapt it first "
+                f"(distillfss adapt --teacher {folder} --support DATA --out MODEL)"
+            )
         images = tensors["support.images"].to(device)
         labels = tensors["support.labels"].to(device).long()
         support = encode_support(backbone, images, labels, model_cfg.num_classes)
     return LoadedModel(
         config["kind"], model, model_cfg, classes, config, Predictor(model, model_cfg.image_size, support, precision)
     )
+
+
+def save_teacher_checkpoint(out: Path, teacher: Teacher, model_cfg: ModelConfig, meta: dict[str, Any]) -> None:
+    """A meta-trained teacher: weights and config, no classes and no support. Each file is replaced atomically."""
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file({f"model.{k}": v for k, v in _own_state(teacher).items()}, str(tmp))
+    os.replace(tmp, out / WEIGHTS)
+    config = {
+        "format": FORMAT,
+        "version": 1,
+        "kind": "teacher",
+        "support": False,
+        "classes": [],
+        "model": model_cfg.to_dict(),
+    }
+    config.update(meta)
+    tmp = out / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG)
+
+
+def load_teacher_weights(folder: Path | str, backbone: FrozenBackbone, model_cfg: ModelConfig) -> Teacher:
+    """A new teacher for ``model_cfg`` (any number of classes) with a saved teacher's attention and decoder
+    weights. The saved teacher must use the same backbone; its support set, if any, is not loaded."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if config.get("kind") != "teacher":
+        raise ModelError(f"{folder}: is a {config.get('kind')}, a starting teacher must be a teacher")
+    saved = config["model"].get("backbone")
+    if saved != model_cfg.backbone:
+        raise ModelError(f"{folder}: a teacher for backbone {saved}, this run uses {model_cfg.backbone}")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{folder}: no {WEIGHTS}")
+    teacher = build_teacher(backbone, model_cfg)
+    state = {k[len("model.") :]: v for k, v in load_file(str(weights)).items() if k.startswith("model.")}
+    load_strict(teacher, state, weights)
+    return teacher
+
+
+def shipped_teachers() -> dict[str, Path]:
+    """Meta-trained teachers bundled with the package (``distillfss/teachers/<name>/``), by name."""
+    from importlib import resources
+
+    root = Path(str(resources.files("distillfss") / "teachers"))
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG).is_file()} if root.is_dir() else {}
+
+
+def resolve_teacher(spec: str | None, model_cfg: ModelConfig) -> tuple[Path | None, str]:
+    """The starting teacher of an adaptation -> (folder or None for a random initialisation, a label for logs
+    and results).
+
+    spec: ``auto`` (or None): the shipped teacher made for this backbone and architecture (every ModelConfig field
+    but the number of classes), else a random initialisation; ``random``; ``shipped``: the shipped one, an error if
+    none fits; or a teacher folder.
+    """
+    if spec == "random":
+        return None, "random"
+    if spec in (None, "auto", "shipped"):
+        want = {**model_cfg.to_dict(), "num_classes": None}
+        for name, folder in shipped_teachers().items():
+            if {**read_config(folder)["model"], "num_classes": None} == want:
+                return folder, f"shipped:{name}"
+        if spec == "shipped":
+            raise ModelError(
+                f"no shipped teacher fits backbone {model_cfg.backbone} at {model_cfg.image_size} px with this "
+                f"preset (shipped: {', '.join(shipped_teachers()) or 'none'}); train one with distillfss meta-train"
+            )
+        return None, "random"
+    return Path(spec), str(spec)
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:

@@ -9,17 +9,21 @@ from pathlib import Path
 
 import torch
 
-from .adapt import adapt
+from .adapt import adapt, plateau
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import AdaptConfig, ModelConfig
 from .data import Split, class_sets, load_support_tensors
 from .evaluate import evaluate_predictor
+from .model_io import load_teacher_weights
 from .predictor import Predictor
 from .sampling import sample_support
-from .teacher import build_teacher, encode_support
+from .teacher import Teacher, build_teacher, encode_support
 
 METHODS = ("teacher", "transferfss", "distillfss", "linear_probe", "prototype")
+# The same three methods started from a randomly initialised teacher (the comparison for a meta-trained start).
+RANDOM_START = ("teacher_random", "transferfss_random", "distillfss_random")
+ALL_METHODS = METHODS + RANDOM_START
 
 
 @dataclass
@@ -49,13 +53,15 @@ class Cell:
     methods: tuple[str, ...] = METHODS
     per_class: bool = False  # shots = K images per foreground class (K x C in all) instead of K in all
     eval_size: int | None = None  # None: score at original resolution; N: ground truth resized to N x N
+    teacher: Path | None = None  # starting teacher folder (meta-trained); None: random initialisation (seeded)
+    teacher_label: str = "random"  # how results name that start
 
 
 def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None) -> tuple[list[dict], dict]:
     """Adapt and evaluate every method of a cell -> (result rows, predictors by method)."""
-    unknown = sorted(set(cell.methods) - set(METHODS))
+    unknown = sorted(set(cell.methods) - set(ALL_METHODS))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     mcfg, acfg, device = cell.model_cfg, cell.adapt_cfg, backbones.device
     total = cell.shots * cell.train.num_classes if cell.per_class else cell.shots
     # The alternating, class-stratified sampler gives every class one image per round: its first K x C picks
@@ -72,29 +78,51 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     predictors: dict[str, Predictor] = {}
     seconds: dict[str, float] = {}
     sizes: dict[str, int] = {}
+    inits: dict[str, str] = {}  # where each teacher-based method started
     wanted = set(cell.methods)
 
-    if wanted & {"teacher", "transferfss", "distillfss"}:
+    plateaus: dict[str, tuple[int, float]] = {}
+    starts = {"": (cell.teacher, cell.teacher_label), "_random": (None, "random")}
+    encoded = None
+    for suffix, (start, label) in starts.items():
+        names = {f"teacher{suffix}", f"transferfss{suffix}", f"distillfss{suffix}"}
+        if not wanted & names:
+            continue
         backbone = backbones.get(mcfg.image_size)
-        images, labels = load_support_tensors(cell.train, stems, mcfg.image_size)
-        images, labels = images.to(device), labels.to(device)
-        t0 = time.perf_counter()
-        support = encode_support(backbone, images, labels, mcfg.num_classes)  # shared by the teacher and adapt
-        encode_seconds = time.perf_counter() - t0
-        if "teacher" in wanted:
-            torch.manual_seed(acfg.seed)
-            predictors["teacher"] = Predictor(build_teacher(backbone, mcfg).to(device), mcfg.image_size, support)
-            seconds["teacher"] = 0.0
-        if wanted & {"transferfss", "distillfss"}:
-            method = "distill" if "distillfss" in wanted else "transfer"
-            cfg = AdaptConfig.from_dict({**acfg.to_dict(), "method": method})
-            result = adapt(backbone, images, labels, mcfg, cfg, log_path=log_path, support=support)
-            predictors["transferfss"] = Predictor(result.teacher, mcfg.image_size, support)
-            if result.student is not None:
-                predictors["distillfss"] = Predictor(result.student, mcfg.image_size)
-            seconds["transferfss"] = seconds["distillfss"] = encode_seconds + result.seconds
-        for m in ("teacher", "transferfss", "distillfss"):
+        if encoded is None:
+            images, labels = load_support_tensors(cell.train, stems, mcfg.image_size)
+            images, labels = images.to(device), labels.to(device)
+            t0 = time.perf_counter()
+            support = encode_support(backbone, images, labels, mcfg.num_classes)  # shared by the teacher and adapt
+            encoded = (images, labels, support, time.perf_counter() - t0)
+        images, labels, support, encode_seconds = encoded
+
+        for m in names:
+            inits[m] = label
             sizes[m] = mcfg.image_size
+        if f"teacher{suffix}" in wanted:
+            predictors[f"teacher{suffix}"] = Predictor(_start(start, backbone, cell), mcfg.image_size, support)
+            seconds[f"teacher{suffix}"] = 0.0
+        if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"}:
+            method = "distill" if f"distillfss{suffix}" in wanted else "transfer"
+            cfg = AdaptConfig.from_dict({**acfg.to_dict(), "method": method})
+            log_file = log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
+            result = adapt(
+                backbone,
+                images,
+                labels,
+                mcfg,
+                cfg,
+                teacher=_start(start, backbone, cell),
+                log_path=log_file,
+                support=support,
+            )
+            predictors[f"transferfss{suffix}"] = Predictor(result.teacher, mcfg.image_size, support)
+            if result.student is not None:
+                predictors[f"distillfss{suffix}"] = Predictor(result.student, mcfg.image_size)
+            seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
+            step, at = plateau(result.log)
+            plateaus[f"transferfss{suffix}"] = plateaus[f"distillfss{suffix}"] = (step, round(encode_seconds + at, 2))
 
     if wanted & {"linear_probe", "prototype"}:
         pb = backbones.get(cell.probe_size)
@@ -122,8 +150,20 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "adapt_seconds": round(seconds[method], 2),
                 "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                 "n_images": ev.n_images,
-                "adapt": acfg.to_dict() if method in ("transferfss", "distillfss") else None,
+                "adapt": acfg.to_dict() if method in plateaus else None,
                 "image_size": sizes[method],
+                "teacher_init": inits.get(method),
+                "plateau_step": plateaus.get(method, (None, None))[0],
+                "plateau_seconds": plateaus.get(method, (None, None))[1],
             }
         )
     return rows, predictors
+
+
+def _start(folder: Path | None, backbone: FrozenBackbone, cell: Cell) -> Teacher:
+    """A fresh copy of the cell's starting teacher: loaded from ``folder``, or randomly initialised from the seed."""
+    device = next(backbone.parameters()).device
+    if folder is not None:
+        return load_teacher_weights(folder, backbone, cell.model_cfg).to(device)
+    torch.manual_seed(cell.adapt_cfg.seed)
+    return build_teacher(backbone, cell.model_cfg).to(device)

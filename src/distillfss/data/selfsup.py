@@ -5,14 +5,17 @@ and the query are two independently augmented views (crop, scale, flip, brightne
 the same geometric transform is applied to the superpixel label map, so the pseudo-mask is known in both views.
 
 Images: scikit-image's bundled photographs and textures, never the demo or any evaluation images. Licences as
-stated in scikit-image's docstrings (``SOURCE_IMAGES``). Requires scikit-image (the ``dev`` extra).
+stated in scikit-image's docstrings (``SOURCE_IMAGES``). Requires scikit-image (the ``selfsup`` extra).
 
-Status: this is the episode source only; the ``meta-train`` command that consumes it is not implemented yet.
+For meta-training the views form a fixed **bank** (``views`` augmented views per image, drawn once from the
+seed): the frozen backbone's features of each view are computed once, and an episode pairs two views of one image
+in which the same superpixel is visible. A class is one (image, superpixel) pair; the ``val`` split holds the
+superpixels of images no training episode uses (``VAL_IMAGES``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,18 +37,15 @@ SOURCE_IMAGES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Episode:
-    support_image: Tensor  # (3, S, S) in [0, 1]
-    support_mask: Tensor  # (S, S) long, 1 = the pseudo-class
-    query_image: Tensor
-    query_mask: Tensor
-    source: str  # image name and superpixel id
+VAL_IMAGES = ("coffee", "gravel")  # one photograph, one texture: held out from training for validation
 
 
 def load_source_images(names: tuple[str, ...] = tuple(SOURCE_IMAGES)) -> dict[str, np.ndarray]:
     """name -> (H, W, 3) float32 RGB in [0, 1]."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise ValueError("the selfsup source needs scikit-image: pip install 'distillfss[selfsup]'") from None
 
     out = {}
     for n in names:
@@ -58,60 +58,120 @@ def load_source_images(names: tuple[str, ...] = tuple(SOURCE_IMAGES)) -> dict[st
     return out
 
 
-class SelfSupEpisodes:
-    """Draws episodes; superpixels are computed once per image."""
+class _View(NamedTuple):
+    image: str
+    y: int
+    x: int
+    side: int
+    flip: bool
+    gain: float
+    bias: float
+
+
+class SelfSupSource:
+    """The offline self-supervised source (see the module docstring); implements ``EpisodeSource``.
+
+    Args:
+        images: name -> (H, W, 3) float RGB in [0, 1] (``load_source_images``).
+        size: working resolution of the views.
+        views: augmented views per image in the bank.
+        val_images: names whose superpixels form the ``val`` split (the rest form ``train``).
+        min_fraction: a superpixel is visible in a view when it covers at least this fraction of it.
+    """
+
+    name = "selfsup"
 
     def __init__(
         self,
         images: dict[str, np.ndarray],
         size: int,
+        views: int = 24,
+        seed: int = 0,
+        val_images: tuple[str, ...] = VAL_IMAGES,
         n_segments: int = 24,
-        min_fraction: float = 0.02,
+        min_fraction: float = 0.01,
         max_fraction: float = 0.4,
     ) -> None:
         from skimage.segmentation import slic
 
-        self.size = size
-        self.names = sorted(images)
-        self.images = {n: torch.from_numpy(images[n]).permute(2, 0, 1).contiguous() for n in self.names}
-        self.segments: dict[str, Tensor] = {}
-        self.candidates: dict[str, list[int]] = {}
-        for n in self.names:
+        self.size, self.views = size, views
+        self.pixels = {n: torch.from_numpy(images[n]).permute(2, 0, 1).contiguous() for n in sorted(images)}
+        split_of = {n: ("val" if n in val_images else "train") for n in self.pixels}
+        gen = torch.Generator().manual_seed(seed)
+        self._views: dict[str, list[_View]] = {"train": [], "val": []}
+        self._labels: dict[str, list[Tensor]] = {"train": [], "val": []}
+        self._classes: dict[str, dict[int, tuple[str, int]]] = {"train": {}, "val": {}}  # class -> (image, segment)
+        self._items: dict[str, dict[int, list[int]]] = {"train": {}, "val": {}}
+        for n, img in self.pixels.items():
+            split = split_of[n]
             seg = slic(images[n], n_segments=n_segments, compactness=10, start_label=0)
-            counts = np.bincount(seg.ravel())
-            frac = counts / seg.size
-            self.segments[n] = torch.from_numpy(seg.astype(np.int64))
-            self.candidates[n] = [int(i) for i in np.nonzero((frac >= min_fraction) & (frac <= max_fraction))[0]]
-        self.names = [n for n in self.names if self.candidates[n]]
-        if not self.names:
-            raise ValueError("no image has a superpixel of a usable size")
+            area = np.bincount(seg.ravel()) / seg.size
+            keep = set(np.nonzero((area >= 0.02) & (area <= max_fraction))[0].tolist())
+            seg_t = torch.from_numpy(seg.astype(np.int64))
+            ids = {}
+            for sid in sorted(keep):
+                ids[sid] = len(self._classes["train"]) + len(self._classes["val"])
+                self._classes[split][ids[sid]] = (n, sid)
+            for _ in range(views):
+                v = _draw_view(n, img.shape[1], img.shape[2], gen)
+                item = len(self._views[split])
+                self._views[split].append(v)
+                lab = _geometry(seg_t[None, None].float(), v, size, "nearest")[0, 0].long()
+                self._labels[split].append(lab.to(torch.int16))
+                frac = torch.bincount(lab.flatten(), minlength=int(seg.max()) + 1).float() / lab.numel()
+                for sid in keep:
+                    if frac[sid] >= min_fraction:
+                        self._items[split].setdefault(ids[sid], []).append(item)
 
-    def _view(self, name: str, seg_id: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        img, seg = self.images[name], self.segments[name]
-        _, h, w = img.shape
-        scale = 0.5 + 0.5 * torch.rand((), generator=gen).item()  # crop side as a fraction of the shorter side
-        side = max(8, int(scale * min(h, w)))
-        y = int(torch.randint(0, h - side + 1, (), generator=gen))
-        x = int(torch.randint(0, w - side + 1, (), generator=gen))
-        crop = img[:, y : y + side, x : x + side]
-        mask = (seg[y : y + side, x : x + side] == seg_id).float()
-        if torch.rand((), generator=gen).item() < 0.5:
-            crop, mask = crop.flip(-1), mask.flip(-1)
-        crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
-        mask = F.interpolate(mask[None, None], size=(self.size, self.size), mode="nearest")[0, 0].long()
-        gain = 0.8 + 0.4 * torch.rand((), generator=gen).item()  # contrast
-        bias = 0.1 * (torch.rand((), generator=gen).item() - 0.5)  # brightness
-        crop = ((crop - 0.5) * gain + 0.5 + bias).clamp(0, 1)
-        return crop, mask
+    def classes(self, split: str) -> list[int]:
+        return sorted(self._items[split])
 
-    def sample(self, gen: torch.Generator, max_tries: int = 20) -> Episode:
-        """One 1-shot episode whose pseudo-class covers at least 1 % of both views."""
-        for _ in range(max_tries):
-            name = self.names[int(torch.randint(len(self.names), (), generator=gen))]
-            cands = self.candidates[name]
-            seg_id = cands[int(torch.randint(len(cands), (), generator=gen))]
-            s_img, s_mask = self._view(name, seg_id, gen)
-            q_img, q_mask = self._view(name, seg_id, gen)
-            if s_mask.float().mean() >= 0.01 and q_mask.float().mean() >= 0.01:
-                return Episode(s_img, s_mask, q_img, q_mask, f"{name}#{seg_id}")
-        raise RuntimeError(f"no episode with a visible pseudo-class in {max_tries} tries")
+    def items_with(self, split: str, cls: int) -> list[int]:
+        return self._items[split].get(cls, [])
+
+    def image(self, split: str, item: int) -> Tensor:
+        v = self._views[split][item]
+        crop = _geometry(self.pixels[v.image][None], v, self.size, "bilinear")[0]
+        return ((crop - 0.5) * v.gain + 0.5 + v.bias).clamp(0, 1)
+
+    def mask(self, split: str, item: int, cls: int) -> Tensor:
+        name, sid = self._classes[split][cls]
+        if self._views[split][item].image != name:
+            return torch.zeros(self.size, self.size, dtype=torch.long)
+        return (self._labels[split][item] == sid).long()
+
+    def class_name(self, split: str, cls: int) -> str:
+        name, sid = self._classes[split][cls]
+        return f"{name}#{sid}"
+
+    def describe(self) -> dict:
+        per_split = {s: sorted({self._classes[s][c][0] for c in self._items[s]}) for s in ("train", "val")}
+        return {
+            "name": self.name,
+            "images": {n: SOURCE_IMAGES.get(n, "user-supplied") for n in self.pixels},
+            "train_images": per_split["train"],
+            "val_images": per_split["val"],
+            "views_per_image": self.views,
+            "classes": {s: len(self._items[s]) for s in ("train", "val")},
+        }
+
+
+def _draw_view(name: str, h: int, w: int, gen: torch.Generator) -> _View:
+    scale = 0.5 + 0.5 * torch.rand((), generator=gen).item()  # crop side as a fraction of the shorter side
+    side = max(8, int(scale * min(h, w)))
+    y = int(torch.randint(0, h - side + 1, (), generator=gen))
+    x = int(torch.randint(0, w - side + 1, (), generator=gen))
+    flip = torch.rand((), generator=gen).item() < 0.5
+    gain = 0.8 + 0.4 * torch.rand((), generator=gen).item()  # contrast
+    bias = 0.1 * (torch.rand((), generator=gen).item() - 0.5)  # brightness
+    return _View(name, y, x, side, flip, gain, bias)
+
+
+def _geometry(t: Tensor, v: _View, size: int, mode: str) -> Tensor:
+    """Crop, flip and resize (1, C, H, W) by a view's geometric transform."""
+    crop = t[..., v.y : v.y + v.side, v.x : v.x + v.side]
+    if v.flip:
+        crop = crop.flip(-1)
+    if mode == "nearest":
+        return F.interpolate(crop, size=(size, size), mode="nearest")
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,0 +1,342 @@
+"""Meta-training of the teacher on a source domain (DCAMA's training, method.md §1.6-1.7).
+
+Episodic: each optimizer step draws ``batch`` episodes (1-shot by default), runs every episode's query against its
+own shots, and minimises ``0.5 CE(logits, gt) + 2 BCE(c, gt)``, c the mean over all layers of the coarse masks
+(each upsampled to the ground-truth size, then clamped to [0, 1]). Everything but the frozen backbone trains.
+
+* **Features once**: the frozen backbone's features of every item are cached (the whole bank for the
+  self-supervised source), so a step costs only the attention and the decoder.
+* **Validation**: mIoU (per class, intersections and unions summed over that class's episodes, as DCAMA's test) on
+  a fixed set of episodes of the held-out split; the best step's weights are the checkpoint.
+* **Resume**: the full state (weights, optimizer, best so far) is saved every ``save_every`` steps; episodes and
+  dropout are seeded by (seed, step), so a resumed run ends exactly where an uninterrupted one would.
+* **Many processes** (``torchrun --nproc_per_node N``): DistributedDataParallel, gloo on CPU and nccl on GPU; each
+  rank takes every N-th episode of the global batch (the distributed sampler), so the global batch and the episodes
+  do not depend on N; rank 0 logs and writes the checkpoint.
+
+Output folder: ``config.json`` + ``model.safetensors`` (the best teacher, no support set: start ``adapt --teacher``
+from it), ``train_log.jsonl``, ``state.pt`` (the resume state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .backbones import FrozenBackbone, Pyramid
+from .config import MetaConfig, ModelConfig
+from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample_episode, usable_classes
+from .losses import IGNORE
+from .model_io import LOG, ModelError, save_teacher_checkpoint
+from .teacher import Teacher, build_teacher
+
+log = logging.getLogger(__name__)
+
+STATE = "state.pt"
+
+
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE = {"steps", "val_every"}
+
+
+@dataclass
+class MetaResult:
+    teacher: Teacher
+    best_step: int
+    best_miou: float
+    log: list[dict]
+
+
+class FeatureCache:
+    """Backbone features of source items, computed on first use and kept (up to ``capacity`` items per split)."""
+
+    def __init__(self, backbone: FrozenBackbone, source: EpisodeSource, device: torch.device, capacity: int) -> None:
+        self.backbone, self.source, self.device, self.capacity = backbone, source, device, capacity
+        self._store: dict[tuple[str, int], Pyramid] = {}
+
+    @torch.no_grad()
+    def get(self, split: str, items: list[int]) -> Pyramid:
+        missing = sorted({i for i in items if (split, i) not in self._store})
+        fresh: dict[int, Pyramid] = {}
+        for start in range(0, len(missing), 16):
+            chunk = missing[start : start + 16]
+            images = torch.stack([self.source.image(split, i) for i in chunk]).to(self.device)
+            p = self.backbone(images)
+            for j, i in enumerate(chunk):
+                one = Pyramid(p.skip4[j : j + 1].clone(), tuple(t[j : j + 1].clone() for t in p.layers))
+                fresh[i] = one
+                if len(self._store) < self.capacity:
+                    self._store[(split, i)] = one
+        parts = [self._store.get((split, i)) or fresh[i] for i in items]
+        return Pyramid(
+            torch.cat([p.skip4 for p in parts]), tuple(torch.cat(t) for t in zip(*(p.layers for p in parts)))
+        )
+
+    def fill(self, split: str, items: list[int], progress: bool) -> None:
+        for start in tqdm(range(0, len(items), 64), desc=f"features ({split})", disable=not progress, leave=False):
+            self.get(split, items[start : start + 64])
+
+
+class EpisodeForward(nn.Module):
+    """The teacher on B independent episodes (each query with its own K shots); what DDP wraps."""
+
+    def __init__(self, teacher: Teacher, bf16: bool) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.bf16 = bf16
+
+    def forward(
+        self, query: Pyramid, support: Pyramid, support_masks: Tensor, shots: int
+    ) -> tuple[Tensor, list[Tensor]]:
+        """support: features of B*K images, episode-major; support_masks: (B*K, 1, S, S) float in [0, 1].
+        Returns 2-class logits (B, 2, S, S) and the coarse masks, per layer (B, 1, h, w)."""
+        t = self.teacher
+        b = query.skip4.shape[0]
+        coarse = []
+        for g, q, s in zip(t.groups, query.layers, support.layers):
+            att = t.attention[g]
+            m = F.interpolate(support_masks, size=s.shape[-2:], mode="bilinear", align_corners=True)
+            m = m.reshape(b, 1, -1)  # (B, 1, K*h*w), shot-major like the keys
+            coarse.append(att(q, att.episode_keys(s, shots), m, torch.ones_like(m)))
+        present = torch.ones(b, 1, dtype=torch.bool, device=query.skip4.device)
+        with torch.autocast(query.skip4.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = t.decode(coarse, query, present)
+        return out.logits.float(), out.coarse
+
+
+def meta_loss(logits: Tensor, coarse: list[Tensor], target: Tensor, cfg: MetaConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (loss, ce, bce); target (B, S, S) long in {0, 1, 255}."""
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    size = target.shape[-2:]
+    c = torch.stack([F.interpolate(x.float(), size=size, mode="bilinear", align_corners=True) for x in coarse])
+    c = c.mean(dim=0)[:, 0].clamp(0, 1)  # (B, S, S)
+    valid = target != IGNORE
+    bce = F.binary_cross_entropy(c[valid], target[valid].float())
+    return cfg.ce_weight * ce + cfg.bce_weight * bce, ce, bce
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batch(source: EpisodeSource, cache: FeatureCache, split: str, specs: list[EpisodeSpec], device: torch.device):
+    query = cache.get(split, [s.query for s in specs])
+    support = cache.get(split, [i for s in specs for i in s.support])
+    target = torch.stack([source.mask(split, s.query, s.cls) for s in specs]).to(device)
+    smasks = torch.stack([source.mask(split, i, s.cls) == 1 for s in specs for i in s.support]).float()
+    return query, support, smasks[:, None].to(device), target
+
+
+@torch.no_grad()
+def validate(
+    forward: EpisodeForward, source: EpisodeSource, cache: FeatureCache, specs: list[EpisodeSpec], cfg: MetaConfig
+) -> tuple[float, dict[int, float]]:
+    """mIoU over the classes of ``specs`` (this rank's share; sums are all-reduced across ranks)."""
+    rank, world = _world()
+    classes = sorted({s.cls for s in specs})
+    inter = torch.zeros(len(classes), dtype=torch.float64)
+    union = torch.zeros(len(classes), dtype=torch.float64)
+    mine = specs[rank::world]
+    was_training = forward.training
+    forward.eval()
+    for start in range(0, len(mine), cfg.batch):
+        chunk = mine[start : start + cfg.batch]
+        query, support, smasks, target = _batch(source, cache, "val", chunk, cache.device)
+        logits, _ = forward(query, support, smasks, cfg.shots)
+        pred = logits.argmax(dim=1)
+        for s, p, t in zip(chunk, pred, target):
+            v = t != IGNORE
+            k = classes.index(s.cls)
+            inter[k] += ((p == 1) & (t == 1) & v).sum().item()
+            union[k] += (((p == 1) | (t == 1)) & v).sum().item()
+    forward.train(was_training)
+    if world > 1:
+        both = torch.stack([inter, union]).to(cache.device)
+        dist.all_reduce(both)
+        inter, union = both[0].cpu(), both[1].cpu()
+    iou = {c: 100.0 * float(i / u) if u > 0 else 0.0 for c, i, u in zip(classes, inter, union)}
+    return sum(iou.values()) / max(1, len(iou)), iou
+
+
+def validation_episodes(source: EpisodeSource, cfg: MetaConfig) -> list[EpisodeSpec]:
+    """A fixed set: the held-out classes in turn, episodes seeded independently of training."""
+    classes = usable_classes(source, "val", cfg.shots)
+    if not classes:
+        raise ValueError(f"{source.name}: no validation class has {cfg.shots + 1} images")
+    return [
+        sample_episode(
+            source, "val", classes, cfg.shots, episode_generator(cfg.seed + 7919, 0, i), classes[i % len(classes)]
+        )
+        for i in range(cfg.val_episodes)
+    ]
+
+
+def meta_train(
+    source: EpisodeSource,
+    backbone: FrozenBackbone,
+    model_cfg: ModelConfig,
+    cfg: MetaConfig,
+    out: Path,
+    progress: bool = True,
+    save_every: int = 25,
+    cache_items: int = 20_000,
+    on_step=None,
+) -> MetaResult:
+    """Train a teacher on ``source``; write (rank 0) the best checkpoint, the log and the resume state to ``out``.
+
+    A folder holding the state of a run with the same config resumes it (``steps`` may grow); a folder holding
+    anything else is refused. ``on_step(row)`` is called after every step (tests use it to interrupt a run).
+    """
+    rank, world = _world()
+    if cfg.batch % world:
+        raise ValueError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
+    device = next(backbone.parameters()).device
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    teacher = build_teacher(backbone, model_cfg).to(device)
+    params = [p for n, p in teacher.named_parameters() if not n.startswith("backbone.")]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, best_step, best_miou = 0, 0, -1.0
+    state_path = out / STATE
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        _check_same_run(state, cfg, model_cfg, state_path)
+        teacher.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start, best_step, best_miou = state["step"], state["best_step"], state["best_miou"]
+        if rank == 0:
+            log.info("resuming %s at step %d of %d", out, start, cfg.steps)
+    elif out.is_dir() and any(out.iterdir()):
+        raise ModelError(f"{out}: folder exists and holds no meta-training state (pass --overwrite to replace it)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / LOG, start)
+    forward: nn.Module = EpisodeForward(teacher, cfg.precision == "bf16")
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
+    plain = forward.module if world > 1 else forward
+    cache = FeatureCache(backbone, source, device, cache_items)
+    train_classes = usable_classes(source, "train", cfg.shots)
+    if not train_classes:
+        raise ValueError(f"{source.name}: no training class has {cfg.shots + 1} images")
+    val_specs = validation_episodes(source, cfg)
+    every = {s: sorted({i for c in source.classes(s) for i in source.items_with(s, c)}) for s in ("train", "val")}
+    if sum(len(v) for v in every.values()) <= cache_items:  # all fit: compute them up front, with a progress bar
+        for split, items in every.items():
+            cache.fill(split, items, progress and rank == 0)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    forward.train()
+    bar = tqdm(
+        range(start, cfg.steps), desc="meta-train", disable=not progress or rank != 0, initial=start, total=cfg.steps
+    )
+    for step in bar:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout; the same after a resume
+        specs = [
+            sample_episode(source, "train", train_classes, cfg.shots, episode_generator(cfg.seed, step, j))
+            for j in range(cfg.batch)
+        ][rank::world]
+        query, support, smasks, target = _batch(source, cache, "train", specs, device)
+        logits, coarse = forward(query, support, smasks, cfg.shots)
+        loss, ce, bce = meta_loss(logits, coarse, target, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = torch.stack([loss.detach(), ce.detach(), bce.detach()]).float()
+        if world > 1:
+            dist.all_reduce(stats)
+            stats /= world
+        row = {"step": step + 1, "loss": round(stats[0].item(), 5), "ce": round(stats[1].item(), 5)}
+        row["bce"] = round(stats[2].item(), 5)
+        done = step + 1 == cfg.steps
+        if (step + 1) % cfg.val_every == 0 or done:
+            miou, per_class = validate(plain, source, cache, val_specs, cfg)
+            row["val_miou"] = round(miou, 3)
+            if miou > best_miou:
+                best_miou, best_step = miou, step + 1
+                if rank == 0:
+                    _save_best(out, teacher, model_cfg, cfg, source, best_step, best_miou, per_class)
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        if rank == 0:
+            with open(out / LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if (step + 1) % save_every == 0 or done:
+                _save_state(state_path, teacher, opt, step + 1, best_step, best_miou, cfg, model_cfg)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{best_miou:.1f}")
+        if on_step is not None:
+            on_step(row)
+    if world > 1:
+        dist.barrier()
+    return MetaResult(teacher.eval(), best_step, best_miou, rows)
+
+
+def _check_same_run(state: dict, cfg: MetaConfig, model_cfg: ModelConfig, path: Path) -> None:
+    old, new = state["config"], cfg.to_dict()
+    differ = sorted(k for k in new if k not in _RESUMABLE and old.get(k) != new[k])
+    if state["model_config"] != model_cfg.to_dict():
+        differ.append("model")
+    if differ:
+        raise ModelError(
+            f"{path}: holds a run with other settings ({', '.join(differ)}); use another --out or --overwrite"
+        )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the resumed step (written after the last saved state)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write(path, "".join(line + "\n" for line in keep).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_state(path: Path, teacher: Teacher, opt, step: int, best_step: int, best_miou: float, cfg, model_cfg) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    own = {k: v for k, v in teacher.state_dict().items() if not k.startswith("backbone.")}
+    torch.save(
+        {
+            "model": own,
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "best_step": best_step,
+            "best_miou": best_miou,
+            "config": cfg.to_dict(),
+            "model_config": model_cfg.to_dict(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> None:
+    meta = {
+        "meta_train": cfg.to_dict(),
+        "source": source.describe(),
+        "step": step,
+        "val_miou": round(miou, 3),
+        "val_per_class": {str(c): round(v, 3) for c, v in per_class.items()},
+    }
+    save_teacher_checkpoint(out, teacher, model_cfg, meta)
