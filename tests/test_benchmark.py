@@ -5,8 +5,9 @@ import json
 import pytest
 from conftest import write_dataset
 
-from distillfss.benchmark import table
+from distillfss.benchmark import resolve_dataset, table
 from distillfss.cli import main
+from distillfss.data import DataError
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
 
@@ -65,3 +66,10 @@ def test_per_class_shots_give_k_images_of_each_class(tmp_path) -> None:
     assert main([*args, "--out", str(out), *FAST]) == 0
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["shots"] == 1 and row["shots_per_class"] and len(row["support"]) == 3
+
+
+def test_paper_names_resolve_to_converted_copies(tmp_path) -> None:
+    write_dataset(tmp_path / "industrial_fold2")
+    assert resolve_dataset("industrial", tmp_path) == ("industrial_fold2", tmp_path / "industrial_fold2")
+    with pytest.raises(DataError, match="data convert kvasir"):
+        resolve_dataset("kvasir", tmp_path)

@@ -67,10 +67,40 @@ def test_pothole_keeps_official_split_and_merges_cracks(tmp_path) -> None:
 
 def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
     assert main(["data", "convert", "industrial", str(tmp_path), str(tmp_path / "x")]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert "data.json: file not found" in capsys.readouterr().err
     assert main(["data", "convert", "kvasir", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
     assert "folder not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_industrial_keeps_the_folds_interleaved_classes(tmp_path, capsys) -> None:
+    src = tmp_path / "industrial"
+    names = [f"part{i:02d}" for i in range(20)]
+    table = {}
+    for i, name in enumerate(names):
+        rels = []
+        for j in range(5):
+            rel = f"{name}/bad/{j:03d}.png"
+            m = np.zeros((10, 10), np.uint8)
+            m[: 1 + i % 5, :] = 255
+            _save(src / rel, np.full((10, 10, 3), 10 * i, np.uint8))
+            _save((src / rel).with_suffix(".bmp"), m)
+            rels.append(rel)
+        table[name] = {"bad": list(reversed(rels)), "good": []}
+    (src / "data.json").write_text(json.dumps({"clsName": names, "clsDic": table}))
+    assert main(["data", "convert", "industrial", str(src), str(tmp_path / "f1"), "--fold", "1"]) == 0
+    meta = json.loads((tmp_path / "f1/dataset.json").read_text())
+    assert meta["classes"] == ["background", "part01", "part05", "part09", "part13", "part17"]
+    train, test = load_split(tmp_path / "f1", "train"), load_split(tmp_path / "f1", "test")
+    assert len(train.samples) == 20 and len(test.samples) == 5  # 4 + 1 per class
+    by_stem = dict(zip([s.stem for s in train.samples], class_sets(train)))
+    assert by_stem["part05_part05_bad_000"] == {2}  # relabelled 1..5 in fold order
+    mask = np.asarray(Image.open(next(s.mask for s in train.samples if s.stem.startswith("part09"))))
+    assert set(np.unique(mask)) == {0, 3} and (mask == 3).sum() == 10 * (1 + 9 % 5)
+    (src / "part13/bad/002.bmp").unlink()
+    assert main(["data", "convert", "industrial", str(src), str(tmp_path / "f1b"), "--fold", "1"]) == 2
+    assert "002.bmp: listed in data.json (class part13) but missing" in capsys.readouterr().err
+    assert not (tmp_path / "f1b").exists()
 
 
 def test_lung_pickles_scale_with_the_train_set_range(tmp_path) -> None:

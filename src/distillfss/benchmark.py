@@ -25,24 +25,29 @@ log = logging.getLogger("distillfss")
 PAPER_DATASETS = ("lung", "isic", "kvasir", "nucleus", "weedmap", "pothole", "industrial")
 
 
-def resolve_dataset(spec: str) -> tuple[str, Path]:
-    """A bundled demo dataset name, or a folder in the project format."""
+def resolve_dataset(spec: str, data_root: Path = Path("datasets")) -> tuple[str, Path]:
+    """A bundled demo dataset name, one of the paper's seven names (converted under ``data_root``; Industrial-5i
+    as ``industrial_fold<f>``), or a folder in the project format."""
     if spec in demo_datasets():
         return spec, demo_root() / spec
     path = Path(spec)
     if path.is_dir():
         return path.name, path
-    if spec.lower() in PAPER_DATASETS:
+    name = spec.lower()
+    if name in PAPER_DATASETS:
+        found = sorted(data_root.glob(f"{name}*/dataset.json"))
+        if len(found) == 1:
+            return found[0].parent.name, found[0].parent
         raise DataError(
-            f"{spec}: pass the dataset as a folder in the project format; convert the download first with "
-            f"`distillfss data convert {spec.lower()} SRC DST` (adapters: kvasir, nucleus, pothole)"
+            f"{spec}: no converted copy in {data_root}/ ({len(found)} matches); convert the download first with "
+            f"`distillfss data convert {name} SRC {data_root}/{name}` or pass the folder"
         )
     raise DataError(f"{spec}: neither a bundled dataset ({', '.join(demo_datasets())}) nor a folder")
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     specs = [s.strip() for s in args.data.split(",") if s.strip()]
-    datasets = [resolve_dataset(s) for s in specs]
+    datasets = [resolve_dataset(s, args.data_root) for s in specs]
     shots = sorted(set(int_list(args.shots, "--shots")))
     methods = tuple(m.strip() for m in args.methods.split(","))
     bad = sorted(set(methods) - set(ALL_METHODS))

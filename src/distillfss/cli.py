@@ -167,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
 
     p = sub.add_parser("benchmark", help="the paper's protocol over datasets x shots (resumable)")
-    p.add_argument("--data", required=True, help="comma-separated bundled dataset names and/or dataset folders")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="comma-separated: bundled demo names, the paper's names (lung, isic, kvasir, nucleus, weedmap, pothole, "
+        "industrial: converted copies under --data-root), and/or dataset folders",
+    )
+    p.add_argument(
+        "--data-root", type=Path, default=Path("datasets"), help="where `data convert` wrote the paper's datasets"
+    )
     p.add_argument("--shots", default="1,2,5", help="comma-separated K values (nested support sets)")
     p.add_argument(
         "--methods",
@@ -222,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("convert", help="write a paper dataset from its native layout in the project format")
-    c.add_argument("name", help="lung, isic, kvasir, nucleus, weedmap or pothole (industrial: not yet)")
+    c.add_argument("name", help="lung, isic, kvasir, nucleus, weedmap, pothole or industrial")
     c.add_argument("src", type=Path, help="the dataset as downloaded (see the README for each layout)")
     c.add_argument("dst", type=Path, help="new dataset folder to write")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty dst")
+    c.add_argument("--fold", type=int, default=0, help="industrial: which of the 4 folds (5 classes each) to write")
 
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")

@@ -196,7 +196,7 @@ def data(args: argparse.Namespace) -> int:
     from .data.paper import convert
 
     with output_folder(args.dst, args.overwrite) as tmp:
-        counts = convert(args.name, args.src, tmp)
+        counts = convert(args.name, args.src, tmp, args.fold)
     log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
     return 0
 

@@ -1,7 +1,7 @@
 """Adapters from the paper's benchmark datasets, in their native download layouts, to the project's folder format.
 
-Implemented: Lung Nodule (pickles), ISIC 2018, Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), WeedMap RedEdge,
-Pothole-mix. Not yet: Industrial-5i (``distillfss data convert`` names it and stops).
+Lung Nodule (pickles), ISIC 2018, Kvasir-SEG, Nucleus (DSB 2018 ``stage1_train``), WeedMap RedEdge, Pothole-mix,
+and Industrial-5i (one fold per converted dataset: its classes come from ``data.json``).
 
 Splits are deterministic and recorded in ``dataset.json``: file lists are sorted, and where the original drew a
 random 80/20 split (scikit-learn ``train_test_split(test_size=0.2, random_state=42)``, cached in a ``test.csv``
@@ -292,19 +292,69 @@ ADAPTERS: dict[str, Adapter] = {
         _pothole,
     ),
 }
-NOT_YET = ("industrial",)
 
 
-def convert(name: str, src: Path, dst: Path) -> dict[str, int]:
+def industrial_adapter(src: Path, fold: int = 0) -> Adapter:
+    """Industrial-5i: ``data.json`` (``clsName``: the class names in order; ``clsDic[name]["bad"]``: that class's
+    defect images, paths relative to ``src``) and, beside each image, its mask with the suffix ``.bmp`` (gray > 0
+    = defect). The 20 classes form 4 interleaved folds: fold f keeps classes f+1, f+5, f+9, f+13, f+17 (1-based
+    in ``clsName`` order), relabelled 1..5. Split: seeded 80/20 within each class over the sorted paths (the
+    original split all images with scikit-learn's ``train_test_split(random_state=42)`` before the fold filter).
+    """
+    meta_path = src / "data.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: file not found (Industrial-5i's class list and image index)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        names, table = list(meta["clsName"]), meta["clsDic"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path}: expected 'clsName' and 'clsDic' ({e})") from None
+    if fold not in range(4):
+        raise DataError(f"--fold {fold}: Industrial-5i has folds 0-3")
+    per_fold = (len(names) + 1) // 4
+    kept = [names[fold + 4 * k] for k in range(per_fold) if fold + 4 * k < len(names)]
+    paths: dict[int, list[str]] = {}
+    for c, name in enumerate(kept, start=1):
+        entry = table.get(name)
+        if not isinstance(entry, dict) or "bad" not in entry:
+            raise DataError(f"{meta_path}: clsDic[{name!r}] has no 'bad' image list")
+        paths[c] = sorted(entry["bad"])
+
+    def items(src: Path) -> Iterator[Item]:
+        test = stratified_split(paths)
+        for c, rels in sorted(paths.items()):
+            for rel in rels:
+                image = src / rel
+                mask_path = image.with_suffix(".bmp")
+                for f in (image, mask_path):
+                    if not f.is_file():
+                        raise DataError(f"{f}: listed in {meta_path.name} (class {kept[c - 1]}) but missing")
+                stem = f"{kept[c - 1]}_{Path(rel).with_suffix('').as_posix().replace('/', '_')}"
+
+                def mask(m: Path = mask_path, c: int = c) -> np.ndarray:
+                    with Image.open(m) as im:
+                        return ((np.asarray(im.convert("L")) > 0) * c).astype(np.uint8)
+
+                yield Item(stem, "test" if rel in test else "train", _rgb(image), mask)
+
+    return Adapter(
+        f"industrial_fold{fold}",
+        f"industrial defects (Industrial-5i, fold {fold})",
+        ("background", *kept),
+        "seeded 80/20 within each class over the sorted data.json paths (numpy default_rng(42))",
+        items,
+    )
+
+
+def convert(name: str, src: Path, dst: Path, fold: int = 0) -> dict[str, int]:
     """Write dataset ``name`` from its native layout at ``src`` into the project format at ``dst`` (new folder).
 
-    Returns the number of images per split.
+    ``fold``: Industrial-5i only, which of its 4 folds to write. Returns the number of images per split.
     """
-    if name in NOT_YET:
-        raise DataError(f"{name}: the adapter for its native layout is not implemented yet")
-    if name not in ADAPTERS:
-        raise DataError(f"unknown dataset {name!r}; adapters: {', '.join(ADAPTERS)} (not yet: {', '.join(NOT_YET)})")
-    adapter = ADAPTERS[name]
+    names = [*ADAPTERS, "industrial"]
+    if name not in names:
+        raise DataError(f"unknown dataset {name!r}; adapters: {', '.join(names)}")
+    adapter = industrial_adapter(Path(src), fold) if name == "industrial" else ADAPTERS[name]
     items = list(adapter.items(Path(src)))  # validates the layout before anything is written
     counts = {"train": 0, "test": 0}
     for split in counts:
