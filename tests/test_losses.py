@@ -33,3 +33,15 @@ def test_coarse_mse_only_counts_classes_with_shots() -> None:
     present = torch.tensor([[True, False]])
     assert coarse_mse(t, s, (8, 16), present) == 0
     assert coarse_mse(t, s, (8, 16), torch.tensor([[True, True]])) > 0
+
+
+def test_plateau_is_where_most_of_the_decrease_is_made() -> None:
+    from distillfss.adapt import plateau
+
+    losses = [1.0] * 10 + [0.1] * 40
+    rows = [{"step": i + 1, "loss": v, "seconds": 0.5 * (i + 1)} for i, v in enumerate(losses)]
+    # trailing mean after n low steps: 1 - 0.09 n; 85 % of the decrease = 0.235, first reached at n = 9
+    assert plateau(rows, fraction=0.85) == (19, 9.5)
+    flat = [{"step": i + 1, "loss": 0.3, "seconds": float(i)} for i in range(20)]
+    assert plateau(flat) == (1, 0.0)  # no decrease: the plateau is the start
+    assert plateau([]) == (0, 0.0)

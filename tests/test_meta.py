@@ -143,3 +143,37 @@ def test_cli_meta_train_on_a_pascal_replica(tmp_path: Path) -> None:
     assert config["source"]["val_classes"] == [1, 2, 3, 4, 5] and config["source"]["fold"] == 0
     rows = [json.loads(line) for line in (tmp_path / "t/train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("val_miou" in r for r in rows)
+
+
+def test_benchmark_from_a_meta_trained_teacher_against_a_random_one(tmp_path: Path) -> None:
+    from conftest import write_dataset
+
+    tiny_run(tmp_path / "ckpt", steps=2)
+    data = write_dataset(tmp_path / "toy", n_train=3, n_test=1)
+    methods = "teacher,transferfss,distillfss,teacher_random,distillfss_random"
+    args = [
+        "benchmark",
+        "--data",
+        str(data),
+        "--shots",
+        "2",
+        "--out",
+        str(tmp_path / "b"),
+        "--teacher",
+        str(tmp_path / "ckpt"),
+        "--methods",
+        methods,
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--iterations",
+        "3",
+    ]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b/results.json").read_text())["rows"]}
+    assert rows["teacher"]["teacher_init"] == str(tmp_path / "ckpt")
+    assert rows["distillfss_random"]["teacher_init"] == rows["teacher_random"]["teacher_init"] == "random"
+    assert 1 <= rows["distillfss"]["plateau_step"] <= 3 and rows["distillfss_random"]["plateau_seconds"] >= 0
+    assert rows["teacher"]["plateau_step"] is None
+    assert (tmp_path / "b/train_log_toy_2shot_random.jsonl").is_file()

@@ -283,6 +283,8 @@ def meta_train(
             bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{best_miou:.1f}")
         if on_step is not None:
             on_step(row)
+    if rank == 0 and (out / "config.json").is_file():
+        (out / "MODEL_CARD.md").write_text(model_card(out))
     if world > 1:
         dist.barrier()
     return MetaResult(teacher.eval(), best_step, best_miou, rows)
@@ -340,3 +342,97 @@ def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> N
         "val_per_class": {str(c): round(v, 3) for c, v in per_class.items()},
     }
     save_teacher_checkpoint(out, teacher, model_cfg, meta)
+
+
+def recipe(cfg: MetaConfig, model_cfg: ModelConfig, out: str = "OUT") -> str:
+    """The command line that reproduces a run (flags that differ from the defaults)."""
+    from .config import PRESETS
+
+    flags = [f"--source {cfg.source}"] + ([] if cfg.source == "selfsup" else ["--data DATA"]) + [f"--out {out}"]
+    defaults = MetaConfig()
+    for k, v in cfg.to_dict().items():
+        if k != "source" and v != getattr(defaults, k):
+            flags.append(f"--{k.replace('_', '-')} {v}")
+    m, base = model_cfg.to_dict(), ModelConfig().to_dict()
+    preset = next(
+        (n for n, p in PRESETS.items() if all(m[k] == v for k, v in {**base, **p}.items() if k != "num_classes")), None
+    )
+    if m["backbone"] != base["backbone"]:
+        flags.append(f"--backbone {m['backbone']}")
+    if preset is None:
+        flags.append(f"--image-size {m['image_size']}  # heads {m['heads']}/{m['heads_stride8']}")
+    elif preset != "fast":
+        flags.append(f"--preset {preset}")
+    return "distillfss meta-train " + " ".join(flags)
+
+
+def model_card(out: Path) -> str:
+    """MODEL_CARD.md of a meta-training folder, from its config.json and train_log.jsonl."""
+    import platform
+
+    config = json.loads((out / "config.json").read_text())
+    cfg, model_cfg = MetaConfig.from_dict(config["meta_train"]), ModelConfig.from_dict(config["model"])
+    rows = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
+    wall, last = 0.0, 0.0
+    for r in rows:  # "seconds" restarts when a run is resumed: add up the segments
+        if r["seconds"] < last:
+            wall += last
+        last = r["seconds"]
+    wall += last
+    src = config["source"]
+    vals = [(r["step"], r["val_miou"]) for r in rows if "val_miou" in r]
+    lines = [
+        f"# Meta-trained DistillFSS teacher: `{model_cfg.backbone}`, {model_cfg.image_size} px, source `{src['name']}`",
+        "",
+        "A starting point for `distillfss adapt --teacher` (the backbone is not stored: it is rebuilt from its "
+        "pretrained weights). It has no support set and does not predict by itself.",
+        "",
+        "## Data",
+        "",
+    ]
+    if src["name"] == "selfsup":
+        lines += [
+            "Self-supervised episodes: SLIC superpixel pseudo-masks on two augmented views (crop, scale, flip, "
+            "brightness/contrast) of the same image. Images (scikit-image's bundled data, licences from its "
+            "docstrings), disjoint from every demo and evaluation image:",
+            "",
+            *[f"- `{n}`: {lic}" for n, lic in src["images"].items()],
+            "",
+            f"Training images: {', '.join(src['train_images'])}; validation (held out): {', '.join(src['val_images'])}; "
+            f"{src['views_per_image']} views per image; {src['classes']['train']} training and "
+            f"{src['classes']['val']} validation pseudo-classes.",
+        ]
+    else:
+        lines += [
+            f"{src['name']} fold {src['fold']}: training classes {src['train_classes']}, validation classes "
+            f"{src['val_classes']}; images {src['images']}.",
+        ]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```",
+        recipe(cfg, model_cfg),
+        "```",
+        "",
+        f"Loss {cfg.ce_weight} CE + {cfg.bce_weight} BCE (mean coarse mask), {cfg.optimizer} lr {cfg.lr} weight decay "
+        f"{cfg.weight_decay}, {cfg.batch} episodes of {cfg.shots} shot(s) per step, {cfg.precision} decoder, seed "
+        f"{cfg.seed}. Model: `{json.dumps({k: v for k, v in config['model'].items() if k != 'num_classes'})}`.",
+        "",
+        "## Run",
+        "",
+        f"- steps: {rows[-1]['step'] if rows else 0} of {cfg.steps}; kept: step {config['step']} (best validation)",
+        f"- validation mIoU of the kept step: {config['val_miou']:.1f} % ({cfg.val_episodes} fixed episodes of "
+        "held-out classes; per class, intersections and unions summed over its episodes)",
+        f"- training wall time: {wall / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "- validation curve (step: mIoU): " + ", ".join(f"{s}: {v:.1f}" for s, v in vals),
+        "",
+        "## Limits",
+        "",
+        "Pseudo-classes are superpixels, not objects: the teacher learns to match regions between views, which "
+        "is what few-shot transfer needs, but it has never seen a semantic class. Measure it on your data: "
+        "`distillfss demo` reports every demo dataset from this teacher and from a random one.",
+        "",
+    ]
+    return "\n".join(lines)
