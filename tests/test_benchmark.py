@@ -73,3 +73,15 @@ def test_paper_names_resolve_to_converted_copies(tmp_path) -> None:
     assert resolve_dataset("industrial", tmp_path) == ("industrial_fold2", tmp_path / "industrial_fold2")
     with pytest.raises(DataError, match="data convert kvasir"):
         resolve_dataset("kvasir", tmp_path)
+
+
+def test_ablations_are_rows_of_one_table(tmp_path) -> None:
+    data = write_dataset(tmp_path / "toy", n_train=3, n_test=1)
+    methods = "distillfss,distillfss_setB,distillfss_nodistill,transferfss_two_stage"
+    args = ["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "b"), "--methods", methods]
+    assert main([*args, *FAST]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b/results.json").read_text())["rows"]}
+    assert rows["distillfss"]["adapt"]["trainable"] == "A" and rows["distillfss_setB"]["adapt"]["trainable"] == "B"
+    assert rows["distillfss_nodistill"]["adapt"]["distill_weight"] == 0.0
+    assert rows["transferfss_two_stage"]["adapt"]["mode"] == "two_stage"
+    assert "| distillfss_setB |" in (tmp_path / "b/table.md").read_text()

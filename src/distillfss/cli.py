@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--views", type=int, default=MetaConfig.views, help="selfsup: augmented views per image")
     g.add_argument("--seed", type=int, default=MetaConfig.seed, help="seed of initialisation and episodes")
     g.add_argument("--save-every", type=int, default=25, help="steps between resume states")
-    g.add_argument("--cache-items", type=int, default=20_000, help="images whose features stay in memory")
+    g.add_argument(
+        "--cache-gb", type=float, default=8.0, help="memory for cached backbone features, on the training device"
+    )
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -242,7 +242,7 @@ def meta_train(args: argparse.Namespace) -> int:
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
         backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
         result = run_meta_train(
-            source, backbone, mcfg, cfg, args.out, save_every=args.save_every, cache_items=args.cache_items
+            source, backbone, mcfg, cfg, args.out, save_every=args.save_every, cache_gb=args.cache_gb
         )
         if rank == 0:
             log.info("wrote %s: best validation mIoU %.1f at step %d", args.out, result.best_miou, result.best_step)

@@ -58,10 +58,14 @@ class MetaResult:
 
 
 class FeatureCache:
-    """Backbone features of source items, computed on first use and kept (up to ``capacity`` items per split)."""
+    """Backbone features of source items, computed on first use and kept while they fit in ``capacity_gb``
+    (on the training device); items beyond that are recomputed whenever an episode uses them."""
 
-    def __init__(self, backbone: FrozenBackbone, source: EpisodeSource, device: torch.device, capacity: int) -> None:
-        self.backbone, self.source, self.device, self.capacity = backbone, source, device, capacity
+    def __init__(
+        self, backbone: FrozenBackbone, source: EpisodeSource, device: torch.device, capacity_gb: float
+    ) -> None:
+        self.backbone, self.source, self.device = backbone, source, device
+        self.free = int(capacity_gb * 2**30)  # bytes left
         self._store: dict[tuple[str, int], Pyramid] = {}
 
     @torch.no_grad()
@@ -75,8 +79,10 @@ class FeatureCache:
             for j, i in enumerate(chunk):
                 one = Pyramid(p.skip4[j : j + 1].clone(), tuple(t[j : j + 1].clone() for t in p.layers))
                 fresh[i] = one
-                if len(self._store) < self.capacity:
+                size = sum(t.numel() * t.element_size() for t in (one.skip4, *one.layers))
+                if size <= self.free:
                     self._store[(split, i)] = one
+                    self.free -= size
         parts = [self._store.get((split, i)) or fresh[i] for i in items]
         return Pyramid(
             torch.cat([p.skip4 for p in parts]), tuple(torch.cat(t) for t in zip(*(p.layers for p in parts)))
@@ -191,7 +197,7 @@ def meta_train(
     out: Path,
     progress: bool = True,
     save_every: int = 25,
-    cache_items: int = 20_000,
+    cache_gb: float = 8.0,
     on_step=None,
 ) -> MetaResult:
     """Train a teacher on ``source``; write (rank 0) the best checkpoint, the log and the resume state to ``out``.
@@ -232,13 +238,15 @@ def meta_train(
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
     plain = forward.module if world > 1 else forward
-    cache = FeatureCache(backbone, source, device, cache_items)
+    cache = FeatureCache(backbone, source, device, cache_gb)
     train_classes = usable_classes(source, "train", cfg.shots)
     if not train_classes:
         raise ValueError(f"{source.name}: no training class has {cfg.shots + 1} images")
     val_specs = validation_episodes(source, cfg)
     every = {s: sorted({i for c in source.classes(s) for i in source.items_with(s, c)}) for s in ("train", "val")}
-    if sum(len(v) for v in every.values()) <= cache_items:  # all fit: compute them up front, with a progress bar
+    probe = cache.get("val", every["val"][:1])
+    per_item = sum(t.numel() * t.element_size() for t in (probe.skip4, *probe.layers))
+    if sum(len(v) for v in every.values()) * per_item <= cache.free:  # all fit: compute them now, with a progress bar
         for split, items in every.items():
             cache.fill(split, items, progress and rank == 0)
     rows: list[dict] = []
@@ -280,7 +288,7 @@ def meta_train(
                 f.write(json.dumps(row) + "\n")
             if (step + 1) % save_every == 0 or done:
                 _save_state(state_path, teacher, opt, step + 1, best_step, best_miou, cfg, model_cfg)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{best_miou:.1f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", best_val=f"{best_miou:.1f}" if best_miou >= 0 else "-")
         if on_step is not None:
             on_step(row)
     if rank == 0 and (out / "config.json").is_file():

@@ -23,7 +23,16 @@ from .teacher import Teacher, build_teacher, encode_support
 METHODS = ("teacher", "transferfss", "distillfss", "linear_probe", "prototype")
 # The same three methods started from a randomly initialised teacher (the comparison for a meta-trained start).
 RANDOM_START = ("teacher_random", "transferfss_random", "distillfss_random")
-ALL_METHODS = METHODS + RANDOM_START
+# Ablations as their own rows (one table): suffix -> the adaptation settings it changes.
+ABLATIONS: dict[str, dict] = {
+    "_setB": {"trainable": "B"},
+    "_setC": {"trainable": "C"},
+    "_two_stage": {"mode": "two_stage"},
+    "_nodistill": {"distill_weight": 0.0},
+}
+ALL_METHODS = (
+    METHODS + RANDOM_START + tuple(f"{m}{suffix}" for suffix in ABLATIONS for m in ("transferfss", "distillfss"))
+)
 
 
 @dataclass
@@ -82,10 +91,12 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     wanted = set(cell.methods)
 
     plateaus: dict[str, tuple[int, float]] = {}
-    starts = {"": (cell.teacher, cell.teacher_label), "_random": (None, "random")}
+    adapt_cfgs: dict[str, AdaptConfig] = {}
+    variants = {"": (cell.teacher, cell.teacher_label, {}), "_random": (None, "random", {})}
+    variants.update({suffix: (cell.teacher, cell.teacher_label, change) for suffix, change in ABLATIONS.items()})
     encoded = None
-    for suffix, (start, label) in starts.items():
-        names = {f"teacher{suffix}", f"transferfss{suffix}", f"distillfss{suffix}"}
+    for suffix, (start, label, change) in variants.items():
+        names = {f"teacher{suffix}", f"transferfss{suffix}", f"distillfss{suffix}"} & set(ALL_METHODS)
         if not wanted & names:
             continue
         backbone = backbones.get(mcfg.image_size)
@@ -105,7 +116,8 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             seconds[f"teacher{suffix}"] = 0.0
         if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"}:
             method = "distill" if f"distillfss{suffix}" in wanted else "transfer"
-            cfg = AdaptConfig.from_dict({**acfg.to_dict(), "method": method})
+            cfg = AdaptConfig.from_dict({**acfg.to_dict(), **change, "method": method})
+            adapt_cfgs[f"transferfss{suffix}"] = adapt_cfgs[f"distillfss{suffix}"] = cfg
             log_file = log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
             result = adapt(
                 backbone,
@@ -150,7 +162,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "adapt_seconds": round(seconds[method], 2),
                 "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                 "n_images": ev.n_images,
-                "adapt": acfg.to_dict() if method in plateaus else None,
+                "adapt": adapt_cfgs[method].to_dict() if method in adapt_cfgs else None,
                 "image_size": sizes[method],
                 "teacher_init": inits.get(method),
                 "plateau_step": plateaus.get(method, (None, None))[0],
