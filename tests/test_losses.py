@@ -35,13 +35,16 @@ def test_coarse_mse_only_counts_classes_with_shots() -> None:
     assert coarse_mse(t, s, (8, 16), torch.tensor([[True, True]])) > 0
 
 
-def test_plateau_is_where_most_of_the_decrease_is_made() -> None:
+def test_plateau_is_where_the_loss_settles_for_good() -> None:
     from distillfss.adapt import plateau
 
     losses = [1.0] * 10 + [0.1] * 40
     rows = [{"step": i + 1, "loss": v, "seconds": 0.5 * (i + 1)} for i, v in enumerate(losses)]
-    # trailing mean after n low steps: 1 - 0.09 n; 85 % of the decrease = 0.235, first reached at n = 9
+    # trailing mean after n low steps: 1 - 0.09 n; within 15 % of the range (0.9) above 0.1: n >= 9
     assert plateau(rows, fraction=0.85) == (19, 9.5)
+    spiky = [{"step": i + 1, "loss": v, "seconds": float(i)} for i, v in enumerate([1.0, 50.0] + [0.1] * 30)]
+    step, _ = plateau(spiky, window=1)
+    assert step == 3  # the spike does not count as the plateau, the first step after it does
     flat = [{"step": i + 1, "loss": 0.3, "seconds": float(i)} for i in range(20)]
     assert plateau(flat) == (1, 0.0)  # no decrease: the plateau is the start
     assert plateau([]) == (0, 0.0)

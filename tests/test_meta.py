@@ -73,6 +73,8 @@ def test_checkpoint_starts_adaptation_but_is_not_a_predictor(tmp_path: Path, lit
     config = json.loads((tmp_path / "ckpt/config.json").read_text())
     assert config["kind"] == "teacher" and config["support"] is False and config["meta_train"]["steps"] == 2
     assert config["source"]["name"] == "selfsup" and "val_miou" in config
+    card = (tmp_path / "ckpt/MODEL_CARD.md").read_text()
+    assert "distillfss meta-train --source selfsup --out OUT --steps 2" in card and "chelsea" in card
     three = MODEL.__class__(**{**MODEL.to_dict(), "num_classes": 3})
     teacher = load_teacher_weights(tmp_path / "ckpt", lite0_64, three)
     best = own_state(result) if result.best_step == 2 else None

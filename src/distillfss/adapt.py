@@ -240,20 +240,22 @@ def _train(
         p.requires_grad_(False)
 
 
-def plateau(rows: list[dict], window: int = 10, fraction: float = 0.9) -> tuple[int, float]:
+def plateau(rows: list[dict], window: int = 10, fraction: float = 0.9, key: str = "loss") -> tuple[int, float]:
     """When training reached its final loss plateau -> (step, seconds since the start of adaptation).
 
-    The loss is smoothed by a trailing mean over ``window`` steps; the plateau starts at the first step where the
-    smoothed loss has made ``fraction`` of its total decrease (from the first window to the last).
+    key: which logged loss (``loss`` the total; ``focal_teacher`` / ``focal_student`` the segmentation terms).
+    The loss is smoothed by a trailing mean over ``window`` steps; the plateau starts at the first step from which
+    the smoothed loss stays within ``1 - fraction`` of its range (highest smoothed value minus the final one) above
+    the final value. "Stays" makes early spikes (a fresh student's first steps) irrelevant.
     """
+    rows = [r for r in rows if key in r]
     if not rows:
         return 0, 0.0
-    loss = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
-    w = min(window, len(loss))
-    smooth = torch.stack([loss[max(0, i - w + 1) : i + 1].mean() for i in range(len(loss))])
-    first, last = loss[:w].mean(), smooth[-1]
-    target = first - fraction * (first - last)
-    i = int(torch.nonzero(smooth <= target)[0]) if first > last else 0
+    loss = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+    smooth = torch.stack([loss[max(0, i - window + 1) : i + 1].mean() for i in range(len(loss))])
+    last = smooth[-1]
+    above = smooth > last + (1 - fraction) * (smooth.max() - last) + 1e-9  # 1e-9: rounding of the means
+    i = int(torch.nonzero(above)[-1]) + 1 if above.any() else 0
     return rows[i]["step"], rows[i]["seconds"]
 
 

@@ -184,19 +184,22 @@ def _start_table(rows: list[dict], names: list[str]) -> list[str]:
     lines = [
         "",
         "Starting teacher: the same adaptation from the meta-trained teacher and from a random initialisation. "
-        "Plateau = the first step where the loss (trailing mean over 10 steps) has made 90 % of its total "
-        "decrease; seconds include the support encoding.",
+        "Plateau = the first step from which a loss (trailing mean over 10 steps) stays within 10 % of its "
+        "range above its final value, for the total joint loss and for the teacher's and the student's own "
+        "focal (segmentation) loss; seconds include the support encoding.",
         "",
-        "| dataset | start | teacher before | TransferFSS | DistillFSS | adapt s | plateau step | plateau s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | start | teacher before | TransferFSS | DistillFSS | adapt s | plateau step (s): total loss | "
+        "teacher focal | student focal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = {x["method"]: x for x in rows if x["dataset"] == n}
         for suffix in ("", "_random"):
-            d = r[f"distillfss{suffix}"]
+            d, t = r[f"distillfss{suffix}"], r[f"transferfss{suffix}"]
             lines.append(
-                f"| {n} | {d['teacher_init']} | {r[f'teacher{suffix}']['miou']:.1f} | "
-                f"{r[f'transferfss{suffix}']['miou']:.1f} | {d['miou']:.1f} | {d['adapt_seconds']:.1f} | "
-                f"{d['plateau_step']} | {d['plateau_seconds']:.1f} |"
+                f"| {n} | {d['teacher_init']} | {r[f'teacher{suffix}']['miou']:.1f} | {t['miou']:.1f} | "
+                f"{d['miou']:.1f} | {d['adapt_seconds']:.1f} | {d['plateau_step']} ({d['plateau_seconds']:.1f}) | "
+                f"{t['plateau_step_segmentation']} ({t['plateau_seconds_segmentation']:.1f}) | "
+                f"{d['plateau_step_segmentation']} ({d['plateau_seconds_segmentation']:.1f}) |"
             )
     return lines

@@ -90,7 +90,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     inits: dict[str, str] = {}  # where each teacher-based method started
     wanted = set(cell.methods)
 
-    plateaus: dict[str, tuple[int, float]] = {}
+    plateaus: dict[str, tuple[tuple[int, float], ...]] = {}
     adapt_cfgs: dict[str, AdaptConfig] = {}
     variants = {"": (cell.teacher, cell.teacher_label, {}), "_random": (None, "random", {})}
     variants.update({suffix: (cell.teacher, cell.teacher_label, change) for suffix, change in ABLATIONS.items()})
@@ -133,8 +133,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             if result.student is not None:
                 predictors[f"distillfss{suffix}"] = Predictor(result.student, mcfg.image_size)
             seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
-            step, at = plateau(result.log)
-            plateaus[f"transferfss{suffix}"] = plateaus[f"distillfss{suffix}"] = (step, round(encode_seconds + at, 2))
+            for m, seg_key in ((f"transferfss{suffix}", "focal_teacher"), (f"distillfss{suffix}", "focal_student")):
+                plateaus[m] = tuple(
+                    (step, round(encode_seconds + at, 2))
+                    for step, at in (plateau(result.log), plateau(result.log, key=seg_key))
+                )
 
     if wanted & {"linear_probe", "prototype"}:
         pb = backbones.get(cell.probe_size)
@@ -165,8 +168,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "adapt": adapt_cfgs[method].to_dict() if method in adapt_cfgs else None,
                 "image_size": sizes[method],
                 "teacher_init": inits.get(method),
-                "plateau_step": plateaus.get(method, (None, None))[0],
-                "plateau_seconds": plateaus.get(method, (None, None))[1],
+                # when the total loss, and the method's own segmentation (focal) loss, reached their plateau
+                "plateau_step": plateaus[method][0][0] if method in plateaus else None,
+                "plateau_seconds": plateaus[method][0][1] if method in plateaus else None,
+                "plateau_step_segmentation": plateaus[method][1][0] if method in plateaus else None,
+                "plateau_seconds_segmentation": plateaus[method][1][1] if method in plateaus else None,
             }
         )
     return rows, predictors
