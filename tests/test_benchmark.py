@@ -85,3 +85,15 @@ def test_ablations_are_rows_of_one_table(tmp_path) -> None:
     assert rows["distillfss_nodistill"]["adapt"]["distill_weight"] == 0.0
     assert rows["transferfss_two_stage"]["adapt"]["mode"] == "two_stage"
     assert "| distillfss_setB |" in (tmp_path / "b/table.md").read_text()
+
+
+def test_table_says_when_a_method_loses_to_a_baseline() -> None:
+    rows = [
+        {"dataset": "a", "shots": 1, "method": m, "miou": v}
+        for m, v in (("transferfss", 50.0), ("distillfss", 40.0), ("linear_probe", 45.0), ("prototype", 30.0))
+    ]
+    text = table({"rows": rows})
+    assert (
+        "- transferfss beats linear_probe and prototype on the mean (+5.0 vs linear_probe, +20.0 vs prototype)" in text
+    )
+    assert "- distillfss does NOT beat linear_probe on the mean (-5.0 vs linear_probe, +10.0 vs prototype)" in text

@@ -133,6 +133,7 @@ def table(results: dict) -> str:
         "| method | " + " | ".join(f"{n} K={k}" for n, k in cols) + " | mean |",
         "|---|" + "---|" * (len(cols) + 1),
     ]
+    means: dict[str, float] = {}
     for m in methods:
         vals = []
         for n, k in cols:
@@ -140,9 +141,26 @@ def table(results: dict) -> str:
             vals.append(r["miou"] if r else None)
         present = [v for v in vals if v is not None]
         mean = sum(present) / len(present) if present else float("nan")
+        if len(present) == len(cols):
+            means[m] = mean
         cells = ["-" if v is None else f"{v:.1f}" for v in vals]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean:.1f} |")
+    lines += ["", *verdict(means)]
     return "\n".join(lines) + "\n"
+
+
+def verdict(means: dict[str, float]) -> list[str]:
+    """One sentence per adapted method: does it beat both simple baselines on the mean over every column?"""
+    baselines = [b for b in ("linear_probe", "prototype") if b in means]
+    out = []
+    for m in ("transferfss", "distillfss"):
+        if m not in means or not baselines:
+            continue
+        losing = [b for b in baselines if means[b] >= means[m]]
+        gaps = ", ".join(f"{means[m] - means[b]:+.1f} vs {b}" for b in baselines)
+        word = "beats" if not losing else "does NOT beat"
+        out.append(f"- {m} {word} {' and '.join(losing or baselines)} on the mean ({gaps}).")
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
