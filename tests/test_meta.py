@@ -46,6 +46,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) 
 
     with pytest.raises(Interrupt):
         tiny_run(tmp_path / "cut", steps=6, on_step=stop_at_5)
+    with open(tmp_path / "cut/train_log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a kill in the middle of writing a line
     resumed = tiny_run(tmp_path / "cut", steps=6)
     assert [r["step"] for r in resumed.log] == [5, 6]
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut/train_log.jsonl").read_text().splitlines()]

@@ -310,10 +310,17 @@ def _check_same_run(state: dict, cfg: MetaConfig, model_cfg: ModelConfig, path: 
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past the resumed step (written after the last saved state)."""
+    """Drop log rows past the resumed step (written after the last saved state) and any half-written line."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if row["step"] <= step:
+            keep.append(line)
     _atomic_write(path, "".join(line + "\n" for line in keep).encode())
 
 
