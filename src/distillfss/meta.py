@@ -221,16 +221,30 @@ def meta_train(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, best_step, best_miou = 0, 0, -1.0
     state_path = out / STATE
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        _check_same_run(state, cfg, model_cfg, state_path)
+    # Rank 0 reads the folder and every rank gets its verdict: the same resume state (weights, optimizer, step),
+    # or the same error, also when the other processes do not share rank 0's file system.
+    verdict: list = [None]
+    if rank == 0:
+        if state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            try:
+                _check_same_run(state, cfg, model_cfg, state_path)
+                verdict = [state]
+            except ModelError as e:
+                verdict = [str(e)]
+        elif out.is_dir() and any(out.iterdir()):
+            verdict = [f"{out}: folder exists and holds no meta-training state (pass --overwrite to replace it)"]
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise ModelError(verdict[0])
+    if verdict[0] is not None:
+        state = verdict[0]
         teacher.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         start, best_step, best_miou = state["step"], state["best_step"], state["best_miou"]
         if rank == 0:
             log.info("resuming %s at step %d of %d", out, start, cfg.steps)
-    elif out.is_dir() and any(out.iterdir()):
-        raise ModelError(f"{out}: folder exists and holds no meta-training state (pass --overwrite to replace it)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / LOG, start)
