@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import adapt_config, int_list, model_config, timestamp, write_json
+from .cli import config_from_args, int_list, model_config, timestamp, write_json
+from .config import AdaptConfig
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
@@ -53,7 +54,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
         raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
-    acfg = adapt_config(args)
+    acfg = config_from_args(AdaptConfig, args)
     config = {
         "preset": args.preset,
         "backbone": args.backbone,

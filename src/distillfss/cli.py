@@ -7,21 +7,22 @@ exit status 2; nothing is written half-way (outputs go to a temporary folder mov
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from .backbones import BACKBONES, BackboneError
-from .config import PRESETS, AdaptConfig, MetaConfig, ModelConfig
+from .config import PRESETS, AdaptConfig, MetaConfig, ModelConfig, Serializable
 from .data import DataError
 from .model_io import ModelError
 
 log = logging.getLogger("distillfss")
 
+S = TypeVar("S", bound=Serializable)
 USER_ERRORS = (DataError, BackboneError, ModelError)
 
 
@@ -274,10 +275,9 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def adapt_config(args: argparse.Namespace) -> AdaptConfig:
-    """The adaptation flags present on this subcommand, the dataclass defaults for the rest."""
-    names = {f.name for f in dataclasses.fields(AdaptConfig)}
-    return AdaptConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+def config_from_args(cls: type[S], args: argparse.Namespace) -> S:
+    """A config dataclass from the flags of this subcommand that name its fields; its defaults for the rest."""
+    return cls.from_dict({k: v for k, v in vars(args).items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .cli import adapt_config, int_list, model_config, timestamp, write_json
+from .cli import config_from_args, int_list, model_config, timestamp, write_json
+from .config import AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
@@ -52,7 +53,7 @@ def adapt(args: argparse.Namespace) -> int:
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
-    acfg = adapt_config(args)
+    acfg = config_from_args(AdaptConfig, args)
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
     start, label = resolve_teacher(args.teacher, mcfg)
@@ -210,7 +211,6 @@ def demo(args: argparse.Namespace) -> int:
 
 def meta_train(args: argparse.Namespace) -> int:
     """Source-domain teacher training; under torchrun each process joins the process group first."""
-    import dataclasses
     import os
     import shutil
 
@@ -236,8 +236,7 @@ def meta_train(args: argparse.Namespace) -> int:
             shutil.rmtree(args.out)
         if world > 1:
             dist.barrier()
-        names = {f.name for f in dataclasses.fields(MetaConfig)}
-        cfg = MetaConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        cfg = config_from_args(MetaConfig, args)
         mcfg = model_config(args, 1)
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
         backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 TrainableSet = Literal["A", "B", "C"]
-_C = TypeVar("_C", bound="_Serializable")
+_C = TypeVar("_C", bound="Serializable")
 
 
-class _Serializable:
+class Serializable:
     """JSON round trip for the frozen config dataclasses; unknown keys (from newer versions) are ignored."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -26,7 +26,7 @@ class _Serializable:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Serializable):
+class ModelConfig(Serializable):
     """Architecture of the teacher (and of the student, which reuses its decoder)."""
 
     backbone: str = "efficientnet_lite2"  # one of backbones.BACKBONES
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class AdaptConfig(_Serializable):
+class AdaptConfig(Serializable):
     """TransferFSS / DistillFSS training on a support set."""
 
     method: Literal["distill", "transfer"] = "distill"
@@ -66,7 +66,7 @@ class AdaptConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class MetaConfig(_Serializable):
+class MetaConfig(Serializable):
     """Source-domain training of the teacher. Everything that changes the result is here (and in the checkpoint)."""
 
     source: Literal["selfsup", "pascal", "coco"] = "selfsup"

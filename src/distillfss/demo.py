@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import adapt_config, model_config, timestamp, write_json
+from .cli import config_from_args, model_config, timestamp, write_json
+from .config import AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import check_output, output_folder, resolve_teacher
 from .predictor import Predictor
@@ -66,7 +67,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 test,
                 min(args.shots, len(train.samples)),
                 mcfg,
-                adapt_config(args),
+                config_from_args(AdaptConfig, args),
                 args.probe_size or mcfg.image_size,
                 METHODS + (RANDOM_START if compare else ()),
                 teacher=start,

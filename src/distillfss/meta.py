@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .adapt import trainable_parameters
 from .backbones import FrozenBackbone, Pyramid
 from .config import MetaConfig, ModelConfig
 from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample_episode, usable_classes
 from .losses import IGNORE
-from .model_io import LOG, ModelError, save_teacher_checkpoint
+from .model_io import LOG, ModelError, own_state, save_teacher_checkpoint
 from .teacher import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,14 @@ class EpisodeForward(nn.Module):
         Returns 2-class logits (B, 2, S, S) and the coarse masks, per layer (B, 1, h, w)."""
         t = self.teacher
         b = query.skip4.shape[0]
-        coarse = []
+        coarse, masks = [], {}
         for g, q, s in zip(t.groups, query.layers, support.layers):
             att = t.attention[g]
-            m = F.interpolate(support_masks, size=s.shape[-2:], mode="bilinear", align_corners=True)
-            m = m.reshape(b, 1, -1)  # (B, 1, K*h*w), shot-major like the keys
+            size = tuple(s.shape[-2:])
+            if size not in masks:  # several layers share a resolution
+                m = F.interpolate(support_masks, size=size, mode="bilinear", align_corners=True)
+                masks[size] = m.reshape(b, 1, -1)  # (B, 1, K*h*w), shot-major like the keys
+            m = masks[size]
             coarse.append(att(q, att.episode_keys(s, shots), m, torch.ones_like(m)))
         present = torch.ones(b, 1, dtype=torch.bool, device=query.skip4.device)
         with torch.autocast(query.skip4.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -212,7 +216,7 @@ def meta_train(
     out = Path(out)
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(backbone, model_cfg).to(device)
-    params = [p for n, p in teacher.named_parameters() if not n.startswith("backbone.")]
+    params = trainable_parameters(teacher, "B")  # everything but the frozen backbone
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
@@ -346,10 +350,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _save_state(path: Path, teacher: Teacher, opt, step: int, best_step: int, best_miou: float, cfg, model_cfg) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    own = {k: v for k, v in teacher.state_dict().items() if not k.startswith("backbone.")}
     torch.save(
         {
-            "model": own,
+            "model": own_state(teacher),
             "optimizer": opt.state_dict(),
             "step": step,
             "best_step": best_step,

@@ -36,7 +36,7 @@ class ModelError(ValueError):
     """A model folder that cannot be loaded; the message names the file and the problem."""
 
 
-def _own_state(module: nn.Module) -> dict[str, Tensor]:
+def own_state(module: nn.Module) -> dict[str, Tensor]:
     """Trainable-part weights only: the backbone is rebuilt from its source, never stored."""
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if not k.startswith("backbone.")}
 
@@ -54,7 +54,7 @@ def save_model(
     support: for a teacher, its (images (K,3,S,S) in [0,1], labels (K,S,S)) support set.
     """
     kind = "teacher" if isinstance(model, Teacher) else "student"
-    tensors = {f"model.{k}": v for k, v in _own_state(model).items()}
+    tensors = {f"model.{k}": v for k, v in own_state(model).items()}
     if kind == "teacher":
         if support is None:
             raise ValueError("saving a teacher needs its support set")
@@ -140,7 +140,7 @@ def load_model(
 def save_teacher_checkpoint(out: Path, teacher: Teacher, model_cfg: ModelConfig, meta: dict[str, Any]) -> None:
     """A meta-trained teacher: weights and config, no classes and no support. Each file is replaced atomically."""
     tmp = out / f".{WEIGHTS}.tmp"
-    save_file({f"model.{k}": v for k, v in _own_state(teacher).items()}, str(tmp))
+    save_file({f"model.{k}": v for k, v in own_state(teacher).items()}, str(tmp))
     os.replace(tmp, out / WEIGHTS)
     config = {
         "format": FORMAT,
@@ -208,7 +208,7 @@ def resolve_teacher(spec: str | None, model_cfg: ModelConfig) -> tuple[Path | No
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:
-    expected = set(_own_state(module))
+    expected = set(own_state(module))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
