@@ -87,13 +87,96 @@ def test_ablations_are_rows_of_one_table(tmp_path) -> None:
     assert "| distillfss_setB |" in (tmp_path / "b/table.md").read_text()
 
 
-def test_table_says_when_a_method_loses_to_a_baseline() -> None:
-    rows = [
-        {"dataset": "a", "shots": 1, "method": m, "miou": v}
-        for m, v in (("transferfss", 50.0), ("distillfss", 40.0), ("linear_probe", 45.0), ("prototype", 30.0))
-    ]
-    text = table({"rows": rows})
-    assert (
-        "- transferfss beats linear_probe and prototype on the mean (+5.0 vs linear_probe, +20.0 vs prototype)" in text
+def test_table_compares_methods_with_paired_intervals() -> None:
+    rows = []
+    for d in ("a", "b"):
+        for draw in (0, 1):
+            base = 40.0 + 10 * draw + (5 if d == "b" else 0)
+            rows.append({"dataset": d, "shots": 5, "draw": draw, "seed": None, "method": "linear_probe", "miou": base})
+            for seed, noise in ((0, -0.5), (1, 0.0), (2, 0.5)):
+                rows += [
+                    {
+                        "dataset": d,
+                        "shots": 5,
+                        "draw": draw,
+                        "seed": seed,
+                        "method": "distillfss",
+                        "miou": base + 5 + noise,
+                    },
+                    {
+                        "dataset": d,
+                        "shots": 5,
+                        "draw": draw,
+                        "seed": seed,
+                        "method": "transferfss",
+                        "miou": base + 3 * noise,
+                    },
+                ]
+    text = table({"rows": rows, "config": {"seeds": [0, 1, 2], "draws": 2}})
+    assert "| linear_probe | 45.0 ± 7.1 | 50.0 ± 7.1 | 47.5 |" in text  # one run per draw
+    line = next(x for x in text.splitlines() if x.startswith("| distillfss | linear_probe |"))
+    assert "+5.0 [" in line and line.endswith("| 12 | better |")  # paired over 2 datasets x 2 draws x 3 seeds
+    line = next(x for x in text.splitlines() if x.startswith("| transferfss | linear_probe |"))
+    assert line.endswith("| not distinguishable |")
+    line = next(x for x in text.splitlines() if x.startswith("| distillfss | transferfss |"))
+    assert line.endswith("| better |")
+
+
+def test_paired_comparison_needs_two_runs_and_is_reproducible() -> None:
+    from distillfss.stats import paired_comparison
+
+    assert paired_comparison([50.0], [40.0]).verdict == "no interval (n < 2)"
+    a, b = [50.0, 41.0, 47.0, 39.0], [45.0, 44.0, 43.0, 42.0]
+    assert paired_comparison(a, b) == paired_comparison(a, b)
+    assert paired_comparison(a, b).verdict == "not distinguishable"
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_comparison([1.0], [1.0, 2.0])
+
+
+def test_benchmark_seeds_and_draws(tmp_path) -> None:
+    data = write_dataset(tmp_path / "toy", n_train=6, n_test=2)
+    out = tmp_path / "bench"
+    methods = "transferfss,distillfss,linear_probe"
+    args = ["benchmark", "--data", str(data), "--shots", "2", "--seeds", "0,1", "--draws", "2", "--methods", methods]
+    assert main([*args, "--out", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    runs = sorted((r["method"], r["draw"], r["seed"]) for r in rows)
+    assert runs == sorted(
+        [(m, d, s) for m in ("transferfss", "distillfss") for d in (0, 1) for s in (0, 1)]
+        + [("linear_probe", d, None) for d in (0, 1)]
     )
-    assert "- distillfss does NOT beat linear_probe on the mean (-5.0 vs linear_probe, +10.0 vs prototype)" in text
+    supports = {r["draw"]: tuple(r["support"]) for r in rows}
+    assert supports[0] != supports[1]  # two different support sets
+    assert all(r["adapt"]["seed"] == r["seed"] for r in rows if r["adapt"])
+    assert results["config"]["data"] == {"toy": str(data.resolve())} and results["config"]["threads"] >= 1
+    text = (out / "table.md").read_text()
+    assert "±" in text and "| distillfss | linear_probe |" in text and "| 4 |" in text
+    assert main(["benchmark", "--data", str(data), "--draws", "0", "--out", str(tmp_path / "x"), *FAST]) == 2
+
+
+def test_a_cell_gives_the_same_rows_alone_and_after_another_cell(tmp_path) -> None:
+    import torch
+
+    from distillfss.config import AdaptConfig, ModelConfig
+    from distillfss.data import load_split
+    from distillfss.protocol import BackboneCache, Cell, run_cell
+
+    def cell(root, k):
+        train, test = load_split(root, "train"), load_split(root, "test")
+        mcfg = ModelConfig(backbone="efficientnet_lite0", image_size=64, heads=2, num_classes=train.num_classes)
+        methods = ("teacher_random", "transferfss_random", "distillfss_random", "linear_probe")
+        return Cell(root.name, train, test, k, mcfg, AdaptConfig(iterations=2, trainable="B"), 64, methods)
+
+    def numbers(rows):
+        timing = ("adapt_seconds", "ms_per_image", "plateau_seconds", "plateau_seconds_segmentation")
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    a = write_dataset(tmp_path / "a", n_train=4, n_test=2)
+    b = write_dataset(tmp_path / "b", n_train=5, n_test=2, num_classes=2, seed=3)
+    alone, _ = run_cell(cell(a, 3), BackboneCache("efficientnet_lite0", None, torch.device("cpu")))
+    shared = BackboneCache("efficientnet_lite0", None, torch.device("cpu"))
+    run_cell(cell(b, 4), shared)
+    torch.rand(10)
+    after, _ = run_cell(cell(a, 3), shared)
+    assert numbers(after) == numbers(alone)

@@ -35,6 +35,22 @@ def test_coarse_mse_only_counts_classes_with_shots() -> None:
     assert coarse_mse(t, s, (8, 16), torch.tensor([[True, True]])) > 0
 
 
+def test_coarse_mse_averages_classes_within_an_episode_then_episodes() -> None:
+    # Episode 0 has two classes present (errors 1 and 3), episode 1 one class (error 8). The original's weighting:
+    # mean over classes per episode (2 and 8), then over episodes -> 5; a mean over (episode, class) pairs gives 4.
+    t = [torch.zeros(2, 2, 3, 3)]
+    s = [torch.zeros(2, 2, 3, 3)]
+    s[0][0, 0], s[0][0, 1], s[0][1, 0], s[0][1, 1] = 1.0, 3**0.5, 8**0.5, 100.0
+    present = torch.tensor([[True, True], [True, False]])
+    assert coarse_mse(t, s, (8,), present).item() == pytest.approx(5.0, rel=1e-6)
+    # strides weigh equally whatever their layer counts: stride 8 (two layers, errors 1 and 3) -> 2, stride 16 -> 4
+    t2 = [torch.zeros(1, 1, 2, 2)] * 3
+    s2 = [torch.full((1, 1, 2, 2), v**0.5) for v in (1.0, 3.0, 4.0)]
+    assert coarse_mse(t2, s2, (8, 8, 16), torch.tensor([[True]])).item() == pytest.approx(3.0, rel=1e-6)
+    # no class present anywhere: 0, not NaN
+    assert coarse_mse(t, s, (8,), torch.zeros(2, 2, dtype=torch.bool)).item() == 0
+
+
 def test_plateau_is_where_the_loss_settles_for_good() -> None:
     from distillfss.adapt import plateau
 

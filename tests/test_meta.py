@@ -99,7 +99,7 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # DDP keeps the replicas identical
     ref = own_state(single)
-    assert all(torch.allclose(r0[k], ref[k], rtol=1e-4, atol=1e-5) for k in ref)  # rounding-level
+    assert all(torch.allclose(r0[k], ref[k], rtol=1e-4, atol=5e-5) for k in ref)  # rounding-level
     torch.manual_seed(0)
     init = build_teacher(build_backbone(MODEL.backbone, MODEL.image_size), MODEL).state_dict()
     assert max((ref[k] - init[k]).abs().max().item() for k in ref) > 1e-2  # the runs did train
@@ -180,4 +180,4 @@ def test_benchmark_from_a_meta_trained_teacher_against_a_random_one(tmp_path: Pa
     assert rows["distillfss_random"]["teacher_init"] == rows["teacher_random"]["teacher_init"] == "random"
     assert 1 <= rows["distillfss"]["plateau_step"] <= 3 and rows["distillfss_random"]["plateau_seconds"] >= 0
     assert rows["teacher"]["plateau_step"] is None
-    assert (tmp_path / "b/train_log_toy_2shot_random.jsonl").is_file()
+    assert (tmp_path / "b/train_log_toy_2shot_draw0_seed0_random.jsonl").is_file()

@@ -74,7 +74,7 @@ def test_shot_order_does_not_matter(lite0_64) -> None:
     a = teacher(query, encode_support(lite0_64, images, labels, 2))
     perm = torch.tensor([2, 0, 3, 1])
     b = teacher(query, encode_support(lite0_64, images[perm], labels[perm], 2))
-    assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    assert_close(a.logits, b.logits, atol=5e-4, rtol=1e-4)  # float32 sums in another order
 
 
 def test_class_without_shots_is_never_predicted(lite0_64) -> None:
@@ -124,20 +124,23 @@ def test_training_step_touches_only_trainable_parts(lite0_64, which: str) -> Non
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=2)
     backbone_before = {k: v.clone() for k, v in lite0_64.state_dict().items()}
     teacher = build_teacher(lite0_64, cfg)
-    hot = trainable_parameters(teacher, which)
-    names = {id(p): n for n, p in teacher.named_parameters()}
-    before = {id(p): p.detach().clone() for p in teacher.parameters()}
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     result = adapt(
         lite0_64, images, labels, cfg, AdaptConfig(iterations=1, trainable=which), teacher=teacher, progress=False
     )
-    for p in hot:
-        assert p.grad is not None and p.grad.abs().sum() > 0, names[id(p)]
+    trained = result.teacher
+    assert trained is not teacher and trained.backbone is lite0_64  # a copy, sharing the frozen backbone
+    hot = {id(p) for p in trainable_parameters(trained, which)}
+    for n, p in trained.named_parameters():
+        if id(p) in hot:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert torch.equal(p, before[n]), n
     for p in result.student.heads.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
-    hot_ids = {id(p) for p in hot}
-    for p in teacher.parameters():
-        if id(p) not in hot_ids:
-            assert torch.equal(p, before[id(p)]), names[id(p)]
+    # the caller's teacher is untouched: same values, no gradients
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
     assert all(torch.equal(backbone_before[k], v) for k, v in lite0_64.state_dict().items())
 
 
@@ -203,8 +206,8 @@ def test_bf16_inference_agrees_with_fp32(lite0_64) -> None:
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
     student = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3), progress=False).student
     x = torch.rand(2, 3, S, S)
-    fp32 = Predictor(student, S, channels_last=False).logits(x)
-    fast = Predictor(student, S, precision="bf16", channels_last=True).logits(x)
+    fp32 = Predictor(student, S).logits(x)
+    fast = Predictor(student, S, precision="bf16").logits(x)
     assert fast.dtype == torch.float32
     assert_close(fast, fp32, atol=0.1 * fp32.abs().max().item(), rtol=0.05)
 

@@ -31,6 +31,28 @@ def test_sampler_is_deterministic_nested_and_order_free() -> None:
         prev = set(chosen)
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_further_draws_are_nested_reproducible_and_differ(multi: bool) -> None:
+    stems = [f"img{i:02d}" for i in range(30)]
+    sets = [{1} if i < 24 else {2} for i in range(30)] if multi else None
+    shuffled = stems[::-1]
+    shuffled_sets = sets[::-1] if sets else None
+    draws = []
+    for d in (1, 2):
+        prev: set[str] = set()
+        for k in range(1, 31):
+            chosen = sample_support(stems, k, sets, draw=d)
+            assert chosen == sample_support(shuffled, k, shuffled_sets, draw=d)  # seeded by the draw alone
+            assert len(chosen) == k and prev <= set(chosen)
+            prev = set(chosen)
+        draws.append(sample_support(stems, 5, sets, draw=d))
+        if multi:
+            assert any(int(s[3:]) >= 24 for s in sample_support(stems, 2, sets, draw=d))  # still stratified
+    assert len({tuple(x) for x in [*draws, sample_support(stems, 5, sets)]}) == 3  # three different 5-shot sets
+    with pytest.raises(ValueError, match="draw"):
+        sample_support(stems, 2, draw=-1)
+
+
 def test_stratified_sampler_covers_classes_and_nests() -> None:
     stems = [f"img{i:02d}" for i in range(30)]
     sets = [{1} if i < 24 else {2} for i in range(30)]  # class 2 is rare and sits at the end

@@ -13,16 +13,26 @@ Episodes (one optimizer step = one pass over all episodes, batched into a single
 * ``paired``: episode t targets class (t mod C) + 1; its query and one shot are two random images containing that
   class, plus up to two random other shots (the original PairedSubstitutor with subsample 3).
 
-In each episode, ground-truth pixels of classes with no shot are set to background.
+Train as you infer: in every episode, class c attends only to the episode's shots that contain c, and the query's
+own image is never among its keys (removed from the softmax, see ``attention``). The teacher's target sets classes
+with no shot in the episode to background (the teacher cannot know them); the student takes no support, so its
+focal loss uses the query's full labels. The distillation MSE is averaged over the classes present per episode,
+then over episodes (the original's weighting).
+
+Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen), and the
+seed drives initialisation, episodes and dropout through a private random state, so a run does not depend on what
+ran before it in the process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,9 +69,33 @@ def trainable_parameters(teacher: Teacher, which: str) -> list[nn.Parameter]:
     return [p for n, p in teacher.named_parameters() if not n.startswith("backbone.") and n.startswith(prefixes)]
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block from a private random state seeded with ``seed``; the caller's state is restored after.
+
+    Module initialisation and dropout draw from torch's default generator; forking it keeps them reproducible from
+    the seed alone without touching the process's random state.
+    """
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def private_copy(teacher: Teacher) -> Teacher:
+    """A deep copy of a teacher that shares its (frozen, read-only) backbone."""
+    return copy.deepcopy(teacher, memo={id(teacher.backbone): teacher.backbone})
+
+
 def _episodes(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One step's episodes -> (shot_valid (M, C, M) bool: episode t may use shot k for class c,
-    queries (M,) long: the support image that is episode t's query)."""
+    """One step's episodes -> (shot_valid (M, C, M) bool: episode t may use shot k for class c, only where shot k
+    contains c; queries (M,) long: the support image that is episode t's query)."""
+    valid, queries = _episode_shots(cfg, flags, gen)
+    return valid & flags.T.unsqueeze(0), queries  # (M, C, M): a shot serves only the classes it contains
+
+
+def _episode_shots(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Which images are each episode's shots, before the per-class filter."""
     m, n_cls = flags.shape
     if m == 1:  # a single support image is its own shot: the only episode there is
         return torch.ones(1, n_cls, 1, dtype=torch.bool), torch.arange(1)
@@ -86,14 +120,14 @@ def _episodes(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Te
     return valid, queries
 
 
-def _targets(labels: Tensor, shot_valid: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
-    """GT of each episode with classes that have no shot set to background -> (labels, present (M, C))."""
-    present = (shot_valid & flags.T.unsqueeze(0)).any(dim=2)  # (M, C)
-    lab = labels.clone()
-    for c in range(present.shape[1]):
-        absent = ~present[:, c]  # (M,)
-        lab[absent] = torch.where(lab[absent] == c + 1, torch.zeros_like(lab[absent]), lab[absent])
-    return lab, present
+def teacher_targets(labels: Tensor, shot_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's targets: each episode's labels (M, S, S) with classes that have no shot in the episode set to
+    background -> (labels, present (M, C) bool). ``shot_valid`` (M, C, K) as from ``_episodes``."""
+    present = shot_valid.any(dim=2)  # (M, C)
+    classes = torch.arange(1, present.shape[1] + 1, device=labels.device)
+    absent = classes.view(1, -1).expand_as(present).masked_fill(present, -1)  # (M, C): absent class ids
+    hidden = (labels.unsqueeze(1) == absent[:, :, None, None]).any(dim=1)  # (M, S, S)
+    return labels.masked_fill(hidden, 0), present
 
 
 def adapt(
@@ -119,11 +153,27 @@ def adapt(
             here when None. The reported seconds then exclude that encoding.
     """
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed, images.device):
+        return _adapt(backbone, images, labels, model_cfg, cfg, teacher, progress, log_path, on_step, support, t0)
+
+
+def _adapt(
+    backbone: FrozenBackbone,
+    images: Tensor,
+    labels: Tensor,
+    model_cfg: ModelConfig,
+    cfg: AdaptConfig,
+    teacher: Teacher | None,
+    progress: bool,
+    log_path: Path | None,
+    on_step: Callable[[dict], None] | None,
+    support: EncodedSupport | None,
+    t0: float,
+) -> AdaptResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     device = images.device
-    if teacher is None:
-        teacher = build_teacher(backbone, model_cfg)
+    # The caller's teacher is never trained in place: a cell's later methods (and a caller's own use) see it unchanged.
+    teacher = build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher)
     teacher.to(device)
     if support is None:
         support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
@@ -192,8 +242,6 @@ def _train(
     # bfloat16 autocast runs the convolutions ~1.8x faster on CPUs with AVX512-BF16/AMX; weights, the attention
     # (outside this context) and the losses stay float32.
     autocast = torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    for m in (teacher.decoder, *([student.heads] if student is not None else [])):
-        m.to(memory_format=torch.channels_last)  # faster oneDNN convolutions; no effect on results
     # Fixed episodes are built once; with a frozen attention and no dropout their coarse masks are constant too.
     reuse = frozen_attention and fixed_episodes and not _has_dropout(teacher)
     episode: tuple | None = None
@@ -203,9 +251,9 @@ def _train(
         if episode is None or not fixed_episodes:
             shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
             shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
-            target, present = _targets(labels[queries], shot_valid, flags)
-            episode = (shot_valid, target, present, _select(support, queries))
-        shot_valid, target, present, query = episode
+            target, present = teacher_targets(labels[queries], shot_valid)
+            episode = (shot_valid, target, labels[queries], present, _select(support, queries))
+        shot_valid, target, full_target, present, query = episode
         if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
                 coarse = [
@@ -222,7 +270,7 @@ def _train(
                 row["focal_teacher"] = round(f_t.item(), 5)
             if student is not None:
                 s_out = student.forward_features(query)
-                f_s = focal_loss(s_out.logits, target, cfg.focal_gamma, weights)
+                f_s = focal_loss(s_out.logits, full_target, cfg.focal_gamma, weights)  # no support: every class
                 d = coarse_mse(coarse, [c.float() for c in s_out.coarse], teacher.strides, present)
                 loss = loss + f_s + cfg.distill_weight * d
                 row["focal_student"] = round(f_s.item(), 5)

@@ -12,6 +12,12 @@ softmax restricted to its shots equals
 
 (the full-softmax normaliser cancels). So one fused ``scaled_dot_product_attention`` call with 2*C value channels
 serves every class and every leave-one-out episode, and never materialises the Nq x Ns score matrix.
+
+The ratio is exact in real arithmetic only. Tokens that **no** class may use (a leave-one-out query's own image)
+are therefore removed from the softmax itself by a boolean attention mask: otherwise a self-match that leads the
+best allowed token by more than ~28 nats makes numerator and denominator underflow together and the coarse mask
+comes out wrong (common on real images: a query matches itself far better than any other image). The ratio is
+left to separate classes whose shots differ, where every key is a real support image of the domain.
 """
 
 from __future__ import annotations
@@ -92,20 +98,35 @@ class MaskAttention(nn.Module):
         q = self._tokens(query, self.q_proj)  # (B, heads, hw, d_k)
         k = keys if keys.dim() == 4 else keys.unsqueeze(0).expand(b, -1, -1, -1)  # (B, heads, Ns, d_k)
         num = valid * (masks if masks.dim() == 3 else masks.unsqueeze(0))  # (B, C_cls, Ns)
+        allowed = key_mask(valid)  # (B, 1, 1, Ns) or None when every token takes part
         p = self.attn_dropout if self.training else 0.0
         if p > 0:
             # Dropout must hit the numerator only: the renormaliser is the dropout-free softmax mass.
-            o_num = _sdpa(q, k, num, dropout_p=p)  # (B, heads, hw, C_cls)
-            o_den = _sdpa(q, k, valid)
+            o_num = _sdpa(q, k, num, dropout_p=p, mask=allowed)  # (B, heads, hw, C_cls)
+            o_den = _sdpa(q, k, valid, mask=allowed)
         else:
-            o = _sdpa(q, k, torch.cat([num, valid], dim=1))  # (B, heads, hw, 2*C_cls)
+            o = _sdpa(q, k, torch.cat([num, valid], dim=1), mask=allowed)  # (B, heads, hw, 2*C_cls)
             o_num, o_den = o[..., :n_cls], o[..., n_cls:]
         out = (o_num / o_den.clamp_min(_EPS)).mean(dim=1)  # (B, hw, C_cls)
         return out.transpose(1, 2).reshape(b, n_cls, h, w)
 
 
-def _sdpa(q: Tensor, k: Tensor, values: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Fused attention of q (B, heads, Nq, d) over k (B, heads, Ns, d) with per-batch values (B, V, Ns).
+def key_mask(valid: Tensor) -> Tensor | None:
+    """valid (B, C_cls, Ns) -> boolean attention mask (B, 1, 1, Ns): True where at least one class may use the token.
+
+    None when every token of every query is usable (inference: the fused kernel then runs unmasked). A query with
+    no usable token at all keeps every token (its outputs are 0 through the value channels, never NaN).
+    """
+    usable = valid.amax(dim=1) > 0  # (B, Ns)
+    if bool(usable.all()):
+        return None
+    usable = usable | ~usable.any(dim=1, keepdim=True)
+    return usable[:, None, None, :]
+
+
+def _sdpa(q: Tensor, k: Tensor, values: Tensor, dropout_p: float = 0.0, mask: Tensor | None = None) -> Tensor:
+    """Fused attention of q (B, heads, Nq, d) over k (B, heads, Ns, d) with per-batch values (B, V, Ns);
+    ``mask`` (B, 1, 1, Ns) bool keeps the True keys only.
 
     PyTorch's fused CPU/GPU kernels need q, k and v to share their last dimension, so the V value channels are
     zero-padded to a common width, a multiple of 8 (zeros leave the scores unchanged; the scale is passed explicitly).
@@ -117,7 +138,7 @@ def _sdpa(q: Tensor, k: Tensor, values: Tensor, dropout_p: float = 0.0) -> Tenso
     q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
     v = F.pad(values.transpose(1, 2), (0, width - n_val))  # (B, Ns, width)
     v = v.unsqueeze(1).expand(-1, heads, -1, -1)  # (B, heads, Ns, width)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0 / math.sqrt(d))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0 / math.sqrt(d))
     return out[..., :n_val]
 
 

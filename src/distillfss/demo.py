@@ -9,6 +9,9 @@ For each dataset: K support images from train/ (midpoint sampler), then on every
   ``--probe-size`` (default 384 px, where it is strongest on these sets; the models run at their own size);
 * ``prototype``: training-free prototype matching (masked average pooling + cosine), same features and size.
 
+TransferFSS and DistillFSS run once per ``--seeds`` entry (default 0, 1, 2) and are reported as mean ± std; the other
+methods do not depend on the seed.
+
 Writes report.md, results.json, overlays/ and miou.png into the output folder.
 """
 
@@ -23,12 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import config_from_args, model_config, timestamp, write_json
+from .cli import config_from_args, int_list, model_config, timestamp, write_json
 from .config import AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import check_output, output_folder, resolve_teacher
 from .predictor import Predictor
-from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_cell
+from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_seeds
+from .stats import mean_std
 from .viz import overlay
 
 log = logging.getLogger("distillfss")
@@ -50,6 +54,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     if unknown:
         raise DataError(f"unknown demo dataset(s) {unknown}; bundled: {demo_datasets()}")
     check_output(args.out, args.overwrite)
+    seeds = list(dict.fromkeys(int_list(args.seeds, "--seeds", minimum=0)))
+    if args.vote_chunk < 0:
+        raise DataError(f"--vote-chunk: expected >= 0, got {args.vote_chunk}")
     device = torch.device(args.device)
     rows: list[dict] = []
     backbones = BackboneCache(args.backbone, args.backbone_weights, device)
@@ -72,12 +79,18 @@ def run_demo(args: argparse.Namespace) -> dict:
                 METHODS + (RANDOM_START if compare else ()),
                 teacher=start,
                 teacher_label=label,
+                vote_chunk=args.vote_chunk,
             )
-            log.info("[%s] %d shots, starting teacher: %s", name, cell.shots, label)
-            cell_rows, predictors = run_cell(cell, backbones, log_path=tmp / f"train_log_{name}.jsonl")
+            log.info("[%s] %d shots, starting teacher: %s, seeds %s", name, cell.shots, label, seeds)
+            cell_rows, predictors = run_seeds(cell, seeds, backbones, log_path=tmp / f"train_log_{name}.jsonl")
             for row in cell_rows:
                 log.info(
-                    "[%s] %-12s mIoU %6.2f  (%.1f ms/image)", name, row["method"], row["miou"], row["ms_per_image"]
+                    "[%s] %-12s seed %-4s mIoU %6.2f  (%.1f ms/image)",
+                    name,
+                    row["method"],
+                    row["seed"],
+                    row["miou"],
+                    row["ms_per_image"],
                 )
             rows += cell_rows
             _write_overlays(tmp / "overlays", name, test, predictors)
@@ -86,6 +99,8 @@ def run_demo(args: argparse.Namespace) -> dict:
             "created": timestamp(),
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "seeds": seeds,
             "rows": rows,
         }
         write_json(tmp / "results.json", results)
@@ -96,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def _write_overlays(folder: Path, name: str, test, predictors: dict[str, Predictor]) -> None:
-    """One strip per test image: ground truth, then each method's prediction, tinted on the image."""
+    """One strip per test image: ground truth, then each method's prediction (first seed), tinted on the image."""
     for sample in test.samples[:N_OVERLAYS]:
         image, mask = load_pair(sample, test.num_classes)
         tiles = [overlay(image, mask)] + [overlay(image, predictors[m].predict(image)) for m in METHODS]
@@ -114,14 +129,26 @@ def _bar_plot(rows: list[dict], names: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 2, 3.5))
     width = 0.8 / len(METHODS)
     for j, method in enumerate(METHODS):
-        vals = [next(r["miou"] for r in rows if r["dataset"] == n and r["method"] == method) for n in names]
-        ax.bar(np.arange(len(names)) + j * width, vals, width, label=method)
+        stats = [_summary(rows, n, method) for n in names]
+        x = np.arange(len(names)) + j * width
+        ax.bar(x, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=method)
     ax.set_xticks(np.arange(len(names)) + width * (len(METHODS) - 1) / 2, names)
-    ax.set_ylabel("foreground mIoU (%)")
+    ax.set_ylabel("foreground mIoU (%), mean ± std over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _summary(rows: list[dict], dataset: str, method: str, key: str = "miou") -> tuple[float, float, int]:
+    """Mean, std and number of runs of one method on one dataset."""
+    values = [r[key] for r in rows if r["dataset"] == dataset and r["method"] == method]
+    return (*mean_std(values), len(values))
+
+
+def _cell(rows: list[dict], dataset: str, method: str, key: str = "miou", digits: int = 1) -> str:
+    mean, std, n = _summary(rows, dataset, method, key)
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _report(results: dict, names: list[str]) -> str:
@@ -129,31 +156,35 @@ def _report(results: dict, names: list[str]) -> str:
     cfg = rows[0]["model"]
     acfg = next(r["adapt"] for r in rows if r["adapt"])
     probe = next(r["image_size"] for r in rows if r["method"] == "linear_probe")
+    seeds = ", ".join(str(s) for s in results["seeds"])
     lines = [
         "# distillfss demo",
         "",
-        f"Created {results['created']} on {results['device']} with {results['threads']} threads. "
+        f"Created {results['created']} on {results['device']} with {results['threads']} threads "
+        f"(deterministic algorithms: {results['deterministic']}). "
         f"Backbone `{cfg['backbone']}` (frozen), {cfg['image_size']} px, adaptation: {acfg['iterations']} steps, "
         f"mode `{acfg['mode']}`, trainable set {acfg['trainable']}, {acfg['precision']}, lr {acfg['lr']}, "
-        f"class weights {acfg['class_weights']}, seed {acfg['seed']}. Starting teacher: "
+        f"class weights {acfg['class_weights']}, seeds {seeds}. Starting teacher: "
         f"`{rows[0]['teacher_init'] or 'n/a'}`.",
         "",
         "Foreground mIoU (%) on every test image, from one confusion matrix per dataset at the images' original "
-        "resolution. `teacher` = before adaptation; `transferfss` = the adapted teacher (needs the support "
-        "images); `distillfss` = the support-free student; `linear_probe` = logistic regression on the same "
-        f"frozen backbone's features and support set, at {probe} px; `prototype` = training-free prototype "
-        f"matching (masked average pooling + cosine), same features and size.",
+        "resolution; methods that depend on the seed show mean ± std over the seeds. `teacher` = before "
+        "adaptation; `transferfss` = the adapted teacher (needs the support images); `distillfss` = the "
+        "support-free student; `linear_probe` = logistic regression on the same frozen backbone's features and "
+        f"support set, at {probe} px; `prototype` = training-free prototype matching (masked average pooling + "
+        "cosine), same features and size. With 8-16 test images per set, differences of a few points are within "
+        "the seed-to-seed spread; `distillfss benchmark --seeds ... --draws ...` gives paired intervals.",
         "",
         "| dataset | shots | " + " | ".join(METHODS) + " |",
         "|---|---|" + "---|" * len(METHODS),
     ]
     for n in names:
-        r = {x["method"]: x for x in rows if x["dataset"] == n}
-        lines.append(f"| {n} | {r['teacher']['shots']} | " + " | ".join(f"{r[m]['miou']:.1f}" for m in METHODS) + " |")
+        shots = next(r["shots"] for r in rows if r["dataset"] == n)
+        lines.append(f"| {n} | {shots} | " + " | ".join(_cell(rows, n, m) for m in METHODS) + " |")
     lines += [
         "",
-        "Timings: adaptation seconds (support encoding included) and milliseconds per test image (resize, "
-        "forward, resize back).",
+        "Timings: adaptation seconds (support encoding included; mean over seeds) and milliseconds per test image "
+        "(resize, forward, resize back).",
         "",
         "| dataset | adapt s (TransferFSS+DistillFSS) | fit s (probe) | "
         + " | ".join(f"ms/img {m}" for m in METHODS)
@@ -161,10 +192,10 @@ def _report(results: dict, names: list[str]) -> str:
         "|---|---|---|" + "---|" * len(METHODS),
     ]
     for n in names:
-        r = {x["method"]: x for x in rows if x["dataset"] == n}
         lines.append(
-            f"| {n} | {r['distillfss']['adapt_seconds']:.1f} | {r['linear_probe']['adapt_seconds']:.1f} | "
-            + " | ".join(f"{r[m]['ms_per_image']:.0f}" for m in METHODS)
+            f"| {n} | {_summary(rows, n, 'distillfss', 'adapt_seconds')[0]:.1f} | "
+            f"{_summary(rows, n, 'linear_probe', 'adapt_seconds')[0]:.1f} | "
+            + " | ".join(f"{_summary(rows, n, m, 'ms_per_image')[0]:.0f}" for m in METHODS)
             + " |"
         )
     lines += _start_table(rows, names)
@@ -172,7 +203,7 @@ def _report(results: dict, names: list[str]) -> str:
         "",
         "![mIoU per dataset and method](miou.png)",
         "",
-        "Overlays (ground truth, then " + ", ".join(METHODS) + ") are in `overlays/`.",
+        "Overlays (ground truth, then " + ", ".join(METHODS) + "; first seed) are in `overlays/`.",
         "",
     ]
     return "\n".join(lines)
@@ -184,23 +215,30 @@ def _start_table(rows: list[dict], names: list[str]) -> list[str]:
         return []
     lines = [
         "",
-        "Starting teacher: the same adaptation from the meta-trained teacher and from a random initialisation. "
-        "Plateau = the first step from which a loss (trailing mean over 10 steps) stays within 10 % of its "
-        "range above its final value, for the total joint loss and for the teacher's and the student's own "
-        "focal (segmentation) loss; seconds include the support encoding.",
+        "Starting teacher: the same adaptation from the meta-trained teacher and from a random initialisation "
+        "(mean ± std over the seeds). Plateau = the first step from which a loss (trailing mean over 10 steps) "
+        "stays within 10 % of its range above its final value, for the total joint loss and for the teacher's and "
+        "the student's own focal (segmentation) loss; seconds include the support encoding; means over the seeds.",
         "",
         "| dataset | start | teacher before | TransferFSS | DistillFSS | adapt s | plateau step (s): total loss | "
         "teacher focal | student focal |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def plateau(n: str, m: str, kind: str) -> str:
+        step, seconds = (
+            _summary(rows, n, m, f"plateau_step{kind}")[0],
+            _summary(rows, n, m, f"plateau_seconds{kind}")[0],
+        )
+        return f"{step:.0f} ({seconds:.1f})"
+
     for n in names:
-        r = {x["method"]: x for x in rows if x["dataset"] == n}
         for suffix in ("", "_random"):
-            d, t = r[f"distillfss{suffix}"], r[f"transferfss{suffix}"]
+            d, t = f"distillfss{suffix}", f"transferfss{suffix}"
+            init = next(r["teacher_init"] for r in rows if r["dataset"] == n and r["method"] == d)
             lines.append(
-                f"| {n} | {d['teacher_init']} | {r[f'teacher{suffix}']['miou']:.1f} | {t['miou']:.1f} | "
-                f"{d['miou']:.1f} | {d['adapt_seconds']:.1f} | {d['plateau_step']} ({d['plateau_seconds']:.1f}) | "
-                f"{t['plateau_step_segmentation']} ({t['plateau_seconds_segmentation']:.1f}) | "
-                f"{d['plateau_step_segmentation']} ({d['plateau_seconds_segmentation']:.1f}) |"
+                f"| {n} | {init} | {_cell(rows, n, f'teacher{suffix}')} | {_cell(rows, n, t)} | "
+                f"{_cell(rows, n, d)} | {_summary(rows, n, d, 'adapt_seconds')[0]:.1f} | "
+                f"{plateau(n, d, '')} | {plateau(n, t, '_segmentation')} | {plateau(n, d, '_segmentation')} |"
             )
     return lines

@@ -36,15 +36,18 @@ def balanced_weights(labels: Tensor, num_classes: int, power: float = 0.5) -> Te
 
 
 def coarse_mse(teacher: list[Tensor], student: list[Tensor], strides: tuple[int, ...], present: Tensor) -> Tensor:
-    """Distillation loss: per stride, MSE between teacher and student coarse masks of the classes with shots;
-    averaged over the strides.
+    """Distillation loss as the original: per (episode, class with shots), the mean over strides of the MSE between
+    teacher and student coarse masks (all layers of a stride pooled); averaged over the classes present in each
+    episode, then over the episodes that have any.
 
     teacher, student: per backbone layer (B, C, h, w); present: (B, C) bool.
     """
-    w = present.float()[:, :, None, None]  # (B, C, 1, 1)
     per_stride = []
     for s in sorted(set(strides)):
-        err = [((t - u) ** 2 * w).mean(dim=(2, 3)) for t, u, st in zip(teacher, student, strides) if st == s]
-        n = present.float().sum().clamp_min(1)
-        per_stride.append(torch.stack(err).mean(0).sum() / n)
-    return torch.stack(per_stride).mean()
+        err = [((t - u) ** 2).mean(dim=(2, 3)) for t, u, st in zip(teacher, student, strides) if st == s]  # (B, C)
+        per_stride.append(torch.stack(err).mean(0))
+    per_class = torch.stack(per_stride).mean(0)  # (B, C)
+    w = present.float()
+    n_cls = w.sum(dim=1)  # (B,)
+    per_episode = (per_class * w).sum(dim=1) / n_cls.clamp_min(1)  # (B,)
+    return per_episode.sum() / (n_cls > 0).float().sum().clamp_min(1)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .backbones import FrozenBackbone, build_backbone
 from .config import ModelConfig
-from .predictor import Predictor
+from .predictor import VOTE_CHUNK, Predictor
 from .student import Student, build_student
 from .teacher import Teacher, build_teacher, encode_support
 
@@ -102,8 +102,10 @@ def load_model(
     backbone: FrozenBackbone | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    vote_chunk: int = VOTE_CHUNK,
 ) -> LoadedModel:
-    """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys."""
+    """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys.
+    ``vote_chunk``: see :class:`Predictor` (teachers only)."""
     folder = Path(folder)
     config = read_config(folder)
     model_cfg = ModelConfig.from_dict(config["model"])
@@ -133,7 +135,12 @@ def load_model(
         labels = tensors["support.labels"].to(device).long()
         support = encode_support(backbone, images, labels, model_cfg.num_classes)
     return LoadedModel(
-        config["kind"], model, model_cfg, classes, config, Predictor(model, model_cfg.image_size, support, precision)
+        config["kind"],
+        model,
+        model_cfg,
+        classes,
+        config,
+        Predictor(model, model_cfg.image_size, support, precision, vote_chunk),
     )
 
 

@@ -3,20 +3,21 @@ and evaluated on every test image. Shared by ``demo`` and ``benchmark``."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapt import adapt, plateau
+from .adapt import adapt, plateau, seeded
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import AdaptConfig, ModelConfig
 from .data import Split, class_sets, load_support_tensors
 from .evaluate import evaluate_predictor
 from .model_io import load_teacher_weights
-from .predictor import Predictor
+from .predictor import VOTE_CHUNK, Predictor
 from .sampling import sample_support
 from .teacher import Teacher, build_teacher, encode_support
 
@@ -64,6 +65,34 @@ class Cell:
     eval_size: int | None = None  # None: score at original resolution; N: ground truth resized to N x N
     teacher: Path | None = None  # starting teacher folder (meta-trained); None: random initialisation (seeded)
     teacher_label: str = "random"  # how results name that start
+    draw: int = 0  # support draw: 0 = the protocol's midpoint set, 1.. = seeded random nested sets
+    vote_chunk: int = VOTE_CHUNK  # teacher predictors vote over chunks of this many shots per class (0: all at once)
+
+    def seeded_methods(self) -> tuple[str, ...]:
+        """The methods whose result depends on the adaptation seed (the others are deterministic given the support:
+        the baselines, and the teacher before adaptation when it starts from a saved one)."""
+        fixed = {"linear_probe", "prototype"} | ({"teacher"} if self.teacher is not None else set())
+        return tuple(m for m in self.methods if m not in fixed)
+
+
+def run_seeds(
+    cell: Cell, seeds: list[int], backbones: BackboneCache, log_path: Path | None = None
+) -> tuple[list[dict], dict[str, Predictor]]:
+    """A cell with every adaptation seed: all methods at the first seed, then only the seeded methods (the others
+    would give the same numbers). Deterministic methods' rows carry ``seed: None``. Returns the rows and the first
+    seed's predictors."""
+    rows: list[dict] = []
+    predictors: dict[str, Predictor] = {}
+    for i, seed in enumerate(seeds):
+        methods = cell.methods if i == 0 else cell.seeded_methods()
+        if not methods:
+            break
+        run = dataclasses.replace(cell, adapt_cfg=dataclasses.replace(cell.adapt_cfg, seed=seed), methods=methods)
+        log = log_path.with_name(f"{log_path.stem}_seed{seed}{log_path.suffix}") if log_path else None
+        seed_rows, seed_predictors = run_cell(run, backbones, log_path=log)
+        rows += seed_rows
+        predictors = predictors or seed_predictors
+    return rows, predictors
 
 
 def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None) -> tuple[list[dict], dict]:
@@ -75,10 +104,12 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     total = cell.shots * cell.train.num_classes if cell.per_class else cell.shots
     # The alternating, class-stratified sampler gives every class one image per round: its first K x C picks
     # hold K images of each class (while a class has images left), nested in K like the rest.
-    stems = sample_support([s.stem for s in cell.train.samples], total, class_sets(cell.train))
+    stems = sample_support([s.stem for s in cell.train.samples], total, class_sets(cell.train), cell.draw)
+    seeded_methods = set(cell.seeded_methods())
     base = {
         "dataset": cell.dataset,
         "shots": cell.shots,
+        "draw": cell.draw,
         "shots_per_class": cell.per_class,
         "eval_resolution": cell.eval_size or "original",
         "support": stems,
@@ -112,7 +143,9 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             inits[m] = label
             sizes[m] = mcfg.image_size
         if f"teacher{suffix}" in wanted:
-            predictors[f"teacher{suffix}"] = Predictor(_start(start, backbone, cell), mcfg.image_size, support)
+            predictors[f"teacher{suffix}"] = Predictor(
+                _start(start, backbone, cell), mcfg.image_size, support, vote_chunk=cell.vote_chunk
+            )
             seconds[f"teacher{suffix}"] = 0.0
         if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"}:
             method = "distill" if f"distillfss{suffix}" in wanted else "transfer"
@@ -129,7 +162,9 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 log_path=log_file,
                 support=support,
             )
-            predictors[f"transferfss{suffix}"] = Predictor(result.teacher, mcfg.image_size, support)
+            predictors[f"transferfss{suffix}"] = Predictor(
+                result.teacher, mcfg.image_size, support, vote_chunk=cell.vote_chunk
+            )
             if result.student is not None:
                 predictors[f"distillfss{suffix}"] = Predictor(result.student, mcfg.image_size)
             seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
@@ -159,6 +194,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             {
                 **base,
                 "method": method,
+                "seed": acfg.seed if method in seeded_methods else None,
                 "miou": ev.miou,
                 "miou_with_background": ev.miou_with_background,
                 "per_class": ev.per_class,
@@ -168,6 +204,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "adapt": adapt_cfgs[method].to_dict() if method in adapt_cfgs else None,
                 "image_size": sizes[method],
                 "teacher_init": inits.get(method),
+                "vote_chunk": cell.vote_chunk if method.startswith(("teacher", "transferfss")) else None,
                 # when the total loss, and the method's own segmentation (focal) loss, reached their plateau
                 "plateau_step": plateaus[method][0][0] if method in plateaus else None,
                 "plateau_seconds": plateaus[method][0][1] if method in plateaus else None,
@@ -183,5 +220,5 @@ def _start(folder: Path | None, backbone: FrozenBackbone, cell: Cell) -> Teacher
     device = next(backbone.parameters()).device
     if folder is not None:
         return load_teacher_weights(folder, backbone, cell.model_cfg).to(device)
-    torch.manual_seed(cell.adapt_cfg.seed)
-    return build_teacher(backbone, cell.model_cfg).to(device)
+    with seeded(cell.adapt_cfg.seed, device):
+        return build_teacher(backbone, cell.model_cfg).to(device)

@@ -6,11 +6,17 @@ a superset of K=5 once a level is split). Here the same midpoint levels define a
 (endpoints, then each level's midpoints, spread within the level), and the K-shot set is the first K of that order:
 nested by construction, and equal to the original whenever K fills whole levels (e.g. N=100, K=5 ->
 [0, 24, 49, 74, 99]).
+
+Further support draws (``draw`` >= 1, for error bars over support sets) replace the midpoint order by a seeded random
+permutation of the sorted pool: still nested in K, still alternating between classes, reproducible from the draw
+number alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def _spread(n: int) -> list[int]:
@@ -52,7 +58,17 @@ def midpoint_order(n: int) -> list[int]:
     return order
 
 
-def sample_support(stems: Sequence[str], k: int, class_sets: Sequence[set[int]] | None = None) -> list[str]:
+def draw_order(n: int, draw: int) -> list[int]:
+    """All indices 0..n-1 in the order support draw ``draw`` takes them: 0 = midpoint order, else a permutation
+    seeded by ``draw``."""
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
+    return midpoint_order(n) if draw == 0 else np.random.default_rng(draw).permutation(n).tolist()
+
+
+def sample_support(
+    stems: Sequence[str], k: int, class_sets: Sequence[set[int]] | None = None, draw: int = 0
+) -> list[str]:
     """Pick K support images, deterministically.
 
     Args:
@@ -61,6 +77,7 @@ def sample_support(stems: Sequence[str], k: int, class_sets: Sequence[set[int]] 
         class_sets: per stem (same order as ``stems``), the foreground classes it contains. With several classes
             the picks alternate between classes (each class drawing from the images that contain it, in midpoint
             order), so every class is represented as early as possible; nested in K all the same.
+        draw: 0 = the protocol's midpoint sampler; 1, 2, ... = further nested sets in a seeded random order.
 
     Returns:
         the chosen stems, sorted.
@@ -71,17 +88,20 @@ def sample_support(stems: Sequence[str], k: int, class_sets: Sequence[set[int]] 
         raise ValueError(f"{k} shots requested but the pool has only {len(stems)} images")
     order_idx = sorted(range(len(stems)), key=lambda i: stems[i])
     sorted_stems = [stems[i] for i in order_idx]
+    overall = draw_order(len(stems), draw)
     if class_sets is None:
-        return sorted(sorted_stems[i] for i in midpoint_order(len(stems))[:k])
+        return sorted(sorted_stems[i] for i in overall[:k])
     sets = [class_sets[i] for i in order_idx]
     classes = sorted(set().union(*sets))
     if len(classes) <= 1:
-        return sorted(sorted_stems[i] for i in midpoint_order(len(stems))[:k])
+        return sorted(sorted_stems[i] for i in overall[:k])
+    rank = {i: r for r, i in enumerate(overall)}
     queues = {}
     for c in classes:
         members = [i for i, s in enumerate(sets) if c in s]
-        queues[c] = [members[j] for j in midpoint_order(len(members))]
-    rest = [i for i in midpoint_order(len(stems))]  # images with no foreground fill up at the end
+        # draw 0: each class's own midpoint order; other draws: the members in the draw's random order
+        queues[c] = [members[j] for j in midpoint_order(len(members))] if draw == 0 else sorted(members, key=rank.get)
+    rest = overall  # images with no foreground fill up at the end
     picked: list[int] = []
     chosen: set[int] = set()
     while len(picked) < k:

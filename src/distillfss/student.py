@@ -8,6 +8,7 @@ conv. The classes then go through the shared decoder in one batch.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .backbones import FrozenBackbone, Pyramid
@@ -57,4 +58,4 @@ def build_student(backbone: FrozenBackbone, decoder: Decoder, num_classes: int) 
     """The decoder is the teacher's own module (shared, not copied), as in the original."""
     group_dims = {li.group: li.channels for li in backbone.layer_info}
     heads = nn.ModuleList(ConvDist(group_dims[g], num_classes) for g in sorted(group_dims))
-    return Student(backbone, heads, decoder)
+    return Student(backbone, heads.to(memory_format=torch.channels_last), decoder)  # as the teacher's decoder

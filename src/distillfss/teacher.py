@@ -179,4 +179,6 @@ def build_teacher(backbone: FrozenBackbone, cfg: ModelConfig) -> Teacher:
         )
         for _, (dim, stride) in sorted(group_dims.items())
     )
-    return Teacher(backbone, attention, build_decoder(backbone))
+    # channels_last chosen once, at construction: faster oneDNN convolutions, and no later in-place conversion
+    # whose effect on rounding would depend on what ran before.
+    return Teacher(backbone, attention, build_decoder(backbone).to(memory_format=torch.channels_last))
