@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapt import trainable_parameters
+from .adapt import seeded, trainable_parameters
 from .backbones import FrozenBackbone, Pyramid
 from .config import MetaConfig, ModelConfig
 from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample_episode, usable_classes
@@ -208,13 +208,29 @@ def meta_train(
 
     A folder holding the state of a run with the same config resumes it (``steps`` may grow); a folder holding
     anything else is refused. ``on_step(row)`` is called after every step (tests use it to interrupt a run).
+    Initialisation and dropout draw from a private random state seeded from ``cfg.seed``; the process's own random
+    state is left as it was.
     """
+    with seeded(cfg.seed, next(backbone.parameters()).device):
+        return _meta_train(source, backbone, model_cfg, cfg, out, progress, save_every, cache_gb, on_step)
+
+
+def _meta_train(
+    source: EpisodeSource,
+    backbone: FrozenBackbone,
+    model_cfg: ModelConfig,
+    cfg: MetaConfig,
+    out: Path,
+    progress: bool = True,
+    save_every: int = 25,
+    cache_gb: float = 8.0,
+    on_step=None,
+) -> MetaResult:
     rank, world = _world()
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
     device = next(backbone.parameters()).device
     out = Path(out)
-    torch.manual_seed(cfg.seed)
     teacher = build_teacher(backbone, model_cfg).to(device)
     params = trainable_parameters(teacher, "B")  # everything but the frozen backbone
     if cfg.optimizer == "sgd":
