@@ -40,8 +40,12 @@ def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image", "vote_chunk"}
-    assert r["vote_chunk"] is None  # a student has no support to vote over
+    keys = {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image"}
+    assert set(r) == keys | {"vote_chunk", "eval_resolution"}
+    assert r["vote_chunk"] is None and r["eval_resolution"] == "original"  # a student has no support to vote over
+    args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--eval-size", "32"]
+    assert main([*args, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["eval_resolution"] == 32
     assert r["n_images"] == 3 and set(r["per_class"]) == {"background", "class1", "class2", "class3"}
     assert 0 <= r["miou"] <= 100
 
@@ -126,8 +130,12 @@ def test_too_many_shots(tmp_path, binary_dataset, capsys) -> None:
 
 
 def test_missing_model_folder(tmp_path, capsys) -> None:
-    assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no images" in capsys.readouterr().err or "not a model folder" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "imgs").mkdir()
+    args = ["predict", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no images" in err or "not a model folder" in err
 
 
 def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
@@ -186,3 +194,22 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch) -> N
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys) -> None:
+    from distillfss import commands
+    from distillfss.errors import UserError
+
+    def user_problem(args):
+        raise UserError(f"{tmp_path}/x.png: not an image")
+
+    def bug(args):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr(commands, "evaluate", user_problem)
+    args = ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path)]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"distillfss evaluate: error: {tmp_path}/x.png: not an image\n"
+    monkeypatch.setattr(commands, "evaluate", bug)
+    with pytest.raises(ValueError, match="internal invariant"):  # not swallowed as a user error: exit 1, traceback
+        main(args)

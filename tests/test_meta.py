@@ -85,7 +85,7 @@ def test_checkpoint_starts_adaptation_but_is_not_a_predictor(tmp_path: Path, lit
     with pytest.raises(ModelError, match="without a support set"):
         load_model(tmp_path / "ckpt", backbone=lite0_64)
     wrong = MODEL.__class__(**{**MODEL.to_dict(), "backbone": "efficientnet_lite2"})
-    with pytest.raises(ModelError, match="backbone efficientnet_lite0"):
+    with pytest.raises(ModelError, match="backbone = 'efficientnet_lite0'"):
         load_teacher_weights(tmp_path / "ckpt", lite0_64, wrong)
 
 
@@ -112,8 +112,13 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
 def test_cli_meta_train_errors(tmp_path: Path, capsys) -> None:
     assert main(["meta-train", "--source", "pascal", "--out", str(tmp_path / "o")]) == 2
     assert "--source pascal needs --data" in capsys.readouterr().err
-    assert main(["meta-train", "--source", "pascal", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "voc").mkdir()
+    assert (
+        main(["meta-train", "--source", "pascal", "--data", str(tmp_path / "voc"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "no JPEGImages" in capsys.readouterr().err
+    assert main(["meta-train", "--source", "pascal", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -66,7 +66,8 @@ def test_pothole_keeps_official_split_and_merges_cracks(tmp_path) -> None:
 
 
 def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
-    assert main(["data", "convert", "industrial", str(tmp_path), str(tmp_path / "x")]) == 2
+    (tmp_path / "src").mkdir()
+    assert main(["data", "convert", "industrial", str(tmp_path / "src"), str(tmp_path / "x")]) == 2
     assert "data.json: file not found" in capsys.readouterr().err
     assert main(["data", "convert", "kvasir", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
     assert "folder not found" in capsys.readouterr().err

@@ -27,6 +27,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ class LayerInfo:
     group: int  # index of the (stride, channels) group this layer belongs to
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """Weights for a backbone could not be obtained."""
 
 

@@ -19,6 +19,7 @@ from .config import AdaptConfig
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
+from .outputs import refuse_unsafe_output
 from .protocol import ALL_METHODS, BackboneCache, Cell, run_seeds
 from .stats import mean_std, paired_comparison
 
@@ -50,6 +51,11 @@ def resolve_dataset(spec: str, data_root: Path = Path("datasets")) -> tuple[str,
 def run_benchmark(args: argparse.Namespace) -> dict:
     specs = [s.strip() for s in args.data.split(",") if s.strip()]
     datasets = [resolve_dataset(s, args.data_root) for s in specs]
+    names = [name for name, _ in datasets]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        paths = ", ".join(str(root) for name, root in datasets if name == clash[0])
+        raise DataError(f"--data: two datasets are named {clash[0]} ({paths}); results are keyed by name, rename one")
     shots = sorted(set(int_list(args.shots, "--shots")))
     seeds = list(dict.fromkeys(int_list(args.seeds, "--seeds", minimum=0))) if args.seeds else [args.seed]
     if args.draws < 1:
@@ -79,6 +85,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
     }
     out: Path = args.out
+    refuse_unsafe_output(out, [root for _, root in datasets])
     results_path = out / "results.json"
     results = {"created": timestamp(), "config": config, "rows": []}
     if results_path.is_file():

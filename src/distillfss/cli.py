@@ -7,7 +7,6 @@ exit status 2; nothing is written half-way (outputs go to a temporary folder mov
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,15 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from .backbones import BACKBONES, BackboneError
+from .backbones import BACKBONES
 from .config import PRESETS, AdaptConfig, MetaConfig, ModelConfig, Serializable
 from .data import DataError
-from .model_io import ModelError
+from .errors import UserError
 
 log = logging.getLogger("distillfss")
 
 S = TypeVar("S", bound=Serializable)
-USER_ERRORS = (DataError, BackboneError, ModelError)
 DEMO_ITERATIONS = 40
 
 
@@ -149,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     _teacher_flag(g)
     _training_flags(p)
 
-    p = sub.add_parser("predict", help="segment images with a saved model")
+    p = sub.add_parser(
+        "predict",
+        help="segment images with a saved model",
+        description="Segment images one at a time (bounded memory). A file that cannot be read is skipped and named "
+        "at the end (exit status 2); every readable image still gets its prediction.",
+    )
     p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--out", required=True, type=Path, help="folder for <stem>.png label maps")
@@ -165,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=0,
+        help="score with the ground truth resized to N x N (nearest), as the benchmark (384); 0: original resolution",
+    )
     _inference_flags(p)
 
     p = sub.add_parser("speed", help="time per query and peak memory: teacher vs student vs backbone")
@@ -333,10 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return getattr(commands, args.command.replace("-", "_"))(args)
-    except USER_ERRORS as e:
-        print(f"distillfss {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # user-facing checks inside the library raise ValueError with a full sentence
+    except UserError as e:  # anything else is a bug: its traceback goes through (exit 1)
         print(f"distillfss {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -346,7 +352,10 @@ def timestamp() -> str:
 
 
 def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """Atomically (temporary file + rename): a kill leaves the previous complete file or the new one."""
+    from .outputs import write_json_atomic
+
+    write_json_atomic(path, obj)
 
 
 if __name__ == "__main__":

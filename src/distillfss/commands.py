@@ -21,13 +21,12 @@ from .evaluate import evaluate_predictor
 from .model_io import (
     LOG,
     ModelError,
-    check_output,
     load_model,
     load_teacher_weights,
-    output_folder,
     resolve_teacher,
     save_model,
 )
+from .outputs import check_output, output_folder, refuse_unsafe_output
 from .sampling import sample_support
 from .viz import overlay
 
@@ -49,7 +48,7 @@ def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
 
 
 def adapt(args: argparse.Namespace) -> int:
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, [args.support])
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
@@ -59,7 +58,7 @@ def adapt(args: argparse.Namespace) -> int:
     start, label = resolve_teacher(args.teacher, mcfg)
     log.info("starting teacher: %s", label)
     teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
-    with output_folder(args.out, args.overwrite) as tmp:
+    with output_folder(args.out, args.overwrite, [args.support]) as tmp:
         log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
         result = run_adapt(
             backbone, images.to(device), labels.to(device), mcfg, acfg, teacher=teacher, log_path=tmp / LOG
@@ -97,7 +96,7 @@ def _image_inputs(path: Path) -> list[Path]:
 
 
 def predict(args: argparse.Namespace) -> int:
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, [args.images, args.model])
     files = _image_inputs(args.images)
     if args.engine == "onnx":
         from .export import OnnxPredictor
@@ -109,14 +108,25 @@ def predict(args: argparse.Namespace) -> int:
         predictor = load_model(
             args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
         ).predictor
-    images = [(f, load_image(f)) for f in files]  # read everything first: a corrupt file stops before writing
-    with output_folder(args.out, args.overwrite) as tmp:
-        for f, img in tqdm(images, desc="predict"):
+    unreadable: list[str] = []
+    # One image at a time (read, predict, write): memory stays bounded whatever the folder holds.
+    with output_folder(args.out, args.overwrite, [args.images, args.model]) as tmp:
+        for f in tqdm(files, desc="predict"):
+            try:
+                img = load_image(f)
+            except DataError as e:
+                unreadable.append(str(e))
+                continue
             labels = predictor.predict(img)
             Image.fromarray(labels).save(tmp / f"{f.stem}.png")
             if args.overlay:
                 Image.fromarray(overlay(img, labels)).save(tmp / f"{f.stem}_overlay.png")
-    log.info("wrote %d label maps to %s", len(images), args.out)
+    log.info("wrote %d label maps to %s", len(files) - len(unreadable), args.out)
+    if unreadable:
+        raise DataError(
+            f"{len(unreadable)} of {len(files)} images could not be read (every other image was predicted into "
+            f"{args.out}): " + "; ".join(unreadable)
+        )
     return 0
 
 
@@ -127,9 +137,15 @@ def evaluate(args: argparse.Namespace) -> int:
     split = load_split(args.data, args.split)
     if split.classes != loaded.classes:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
-    result = evaluate_predictor(loaded.predictor, split)
+    if args.eval_size < 0:
+        raise DataError(f"--eval-size: expected >= 0, got {args.eval_size}")
+    result = evaluate_predictor(loaded.predictor, split, eval_size=args.eval_size or None)
     voting = loaded.predictor.vote_chunk if loaded.predictor.voting else 0
-    report = {**result.to_json(), "vote_chunk": voting if loaded.kind == "teacher" else None}
+    report = {
+        **result.to_json(),
+        "vote_chunk": voting if loaded.kind == "teacher" else None,
+        "eval_resolution": args.eval_size or "original",
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
@@ -200,7 +216,7 @@ def benchmark(args: argparse.Namespace) -> int:
 def data(args: argparse.Namespace) -> int:
     from .data.paper import convert
 
-    with output_folder(args.dst, args.overwrite) as tmp:
+    with output_folder(args.dst, args.overwrite, [args.src]) as tmp:
         counts = convert(args.name, args.src, tmp, args.fold)
     log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
     return 0
@@ -216,12 +232,12 @@ def demo(args: argparse.Namespace) -> int:
 def meta_train(args: argparse.Namespace) -> int:
     """Source-domain teacher training; under torchrun each process joins the process group first."""
     import os
-    import shutil
 
     import torch.distributed as dist
 
     from .config import MetaConfig
     from .data.sources import build_source
+    from .meta import WRITTEN
     from .meta import meta_train as run_meta_train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -234,10 +250,12 @@ def meta_train(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     try:
+        refuse_unsafe_output(args.out, [args.data])
         if args.overwrite and args.out.exists() and rank == 0:
             if not args.out.is_dir():
                 raise ModelError(f"{args.out}: exists and is not a folder")
-            shutil.rmtree(args.out)
+            for name in WRITTEN:  # only what a meta-train run writes; anything else in the folder stays
+                (args.out / name).unlink(missing_ok=True)
         if world > 1:
             dist.barrier()
         cfg = config_from_args(MetaConfig, args)

@@ -29,7 +29,8 @@ from PIL import Image
 from .cli import config_from_args, int_list, model_config, timestamp, write_json
 from .config import AdaptConfig
 from .data import DataError, load_pair, load_split
-from .model_io import check_output, output_folder, resolve_teacher
+from .model_io import resolve_teacher
+from .outputs import check_output, output_folder
 from .predictor import Predictor
 from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_seeds
 from .stats import mean_std

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .adapt import seeded, trainable_parameters
 from .backbones import FrozenBackbone, Pyramid
 from .config import MetaConfig, ModelConfig
+from .data import DataError
 from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample_episode, usable_classes
 from .losses import IGNORE
 from .model_io import LOG, ModelError, own_state, save_teacher_checkpoint
@@ -44,6 +45,8 @@ from .teacher import Teacher, build_teacher
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+# Everything meta-train writes into its folder: `--overwrite` removes these and nothing else.
+WRITTEN = (STATE, LOG, "config.json", "model.safetensors", "MODEL_CARD.md")
 
 
 # Settings that may change between an interrupted run and its resumption.
@@ -184,7 +187,7 @@ def validation_episodes(source: EpisodeSource, cfg: MetaConfig) -> list[EpisodeS
     """A fixed set: the held-out classes in turn, episodes seeded independently of training."""
     classes = usable_classes(source, "val", cfg.shots)
     if not classes:
-        raise ValueError(f"{source.name}: no validation class has {cfg.shots + 1} images")
+        raise DataError(f"{source.name}: no validation class has {cfg.shots + 1} images")
     return [
         sample_episode(
             source, "val", classes, cfg.shots, episode_generator(cfg.seed + 7919, 0, i), classes[i % len(classes)]
@@ -228,7 +231,7 @@ def _meta_train(
 ) -> MetaResult:
     rank, world = _world()
     if cfg.batch % world:
-        raise ValueError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
+        raise DataError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
     device = next(backbone.parameters()).device
     out = Path(out)
     teacher = build_teacher(backbone, model_cfg).to(device)
@@ -275,7 +278,7 @@ def _meta_train(
     cache = FeatureCache(backbone, source, device, cache_gb)
     train_classes = usable_classes(source, "train", cfg.shots)
     if not train_classes:
-        raise ValueError(f"{source.name}: no training class has {cfg.shots + 1} images")
+        raise DataError(f"{source.name}: no training class has {cfg.shots + 1} images")
     val_specs = validation_episodes(source, cfg)
     every = {s: sorted({i for c in source.classes(s) for i in source.items_with(s, c)}) for s in ("train", "val")}
     probe = cache.get("val", every["val"][:1])
@@ -414,6 +417,16 @@ def recipe(cfg: MetaConfig, model_cfg: ModelConfig, out: str = "OUT") -> str:
     return "distillfss meta-train " + " ".join(flags)
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def model_card(out: Path) -> str:
     """MODEL_CARD.md of a meta-training folder, from its config.json and train_log.jsonl."""
     import platform
@@ -469,6 +482,7 @@ def model_card(out: Path) -> str:
         "",
         "## Run",
         "",
+        f"- weights: `model.safetensors`, sha256 `{sha256_file(out / 'model.safetensors')}`",
         f"- steps: {rows[-1]['step'] if rows else 0} of {cfg.steps}; kept: step {config['step']} (best validation)",
         f"- validation mIoU of the kept step: {config['val_miou']:.1f} % ({cfg.val_episodes} fixed episodes of "
         "held-out classes; per class, intersections and unions summed over its episodes)",

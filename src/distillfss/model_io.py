@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +20,7 @@ from torch import Tensor, nn
 
 from .backbones import FrozenBackbone, build_backbone
 from .config import ModelConfig
+from .errors import UserError
 from .predictor import VOTE_CHUNK, Predictor
 from .student import Student, build_student
 from .teacher import Teacher, build_teacher, encode_support
@@ -32,7 +29,7 @@ FORMAT = "distillfss-model"
 CONFIG, WEIGHTS, LOG = "config.json", "model.safetensors", "train_log.jsonl"
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model folder that cannot be loaded; the message names the file and the problem."""
 
 
@@ -165,14 +162,19 @@ def save_teacher_checkpoint(out: Path, teacher: Teacher, model_cfg: ModelConfig,
 
 def load_teacher_weights(folder: Path | str, backbone: FrozenBackbone, model_cfg: ModelConfig) -> Teacher:
     """A new teacher for ``model_cfg`` (any number of classes) with a saved teacher's attention and decoder
-    weights. The saved teacher must use the same backbone; its support set, if any, is not loaded."""
+    weights. The saved teacher must have the same architecture (every ModelConfig field but the number of
+    classes: backbone, image size, heads per stride, dropout); its support set, if any, is not loaded."""
     folder = Path(folder)
     config = read_config(folder)
     if config.get("kind") != "teacher":
         raise ModelError(f"{folder}: is a {config.get('kind')}, a starting teacher must be a teacher")
-    saved = config["model"].get("backbone")
-    if saved != model_cfg.backbone:
-        raise ModelError(f"{folder}: a teacher for backbone {saved}, this run uses {model_cfg.backbone}")
+    saved = config["model"]
+    for name, value in model_cfg.to_dict().items():  # every architecture field but the number of classes
+        if name != "num_classes" and saved.get(name) != value:
+            raise ModelError(
+                f"{folder / CONFIG}: a teacher with {name} = {saved.get(name)!r}, this run uses {value!r} "
+                "(choose the matching --preset/--image-size/--backbone, or another --teacher)"
+            )
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: no {WEIGHTS}")
@@ -220,31 +222,3 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: Path) -> No
     if missing or unexpected:
         raise ModelError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     module.load_state_dict(state, strict=False)
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty folder (before any work is done) unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
-
-
-@contextmanager
-def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Write into a temporary folder beside ``out`` and move it into place only when everything succeeded.
-
-    An existing non-empty ``out`` is refused unless ``overwrite``; on failure nothing of ``out`` changes.
-    """
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)

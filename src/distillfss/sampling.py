@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .data.folder import DataError
+
 
 def _spread(n: int) -> list[int]:
     """An order over range(n) that keeps any prefix evenly spread (recursive middles)."""
@@ -83,9 +85,9 @@ def sample_support(
         the chosen stems, sorted.
     """
     if k < 1:
-        raise ValueError(f"shots must be >= 1, got {k}")
+        raise DataError(f"shots must be >= 1, got {k}")
     if k > len(stems):
-        raise ValueError(f"{k} shots requested but the pool has only {len(stems)} images")
+        raise DataError(f"{k} shots requested but the pool has only {len(stems)} images")
     order_idx = sorted(range(len(stems)), key=lambda i: stems[i])
     sorted_stems = [stems[i] for i in order_idx]
     overall = draw_order(len(stems), draw)

@@ -13,7 +13,6 @@ inside the timed call (``support_encoding: true``) and with it encoded once befo
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -26,6 +25,7 @@ import torch
 
 from .backbones import build_backbone
 from .config import ModelConfig
+from .outputs import write_json_atomic
 from .student import build_student
 from .teacher import build_teacher, encode_support
 
@@ -339,6 +339,6 @@ def plot(result: dict, path: Path) -> None:
 
 def write(result: dict, json_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(json_path, result)
     json_path.with_suffix(".md").write_text(table(result))
     plot(result, json_path.with_suffix(".png"))

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IGNORE = 255
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset folder or file that cannot be used; the message names the file and the problem."""
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .folder import DataError
+
 SOURCE_IMAGES: dict[str, str] = {
     "astronaut": "NASA, public domain",
     "camera": "CC0 (Lav Varshney)",
@@ -45,7 +47,7 @@ def load_source_images(names: tuple[str, ...] = tuple(SOURCE_IMAGES)) -> dict[st
     try:
         import skimage.data
     except ImportError:
-        raise ValueError("the selfsup source needs scikit-image: pip install 'distillfss[selfsup]'") from None
+        raise DataError("the selfsup source needs scikit-image: pip install 'distillfss[selfsup]'") from None
 
     out = {}
     for n in names:

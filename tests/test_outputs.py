@@ -1,0 +1,138 @@
+"""No command loses a user's file: unsafe --out refused, --overwrite removes only what distillfss wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_dataset
+
+from distillfss.cli import main, write_json
+from distillfss.outputs import MANIFEST, OutputError, check_output, output_folder
+
+
+@pytest.fixture(scope="module")
+def multiclass_dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "multi", n_train=4, n_test=2, num_classes=2)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, multiclass_dataset):
+    out = tmp_path_factory.mktemp("models") / "model"
+    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1"]
+    assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "3", *fast]) == 0
+    return out
+
+
+def _write(folder: Path, files: dict[str, str], inputs=()) -> None:
+    with output_folder(folder, overwrite=True, inputs=inputs) as tmp:
+        for rel, text in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+
+
+def test_overwrite_replaces_only_what_a_previous_run_wrote(tmp_path) -> None:
+    out = tmp_path / "out"
+    _write(out, {"a.png": "1", "sub/b.png": "1", "stale.png": "1"})
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["a.png", "stale.png", "sub/b.png"]
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "mine.txt").write_text("mine too")
+    _write(out, {"a.png": "2", "sub/b.png": "2"})
+    assert (out / "a.png").read_text() == "2" and (out / "sub/b.png").read_text() == "2"
+    assert not (out / "stale.png").exists()  # the previous run's file, not written this time
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub/mine.txt").read_text() == "mine too"
+
+
+def test_a_new_file_never_replaces_a_users_file(tmp_path) -> None:
+    out = tmp_path / "out"
+    _write(out, {"a.png": "1"})
+    (out / "b.png").write_text("mine")
+    with pytest.raises(OutputError, match="b.png: was not written by distillfss"):
+        _write(out, {"a.png": "2", "b.png": "2"})
+    assert (out / "b.png").read_text() == "mine" and (out / "a.png").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_a_folder_distillfss_did_not_write_is_refused_even_with_overwrite(tmp_path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="no .distillfss-written.json"):
+        check_output(out, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_failure_leaves_the_previous_output_as_it_was(tmp_path) -> None:
+    out = tmp_path / "out"
+    _write(out, {"a.png": "1"})
+    with pytest.raises(RuntimeError), output_folder(out, overwrite=True) as tmp:
+        (tmp / "a.png").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "a.png").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unsafe_outputs_are_refused(tmp_path, monkeypatch) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for out in (images, images / "masks", tmp_path):
+        with pytest.raises(OutputError, match="input"):
+            check_output(out, overwrite=True, inputs=[images])
+    monkeypatch.chdir(images)
+    with pytest.raises(OutputError, match="working directory"):
+        check_output(Path("."), overwrite=True)
+    with pytest.raises(OutputError, match="working directory"):
+        check_output(Path(".."), overwrite=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(OutputError, match="home directory"):
+        check_output(tmp_path / "home", overwrite=True)
+    with pytest.raises(OutputError, match="filesystem root"):
+        check_output(Path("/"), overwrite=True)
+    check_output(images / ".." / "elsewhere", overwrite=False)  # beside the input: fine
+
+
+def test_predict_into_its_own_image_folder_is_refused_and_deletes_nothing(
+    student_dir, multiclass_dataset, capsys
+) -> None:
+    images = multiclass_dataset / "test" / "images"
+    before = sorted(p.name for p in images.iterdir())
+    args = ["predict", "--model", str(student_dir), "--images", str(images), "--out", str(images), "--overwrite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "input" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_predict_overwrite_keeps_the_users_other_files(student_dir, multiclass_dataset, tmp_path) -> None:
+    images = multiclass_dataset / "test" / "images"
+    out = tmp_path / "masks"
+    assert main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out)]) == 0
+    (out / "README.txt").write_text("my notes")
+    assert (
+        main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out), "--overwrite"]) == 0
+    )
+    assert (out / "README.txt").read_text() == "my notes"
+    assert {p.stem for p in images.iterdir()} <= {p.stem for p in out.glob("*.png")}
+
+
+def test_json_results_are_replaced_atomically(tmp_path) -> None:
+    path = tmp_path / "results.json"
+    write_json(path, {"rows": [1]})
+    write_json(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_predict_names_unreadable_files_at_the_end_and_predicts_the_rest(
+    student_dir, multiclass_dataset, tmp_path, capsys
+) -> None:
+    import shutil
+
+    images = tmp_path / "imgs"
+    shutil.copytree(multiclass_dataset / "test" / "images", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out)]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("distillfss predict: error:")]
+    assert len(errors) == 1 and "1 of 3 images could not be read" in errors[0] and "broken.png" in errors[0]
+    assert sorted(p.name for p in out.glob("*.png")) == ["img00.png", "img01.png"]
