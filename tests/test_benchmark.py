@@ -131,6 +131,12 @@ def test_paired_comparison_needs_two_runs_and_is_reproducible() -> None:
     assert paired_comparison(a, b).verdict == "not distinguishable"
     with pytest.raises(ValueError, match="equal lengths"):
         paired_comparison([1.0], [1.0, 2.0])
+    # Three seeds that share a support set repeat one difference: they are one piece of evidence, not three.
+    diffs = [3.0, 3.0, 3.0, -1.0, -1.0, -1.0, 2.0, 2.0, 2.0, 0.5, 0.5, 0.5]
+    groups = [g for g in range(4) for _ in range(3)]
+    flat = paired_comparison(diffs, [0.0] * 12)
+    nested = paired_comparison(diffs, [0.0] * 12, groups)
+    assert nested.mean == flat.mean and nested.high - nested.low > flat.high - flat.low
 
 
 def test_benchmark_seeds_and_draws(tmp_path) -> None:

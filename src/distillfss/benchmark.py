@@ -192,10 +192,11 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float]]:
-    """a's and b's mIoU on every run they share: same dataset, K and draw, and the same seed where b depends on it."""
+def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float], list[tuple]]:
+    """a's and b's mIoU on every run they share (same dataset, K and draw, and the same seed where b depends on
+    it), with each pair's group (dataset, K, draw): the runs of a group share their support set."""
     ref = {(r["dataset"], r["shots"], r.get("draw", 0), r.get("seed")): r["miou"] for r in rows if r["method"] == b}
-    xs, ys = [], []
+    xs, ys, groups = [], [], []
     for r in rows:
         if r["method"] != a:
             continue
@@ -204,7 +205,8 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float]]
         if y is not None:
             xs.append(r["miou"])
             ys.append(y)
-    return xs, ys
+            groups.append(key)
+    return xs, ys, groups
 
 
 def comparisons(rows: list[dict]) -> list[str]:
@@ -218,17 +220,18 @@ def comparisons(rows: list[dict]) -> list[str]:
         for b in refs:
             if b == a:
                 continue
-            xs, ys = _paired(rows, a, b)
+            xs, ys, groups = _paired(rows, a, b)
             if not xs:
                 continue
-            c = paired_comparison(xs, ys)
+            c = paired_comparison(xs, ys, groups)
             interval = "" if c.n < 2 else f" [{c.low:+.1f}, {c.high:+.1f}]"
             lines.append(f"| {a} | {b} | {c.mean:+.1f}{interval} | {c.n} | {c.verdict} |")
     if not lines:
         return []
     return [
-        "Paired differences (method − reference, mIoU points): mean over the shared runs with its 95 % interval "
-        "(paired bootstrap over dataset x K x draw x seed); inside the interval is noise.",
+        "Paired differences (method − reference, mIoU points): mean over the shared runs (dataset x K x draw x seed) "
+        "with its 95 % interval from a hierarchical paired bootstrap (support sets (dataset, K, draw) resampled, then "
+        "seeds within them); an interval that contains 0 is noise.",
         "",
         "| method | vs | difference [95 % interval] | runs | verdict |",
         "|---|---|---|---|---|",
