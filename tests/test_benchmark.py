@@ -20,7 +20,7 @@ def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     cells = {(r["dataset"], r["shots"]) for r in results["rows"]}
     assert cells == {("toy", 1), ("toy", 2)}  # K=9 exceeds the pool and is skipped
-    assert len(results["rows"]) == 2 * 5
+    assert len(results["rows"]) == 2 * 6
     one, two = (set(next(r for r in results["rows"] if r["shots"] == k)["support"]) for k in (1, 2))
     assert one <= two  # nested support sets
     assert all(r["adapt"]["seed"] == 0 for r in results["rows"] if r["adapt"])
@@ -186,3 +186,21 @@ def test_a_cell_gives_the_same_rows_alone_and_after_another_cell(tmp_path) -> No
     torch.rand(10)
     after, _ = run_cell(cell(a, 3), shared)
     assert numbers(after) == numbers(alone)
+
+
+def test_refined_rows_use_the_train_pool_outside_the_support(tmp_path) -> None:
+    data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
+    methods = "distillfss,distillfss_views,distillfss_unlabeled,linear_probe,prototype"
+    args = ["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "b"), "--methods", methods]
+    assert main([*args, "--refine-iterations", "2", *FAST]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b/results.json").read_text())["rows"]}
+    assert rows["distillfss_unlabeled"]["unlabeled_images"] == 3  # 5 train images - 2 support, never the test one
+    assert (
+        rows["distillfss_views"]["unlabeled_images"] is None and rows["distillfss_views"]["adapt"]["views"] == "flips"
+    )
+    assert rows["distillfss"]["adapt"]["refine_iterations"] == 0  # the paper's student is not refined
+    assert rows["distillfss_views"]["adapt"]["refine_iterations"] == 2
+    assert rows["distillfss_unlabeled"]["adapt_seconds"] >= rows["distillfss"]["adapt_seconds"]
+    assert set(rows["linear_probe"]["baseline_settings"]) >= {"l2", "levels", "balanced", "cv"}
+    assert rows["linear_probe"]["baseline_settings"]["cv"] == "leave-one-image-out"
+    assert rows["prototype"]["baseline_settings"]["levels"] in ("all", "fine", "coarse")

@@ -141,12 +141,16 @@ def test_missing_model_folder(tmp_path, capsys) -> None:
 def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--datasets", "nuclei", "--iterations", "1", "--image-size", "64"]
+    args += ["--refine-iterations", "2"]
     assert main([*args, "--probe-size", "64", "--backbone", "efficientnet_lite0", "--seeds", "0,1"]) == 0
     results = json.loads((out / "results.json").read_text())
     runs = [(r["method"], r["seed"]) for r in results["rows"]]
     first = [("teacher", 0), ("transferfss", 0), ("distillfss", 0), ("linear_probe", None), ("prototype", None)]
     # no shipped teacher for lite0: the teacher starts random, so it depends on the seed too
-    assert runs == [*first, ("teacher", 1), ("transferfss", 1), ("distillfss", 1)]
+    seeded = [("teacher", 1), ("transferfss", 1), ("distillfss", 1), ("distillfss_unlabeled", 1)]
+    assert runs == [*first, ("distillfss_unlabeled", 0), *seeded]
+    unlabeled = next(r for r in results["rows"] if r["method"] == "distillfss_unlabeled")
+    assert unlabeled["unlabeled_images"] == 3 and unlabeled["adapt"]["refine_iterations"] == 2  # 8 train - 5 shots
     assert results["seeds"] == [0, 1] and results["deterministic"] is True
     for r in results["rows"]:
         assert {

@@ -19,6 +19,17 @@ with no shot in the episode to background (the teacher cannot know them); the st
 focal loss uses the query's full labels. The distillation MSE is averaged over the classes present per episode,
 then over episodes (the original's weighting).
 
+Student refinement (``cfg.refine_iterations`` > 0, after the joint stage; ``refine``): the adapted teacher, now
+frozen, labels a bank of views -- augmented copies of the support images (``cfg.views``: flips / the dihedral
+group) and, when given, unlabeled images of the target domain with their augmented copies -- each encoded once by
+the frozen backbone. The student (its ConvDist heads and its own copy of the decoder's set-A modules; the
+teacher's decoder is untouched) then learns from minibatches of that bank: on support views the focal loss on
+their true (transformed) labels, on unlabeled views the teacher's soft labels (cross-entropy to its merged
+probabilities, each pixel weighted by the teacher's confidence, its top probability), and on every view the
+coarse-map MSE to the teacher's coarse masks. Support views are labelled by the teacher without their own source
+image among the shots (train as you infer); unlabeled views use every shot, with voting as at inference. Masks of
+unlabeled images are never read.
+
 Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen), and the
 seed drives initialisation, episodes and dropout through a private random state, so a run does not depend on what
 ran before it in the process.
@@ -44,6 +55,7 @@ from tqdm.auto import tqdm
 from .backbones import FrozenBackbone, Pyramid
 from .config import AdaptConfig, ModelConfig
 from .losses import balanced_weights, coarse_mse, focal_loss
+from .predictor import VOTE_CHUNK
 from .student import Student, build_student
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 
@@ -54,6 +66,9 @@ TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
     "B": ("decoder.", "attention."),
     "C": ("decoder.conv1", "decoder.conv2", "decoder.conv3", "decoder.mixer", "attention."),
 }
+# Augmented views of the bank: indices into the 8 symmetries of the square (see ``dihedral``); 0 = identity.
+VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "hflip": (0, 1), "flips": (0, 1, 2, 3), "dihedral": tuple(range(8))}
+ENCODE_CHUNK = 16  # images per backbone call when encoding a view bank
 
 
 @dataclass
@@ -141,6 +156,7 @@ def adapt(
     log_path: Path | None = None,
     on_step: Callable[[dict], None] | None = None,
     support: EncodedSupport | None = None,
+    unlabeled: Tensor | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distill a student.
 
@@ -151,10 +167,14 @@ def adapt(
         log_path: where to append one JSON line per step.
         support: the same images already encoded by ``backbone`` (saves recomputing their features); encoded
             here when None. The reported seconds then exclude that encoding.
+        unlabeled: (U, 3, S, S) images of the target domain without masks, for the student's refinement
+            (``cfg.refine_iterations`` > 0 and a student); their encoding is included in the seconds.
     """
     t0 = time.perf_counter()
     with seeded(cfg.seed, images.device):
-        return _adapt(backbone, images, labels, model_cfg, cfg, teacher, progress, log_path, on_step, support, t0)
+        return _adapt(
+            backbone, images, labels, model_cfg, cfg, teacher, progress, log_path, on_step, support, unlabeled, t0
+        )
 
 
 def _adapt(
@@ -168,6 +188,7 @@ def _adapt(
     log_path: Path | None,
     on_step: Callable[[dict], None] | None,
     support: EncodedSupport | None,
+    unlabeled: Tensor | None,
     t0: float,
 ) -> AdaptResult:
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -198,6 +219,8 @@ def _adapt(
             _train(teacher, None, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
             steps = cfg.student_iterations or cfg.iterations
             _train(teacher, student, support, labels, cfg, steps, "student", gen, progress, record)
+        if student is not None and cfg.refine_iterations > 0:
+            student = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
     finally:
         if log_file:
             log_file.close()
@@ -286,6 +309,176 @@ def _train(
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     for p in params:
         p.requires_grad_(False)
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """The k-th (0..7) symmetry of the square on the last two dims: bit 2 transposes, bit 0 flips left-right,
+    bit 1 flips up-down (0 = identity, 3 = rotation by 180 degrees)."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    return x
+
+
+def refine(
+    teacher: Teacher,
+    student: Student,
+    support: EncodedSupport,
+    images: Tensor,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    unlabeled: Tensor | None = None,
+    progress: bool = True,
+    log_path: Path | None = None,
+) -> tuple[Student, list[dict]]:
+    """Refine an adapted student on the view bank (see the module docstring) -> (a new student, log rows).
+
+    The teacher and the student passed in are not changed; the new student shares only the frozen backbone.
+    Seeded by ``cfg.seed`` through a private random state, as ``adapt``.
+    """
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
+
+    def record(row: dict) -> None:
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+
+    try:
+        with seeded(cfg.seed, images.device):
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            new = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
+    finally:
+        if log_file:
+            log_file.close()
+    return new.eval(), rows
+
+
+def _encode_views(backbone: FrozenBackbone, images: Tensor, views: tuple[int, ...]) -> Pyramid:
+    """Backbone features of every (view, image) pair, view-major -> a Pyramid of len(views) * N images."""
+    parts = []
+    with torch.no_grad():
+        for k in views:
+            x = dihedral(images, k)
+            for i in range(0, len(x), ENCODE_CHUNK):
+                parts.append(backbone(x[i : i + ENCODE_CHUNK].contiguous(memory_format=torch.channels_last)))
+    return Pyramid(torch.cat([p.skip4 for p in parts]), tuple(torch.cat(t) for t in zip(*(p.layers for p in parts))))
+
+
+def _refine(
+    teacher: Teacher,
+    student: Student,
+    support: EncodedSupport,
+    images: Tensor,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    unlabeled: Tensor | None,
+    gen: torch.Generator,
+    progress: bool,
+    record: Callable[[dict], None],
+) -> Student:
+    device = images.device
+    views = VIEWS[cfg.views]
+    m, n_cls = support.flags.shape
+    # The bank: support views (hard labels, their source image left out of the teacher's shots), then unlabeled views.
+    sources = [torch.arange(m, device=device)] * len(views)
+    hard = [dihedral(labels, k) for k in views]
+    banks = [_encode_views(student.backbone, images, views)]
+    if unlabeled is not None and len(unlabeled):
+        u_views = VIEWS[cfg.unlabeled_views]
+        banks.append(_encode_views(student.backbone, unlabeled, u_views))
+        sources.append(torch.full((len(unlabeled) * len(u_views),), -1, device=device))
+        hard.append(torch.full((len(unlabeled) * len(u_views), *labels.shape[1:]), -1, device=device))
+    bank = Pyramid(torch.cat([b.skip4 for b in banks]), tuple(torch.cat(t) for t in zip(*(b.layers for b in banks))))
+    source, hard_labels = torch.cat(sources), torch.cat(hard)
+    coarse, soft, present = _teacher_labels(teacher, support, bank, source)
+
+    new = Student(student.backbone, copy.deepcopy(student.heads), copy.deepcopy(student.decoder))
+    params = [p for n, p in new.named_parameters() if n.startswith(("heads.", *TRAINABLE_SETS["A"]))]
+    for p in new.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.schedule, cfg.refine_iterations))
+    weights = balanced_weights(labels, n_cls) if cfg.class_weights == "balanced" else None
+    new.train()
+    order = torch.zeros(0, dtype=torch.long)
+    n = len(source)
+    bar = tqdm(range(cfg.refine_iterations), desc="refine (student)", disable=not progress, leave=False)
+    for step in bar:
+        if len(order) < cfg.view_batch:  # an epoch over the bank in a seeded order, then the next
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[: cfg.view_batch].to(device), order[cfg.view_batch :]
+        out = new.forward_features(Pyramid(bank.skip4[idx], tuple(t[idx] for t in bank.layers)))
+        labelled = source[idx] >= 0
+        row: dict = {"step": step + 1, "stage": "refine"}
+        seg = []
+        if labelled.any():
+            f = focal_loss(out.logits[labelled], hard_labels[idx][labelled], cfg.focal_gamma, weights)
+            seg.append(f)
+            row["focal_student"] = round(f.item(), 5)
+        if (~labelled).any():
+            u = idx[~labelled]
+            p = soft[u].float()
+            conf = p.amax(dim=1)  # (B, S, S) the teacher's confidence
+            ce = -(p * torch.log_softmax(out.logits[~labelled].float(), dim=1)).sum(dim=1)
+            s_loss = (conf * ce).sum() / conf.sum().clamp_min(1e-8)
+            seg.append(s_loss)
+            row["soft"] = round(s_loss.item(), 5)
+        d = coarse_mse([c[idx] for c in coarse], [c.float() for c in out.coarse], new.strides, present[idx])
+        loss = (torch.stack(seg).mean() + cfg.distill_weight * d) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        row["distill"] = round(d.item(), 5)
+        row["loss"] = round(loss.item(), 5)
+        record(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+    for p in params:
+        p.requires_grad_(False)
+    return new.eval()
+
+
+@torch.no_grad()
+def _teacher_labels(
+    teacher: Teacher, support: EncodedSupport, bank: Pyramid, source: Tensor
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The frozen teacher on every view of the bank -> (coarse masks per layer (N, C, h, w), merged probabilities
+    (N, C+1, S, S) as float16, present (N, C): the classes with shots for that view). A support view (source >= 0)
+    does not see its own source image among the shots (unless it is the only one); an unlabeled view sees every
+    shot, and votes over chunks when a class has more than ``VOTE_CHUNK`` shots, as a predictor does."""
+    was_training = teacher.training
+    teacher.eval()
+    m = support.shots
+    voting = int(support.flags.sum(dim=0).max()) > VOTE_CHUNK
+    coarse: list[list[Tensor]] = []
+    soft, present = [], []
+    for i in range(0, len(source), ENCODE_CHUNK):
+        sl = slice(i, i + ENCODE_CHUNK)
+        q = Pyramid(bank.skip4[sl], tuple(t[sl] for t in bank.layers))
+        src = source[sl]
+        own = src.view(-1, 1) == torch.arange(m, device=src.device).view(1, -1)  # (B, K)
+        valid = ~own if m > 1 else torch.ones_like(own)
+        shot_valid = valid.unsqueeze(1) & support.flags.T.unsqueeze(0)  # (B, C, K)
+        out = teacher.forward_features(q, support, shot_valid)
+        logits = out.logits
+        if voting and bool((src < 0).any()):
+            u = src < 0
+            q_u = Pyramid(q.skip4[u], tuple(t[u] for t in q.layers))
+            logits = logits.clone()
+            logits[u] = teacher.forward_voting(q_u, support, VOTE_CHUNK)
+        coarse.append([c.detach() for c in out.coarse])
+        soft.append(torch.softmax(logits.float(), dim=1).half())
+        present.append(shot_valid.any(dim=2))
+    teacher.train(was_training)
+    return [torch.cat(c) for c in zip(*coarse)], torch.cat(soft), torch.cat(present)
 
 
 def plateau(rows: list[dict], window: int = 10, fraction: float = 0.9, key: str = "loss") -> tuple[int, float]:

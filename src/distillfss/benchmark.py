@@ -66,6 +66,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
         raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
+    if "distillfss_unlabeled" in methods and not args.unlabeled_from_train:
+        raise DataError(
+            "--methods: distillfss_unlabeled takes its unlabeled images from the train split; drop "
+            "--no-unlabeled-from-train or the method"
+        )
+    if args.max_unlabeled < 1:
+        raise DataError(f"--max-unlabeled: expected a positive number, got {args.max_unlabeled}")
     acfg = config_from_args(AdaptConfig, args)
     config = {
         "preset": args.preset,
@@ -76,6 +83,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seeds": seeds,
         "draws": args.draws,
         "vote_chunk": args.vote_chunk,
+        "max_unlabeled": args.max_unlabeled,
         "methods": list(methods),
         "per_class": args.per_class,
         "eval_size": args.eval_size,
@@ -129,6 +137,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     label,
                     draw,
                     args.vote_chunk,
+                    max_unlabeled=args.max_unlabeled,
                 )
                 log.info("[%s] K=%d draw %d, seeds %s", name, k, draw, seeds)
                 logs = out / f"train_log_{name}_{k}shot_draw{draw}.jsonl"
@@ -210,15 +219,16 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
 
 
 def comparisons(rows: list[dict]) -> list[str]:
-    """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS: the mean
+    """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS (and each
+    DistillFSS variant against plain DistillFSS): the mean
     paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap interval, and a verdict."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
-    refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss") if m in methods]
+    refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss", "distillfss") if m in methods]
     lines = []
     for a in adapted:
         for b in refs:
-            if b == a:
+            if b == a or (b == "distillfss" and not a.startswith("distillfss_")):  # variants against the plain one
                 continue
             xs, ys, groups = _paired(rows, a, b)
             if not xs:

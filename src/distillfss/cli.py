@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .backbones import BACKBONES
-from .config import PRESETS, AdaptConfig, MetaConfig, ModelConfig, Serializable
+from .config import PRESETS, REFINE_ITERATIONS, AdaptConfig, MetaConfig, ModelConfig, Serializable
 from .data import DataError
 from .errors import UserError
 
@@ -23,6 +23,7 @@ log = logging.getLogger("distillfss")
 
 S = TypeVar("S", bound=Serializable)
 DEMO_ITERATIONS = 40
+DEMO_REFINE_ITERATIONS = 20
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,20 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         choices=["bf16", "fp32"],
         help="bf16: autocast the decoder/heads (faster on CPUs with fast bf16 kernels, slower on others)",
     )
+    g.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=None,
+        help="student refinement steps after adaptation, on augmented support views and unlabeled images labelled "
+        f"by the adapted teacher (0: off; default {REFINE_ITERATIONS} with unlabeled images, else 0)",
+    )
+    g.add_argument(
+        "--views",
+        default=AdaptConfig.views,
+        choices=["none", "hflip", "flips", "dihedral"],
+        help="augmented copies of each support and unlabeled image in the refinement bank: none, left-right flip, "
+        "both flips, or all 8 flips/90-degree rotations (default %(default)s; pick what your domain allows)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
 
 
@@ -105,6 +120,18 @@ def _seeds_flag(p: argparse.ArgumentParser, default: str | None) -> None:
         help="comma-separated adaptation seeds; every seeded method runs once per seed and results report mean ± std"
         + ("" if default else " (default: --seed)"),
     )
+
+
+def _unlabeled_pool_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("unlabeled images (row distillfss_unlabeled)")
+    g.add_argument(
+        "--unlabeled-from-train",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="distillfss_unlabeled's unlabeled images: the train split's images outside the support set (their masks "
+        "are never read; test images are never used)",
+    )
+    g.add_argument("--max-unlabeled", type=int, default=64, help="at most this many unlabeled images (default 64)")
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
@@ -145,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="episode builder: each image the query once with all others as shots, or the original pairs",
     )
     _teacher_flag(g)
+    g.add_argument(
+        "--unlabeled",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="images of the same domain without masks (only the images are read; the support images are left out): "
+        "the adapted teacher labels them and the student learns from its soft labels (needs --refine-iterations)",
+    )
+    g.add_argument(
+        "--max-unlabeled",
+        type=int,
+        default=64,
+        help="at most this many unlabeled images (an evenly spread subset of the name-sorted folder; default 64)",
+    )
     _training_flags(p)
 
     p = sub.add_parser(
@@ -215,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="1,2,5", help="comma-separated K values (nested support sets)")
     p.add_argument(
         "--methods",
-        default="teacher,transferfss,distillfss,linear_probe,prototype",
+        default="teacher,transferfss,distillfss,distillfss_unlabeled,linear_probe,prototype",
         help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
-        "random teacher whatever --teacher says",
+        "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
+        "unlabeled train images / on flipped support images",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
@@ -242,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_flags(p)
     _training_flags(p, "adaptation (ablations)")
+    _unlabeled_pool_flags(p)
 
     p = sub.add_parser(
         "meta-train",
@@ -298,11 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="also adapt from a randomly initialised teacher (rows *_random) when the start is meta-trained",
     )
+    p.add_argument(
+        "--unlabeled",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="row distillfss_unlabeled: the student refined on the train images outside the support set, as "
+        "unlabeled images (default on)",
+    )
     _seeds_flag(p, "0,1,2")
     _vote_flag(p)
     _training_flags(p)
-    # 3 seeds x 3 datasets of 100 steps would take ~17 min on 2 cores; 40 steps keep the demo near 8 min.
-    p.set_defaults(iterations=DEMO_ITERATIONS)
+    # 3 seeds x 3 datasets of 100 steps would take ~17 min on 2 cores; 40 steps (and 20 refinement steps for
+    # distillfss_unlabeled) keep the demo near 10 min.
+    p.set_defaults(iterations=DEMO_ITERATIONS, refine_iterations=DEMO_REFINE_ITERATIONS)
     return parser
 
 

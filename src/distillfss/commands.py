@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,8 +15,8 @@ from tqdm.auto import tqdm
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
 from .cli import config_from_args, int_list, model_config, timestamp, write_json
-from .config import AdaptConfig
-from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors
+from .config import REFINE_ITERATIONS, AdaptConfig
+from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import IMAGE_EXTS, list_images
 from .evaluate import evaluate_predictor
 from .model_io import (
@@ -48,20 +49,40 @@ def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
 
 
 def adapt(args: argparse.Namespace) -> int:
-    check_output(args.out, args.overwrite, [args.support])
+    inputs = [args.support] + ([args.unlabeled] if args.unlabeled else [])
+    check_output(args.out, args.overwrite, inputs)
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
     acfg = config_from_args(AdaptConfig, args)
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
+    unlabeled, unlabeled_names = None, []
+    if args.unlabeled is not None:
+        if args.refine_iterations is None:
+            acfg = dataclasses.replace(acfg, refine_iterations=REFINE_ITERATIONS)
+        if acfg.method != "distill" or acfg.refine_iterations < 1:
+            raise DataError(
+                f"{args.unlabeled}: unlabeled images train the student's refinement: use --method distill and "
+                "--refine-iterations N (N > 0)"
+            )
+        support_files = [s.image for s in split.samples if s.stem in stems]
+        unlabeled, unlabeled_names = load_unlabeled(args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files)
+        log.info("%d unlabeled images from %s", len(unlabeled_names), args.unlabeled)
     backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
     start, label = resolve_teacher(args.teacher, mcfg)
     log.info("starting teacher: %s", label)
     teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
-    with output_folder(args.out, args.overwrite, [args.support]) as tmp:
+    with output_folder(args.out, args.overwrite, inputs) as tmp:
         log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
         result = run_adapt(
-            backbone, images.to(device), labels.to(device), mcfg, acfg, teacher=teacher, log_path=tmp / LOG
+            backbone,
+            images.to(device),
+            labels.to(device),
+            mcfg,
+            acfg,
+            teacher=teacher,
+            log_path=tmp / LOG,
+            unlabeled=None if unlabeled is None else unlabeled.to(device),
         )
         model = result.student if args.method == "distill" else result.teacher
         meta = {
@@ -69,6 +90,7 @@ def adapt(args: argparse.Namespace) -> int:
             "adapt": acfg.to_dict(),
             "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
             "support": {"dataset": str(split.root), "stems": stems, "shots": len(stems)},
+            "unlabeled": {"folder": str(args.unlabeled), "images": unlabeled_names} if args.unlabeled else None,
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
         }

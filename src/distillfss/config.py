@@ -39,6 +39,8 @@ class ModelConfig(Serializable):
 
 
 # Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
+REFINE_ITERATIONS = 40  # student refinement steps when unlabeled images are given and the run names no number
+
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {},
     "paper": {"image_size": 384, "heads": 8, "heads_stride8": 8, "pe_dropout": 0.5, "attn_dropout": 0.5},
@@ -64,6 +66,11 @@ class AdaptConfig(Serializable):
     # bf16 autocasts the decoder/heads: 2x faster on a CPU with fast bf16 kernels (AMD EPYC, measured), 1.3x slower
     # on another with avx512_bf16 (Intel Xeon, measured); fp32 does not depend on how a CPU does bf16: the default.
     precision: Literal["bf16", "fp32"] = "fp32"
+    # Student refinement on a bank of views labelled by the adapted teacher (0 steps = off; see adapt.refine):
+    refine_iterations: int = 0
+    views: Literal["none", "hflip", "flips", "dihedral"] = "none"  # augmented copies of each support image
+    unlabeled_views: Literal["none", "hflip", "flips", "dihedral"] = "flips"  # ... of each unlabeled image
+    view_batch: int = 8  # views per refinement step
     seed: int = 0
 
 

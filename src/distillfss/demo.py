@@ -7,7 +7,11 @@ For each dataset: K support images from train/ (midpoint sampler), then on every
 * ``distillfss``: the support-free student;
 * ``linear_probe``: per-pixel logistic regression on the same frozen backbone's features and support set, at
   ``--probe-size`` (default 384 px, where it is strongest on these sets; the models run at their own size);
-* ``prototype``: training-free prototype matching (masked average pooling + cosine), same features and size.
+* ``prototype``: training-free prototype matching (masked average pooling + cosine), same features and size;
+  both baselines choose their feature levels (and the probe its L2 strength and class weighting) by
+  cross-validation on the support set;
+* ``distillfss_unlabeled``: the student refined on the train images outside the support set as unlabeled images
+  (labelled by the adapted teacher; their masks are never read), ``--no-unlabeled`` leaves it out.
 
 TransferFSS and DistillFSS run once per ``--seeds`` entry (default 0, 1, 2) and are reported as mean ± std; the other
 methods do not depend on the seed.
@@ -27,7 +31,7 @@ import torch
 from PIL import Image
 
 from .cli import config_from_args, int_list, model_config, timestamp, write_json
-from .config import AdaptConfig
+from .config import REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import resolve_teacher
 from .outputs import check_output, output_folder
@@ -35,6 +39,8 @@ from .predictor import Predictor
 from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_seeds
 from .stats import mean_std
 from .viz import overlay
+
+DEMO_METHODS = (*METHODS, "distillfss_unlabeled")
 
 log = logging.getLogger("distillfss")
 
@@ -50,6 +56,7 @@ def demo_datasets() -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    methods = DEMO_METHODS if args.unlabeled else METHODS
     names = demo_datasets() if not args.datasets else [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(demo_datasets()))
     if unknown:
@@ -77,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 mcfg,
                 config_from_args(AdaptConfig, args),
                 args.probe_size or mcfg.image_size,
-                METHODS + (RANDOM_START if compare else ()),
+                methods + (RANDOM_START if compare else ()),
                 teacher=start,
                 teacher_label=label,
                 vote_chunk=args.vote_chunk,
@@ -94,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                     row["ms_per_image"],
                 )
             rows += cell_rows
-            _write_overlays(tmp / "overlays", name, test, predictors)
+            _write_overlays(tmp / "overlays", name, test, predictors, methods)
 
         results = {
             "created": timestamp(),
@@ -105,35 +112,35 @@ def run_demo(args: argparse.Namespace) -> dict:
             "rows": rows,
         }
         write_json(tmp / "results.json", results)
-        _bar_plot(rows, names, tmp / "miou.png")
-        (tmp / "report.md").write_text(_report(results, names))
+        _bar_plot(rows, names, methods, tmp / "miou.png")
+        (tmp / "report.md").write_text(_report(results, names, methods))
     log.info("demo written to %s", args.out)
     return results
 
 
-def _write_overlays(folder: Path, name: str, test, predictors: dict[str, Predictor]) -> None:
+def _write_overlays(folder: Path, name: str, test, predictors: dict[str, Predictor], methods: tuple[str, ...]) -> None:
     """One strip per test image: ground truth, then each method's prediction (first seed), tinted on the image."""
     for sample in test.samples[:N_OVERLAYS]:
         image, mask = load_pair(sample, test.num_classes)
-        tiles = [overlay(image, mask)] + [overlay(image, predictors[m].predict(image)) for m in METHODS]
+        tiles = [overlay(image, mask)] + [overlay(image, predictors[m].predict(image)) for m in methods]
         gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
         strip = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
         Image.fromarray(strip).save(folder / f"{name}_{sample.stem}.png")
 
 
-def _bar_plot(rows: list[dict], names: list[str], path: Path) -> None:
+def _bar_plot(rows: list[dict], names: list[str], methods: tuple[str, ...], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 2, 3.5))
-    width = 0.8 / len(METHODS)
-    for j, method in enumerate(METHODS):
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
         stats = [_summary(rows, n, method) for n in names]
         x = np.arange(len(names)) + j * width
         ax.bar(x, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=method)
-    ax.set_xticks(np.arange(len(names)) + width * (len(METHODS) - 1) / 2, names)
+    ax.set_xticks(np.arange(len(names)) + width * (len(methods) - 1) / 2, names)
     ax.set_ylabel("foreground mIoU (%), mean ± std over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -152,7 +159,7 @@ def _cell(rows: list[dict], dataset: str, method: str, key: str = "miou", digits
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _report(results: dict, names: list[str]) -> str:
+def _report(results: dict, names: list[str], methods: tuple[str, ...]) -> str:
     rows = results["rows"]
     cfg = rows[0]["model"]
     acfg = next(r["adapt"] for r in rows if r["adapt"])
@@ -173,30 +180,35 @@ def _report(results: dict, names: list[str]) -> str:
         "adaptation; `transferfss` = the adapted teacher (needs the support images); `distillfss` = the "
         "support-free student; `linear_probe` = logistic regression on the same frozen backbone's features and "
         f"support set, at {probe} px; `prototype` = training-free prototype matching (masked average pooling + "
-        "cosine), same features and size. With 8-16 test images per set, differences of a few points are within "
+        "cosine), same features and size; both baselines choose their feature levels (the probe also its L2 "
+        "strength and class weighting) by cross-validation on the support set. `distillfss_unlabeled` = the "
+        f"student refined for {acfg['refine_iterations'] or REFINE_ITERATIONS} steps on the train images outside "
+        "the support set, used as unlabeled images labelled by the adapted teacher (their masks are never read). "
+        "With 8-16 test images per set, differences of a few points are within "
         "the seed-to-seed spread; `distillfss benchmark --seeds ... --draws ...` gives paired intervals.",
         "",
-        "| dataset | shots | " + " | ".join(METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
+        "| dataset | shots | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
     ]
     for n in names:
         shots = next(r["shots"] for r in rows if r["dataset"] == n)
-        lines.append(f"| {n} | {shots} | " + " | ".join(_cell(rows, n, m) for m in METHODS) + " |")
+        lines.append(f"| {n} | {shots} | " + " | ".join(_cell(rows, n, m) for m in methods) + " |")
     lines += [
         "",
         "Timings: adaptation seconds (support encoding included; mean over seeds) and milliseconds per test image "
         "(resize, forward, resize back).",
         "",
-        "| dataset | adapt s (TransferFSS+DistillFSS) | fit s (probe) | "
-        + " | ".join(f"ms/img {m}" for m in METHODS)
-        + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
+        "| dataset | adapt s (TransferFSS+DistillFSS) | adapt s (+ unlabeled refinement) | fit s (probe, CV "
+        "included) | " + " | ".join(f"ms/img {m}" for m in methods) + " |",
+        "|---|---|---|---|" + "---|" * len(methods),
     ]
     for n in names:
+        refined = _summary(rows, n, "distillfss_unlabeled", "adapt_seconds")
         lines.append(
             f"| {n} | {_summary(rows, n, 'distillfss', 'adapt_seconds')[0]:.1f} | "
+            f"{f'{refined[0]:.1f}' if refined[2] else 'n/a'} | "
             f"{_summary(rows, n, 'linear_probe', 'adapt_seconds')[0]:.1f} | "
-            + " | ".join(f"{_summary(rows, n, m, 'ms_per_image')[0]:.0f}" for m in METHODS)
+            + " | ".join(f"{_summary(rows, n, m, 'ms_per_image')[0]:.0f}" for m in methods)
             + " |"
         )
     lines += _start_table(rows, names)
@@ -204,7 +216,7 @@ def _report(results: dict, names: list[str]) -> str:
         "",
         "![mIoU per dataset and method](miou.png)",
         "",
-        "Overlays (ground truth, then " + ", ".join(METHODS) + "; first seed) are in `overlays/`.",
+        "Overlays (ground truth, then " + ", ".join(methods) + "; first seed) are in `overlays/`.",
         "",
     ]
     return "\n".join(lines)

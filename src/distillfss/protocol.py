@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .adapt import adapt, plateau, seeded
+from .adapt import adapt, plateau, refine, seeded
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
-from .config import AdaptConfig, ModelConfig
-from .data import Split, class_sets, load_support_tensors
+from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig
+from .data import Split, class_sets, load_support_tensors, load_unlabeled
 from .evaluate import evaluate_predictor
 from .model_io import load_teacher_weights
 from .predictor import VOTE_CHUNK, Predictor
@@ -31,8 +31,15 @@ ABLATIONS: dict[str, dict] = {
     "_two_stage": {"mode": "two_stage"},
     "_nodistill": {"distill_weight": 0.0},
 }
+# The student refined after adaptation (adapt.refine): on augmented support views only (--views, "flips" when that
+# says none), and on the support images plus the train split's images outside the support set as unlabeled images
+# (their masks are never read; test images are never used).
+REFINED = ("distillfss_views", "distillfss_unlabeled")
 ALL_METHODS = (
-    METHODS + RANDOM_START + tuple(f"{m}{suffix}" for suffix in ABLATIONS for m in ("transferfss", "distillfss"))
+    METHODS
+    + RANDOM_START
+    + tuple(f"{m}{suffix}" for suffix in ABLATIONS for m in ("transferfss", "distillfss"))
+    + REFINED
 )
 
 
@@ -67,6 +74,7 @@ class Cell:
     teacher_label: str = "random"  # how results name that start
     draw: int = 0  # support draw: 0 = the protocol's midpoint set, 1.. = seeded random nested sets
     vote_chunk: int = VOTE_CHUNK  # teacher predictors vote over chunks of this many shots per class (0: all at once)
+    max_unlabeled: int = 64  # distillfss_unlabeled: at most this many train images outside the support
 
     def seeded_methods(self) -> tuple[str, ...]:
         """The methods whose result depends on the adaptation seed (the others are deterministic given the support:
@@ -122,13 +130,15 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     wanted = set(cell.methods)
 
     plateaus: dict[str, tuple[tuple[int, float], ...]] = {}
+    unlabeled_counts: dict[str, int] = {}
     adapt_cfgs: dict[str, AdaptConfig] = {}
     variants = {"": (cell.teacher, cell.teacher_label, {}), "_random": (None, "random", {})}
     variants.update({suffix: (cell.teacher, cell.teacher_label, change) for suffix, change in ABLATIONS.items()})
     encoded = None
     for suffix, (start, label, change) in variants.items():
         names = {f"teacher{suffix}", f"transferfss{suffix}", f"distillfss{suffix}"} & set(ALL_METHODS)
-        if not wanted & names:
+        refined = wanted & set(REFINED) if suffix == "" else set()
+        if not wanted & names and not refined:
             continue
         backbone = backbones.get(mcfg.image_size)
         if encoded is None:
@@ -147,9 +157,10 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 _start(start, backbone, cell), mcfg.image_size, support, vote_chunk=cell.vote_chunk
             )
             seconds[f"teacher{suffix}"] = 0.0
-        if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"}:
-            method = "distill" if f"distillfss{suffix}" in wanted else "transfer"
-            cfg = AdaptConfig.from_dict({**acfg.to_dict(), **change, "method": method})
+        if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"} or refined:
+            method = "distill" if f"distillfss{suffix}" in wanted or refined else "transfer"
+            # the paper's rows have no refinement; the refined rows continue from their student
+            cfg = AdaptConfig.from_dict({**acfg.to_dict(), **change, "method": method, "refine_iterations": 0})
             adapt_cfgs[f"transferfss{suffix}"] = adapt_cfgs[f"distillfss{suffix}"] = cfg
             log_file = log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
             result = adapt(
@@ -168,12 +179,44 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             if result.student is not None:
                 predictors[f"distillfss{suffix}"] = Predictor(result.student, mcfg.image_size)
             seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
+            for name in sorted(refined):
+                t0 = time.perf_counter()
+                rcfg = dataclasses.replace(
+                    acfg, refine_iterations=acfg.refine_iterations or REFINE_ITERATIONS, method="distill"
+                )
+                if name == "distillfss_views" and rcfg.views == "none":
+                    rcfg = dataclasses.replace(rcfg, views="flips")  # the row's point: augmented support views
+                pool = None
+                if name == "distillfss_unlabeled":
+                    pool = _unlabeled_pool(cell, stems, mcfg.image_size)
+                    unlabeled_counts[name] = 0 if pool is None else len(pool)
+                assert result.student is not None
+                student, rlog = refine(
+                    result.teacher,
+                    result.student,
+                    support,
+                    images,
+                    labels,
+                    rcfg,
+                    None if pool is None else pool.to(device),
+                    progress=False,
+                    log_path=log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}") if log_path else None,
+                )
+                predictors[name] = Predictor(student, mcfg.image_size)
+                seconds[name] = seconds["distillfss"] + time.perf_counter() - t0
+                adapt_cfgs[name] = rcfg
+                inits[name], sizes[name] = label, mcfg.image_size
+                plateaus[name] = tuple(
+                    (step, round(seconds["distillfss"] + at, 2))
+                    for step, at in (plateau(rlog), plateau(rlog, key="focal_student"))
+                )
             for m, seg_key in ((f"transferfss{suffix}", "focal_teacher"), (f"distillfss{suffix}", "focal_student")):
                 plateaus[m] = tuple(
                     (step, round(encode_seconds + at, 2))
                     for step, at in (plateau(result.log), plateau(result.log, key=seg_key))
                 )
 
+    settings: dict[str, dict] = {}  # the baselines' cross-validated choices
     if wanted & {"linear_probe", "prototype"}:
         pb = backbones.get(cell.probe_size)
         p_images, p_labels = load_support_tensors(cell.train, stems, cell.probe_size)
@@ -184,6 +227,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 model = cls(pb, mcfg.num_classes).to(device)
                 model.fit(p_images, p_labels)
                 seconds[name] = time.perf_counter() - t0
+                settings[name] = model.settings
                 predictors[name] = Predictor(model, cell.probe_size)
                 sizes[name] = cell.probe_size
 
@@ -202,6 +246,8 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                 "n_images": ev.n_images,
                 "adapt": adapt_cfgs[method].to_dict() if method in adapt_cfgs else None,
+                "unlabeled_images": unlabeled_counts.get(method),
+                "baseline_settings": settings.get(method),
                 "image_size": sizes[method],
                 "teacher_init": inits.get(method),
                 "vote_chunk": cell.vote_chunk if method.startswith(("teacher", "transferfss")) else None,
@@ -213,6 +259,16 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             }
         )
     return rows, predictors
+
+
+def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int) -> torch.Tensor | None:
+    """The train split's images outside the support set, as unlabeled images (masks never read); None when the
+    support set took them all."""
+    files = [s.image for s in cell.train.samples if s.stem in support_stems]
+    if len(files) == len(cell.train.samples):
+        return None
+    folder = cell.train.samples[0].image.parent
+    return load_unlabeled(folder, size, cell.max_unlabeled, exclude=files)[0]
 
 
 def _start(folder: Path | None, backbone: FrozenBackbone, cell: Cell) -> Teacher:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .folder import DataError, Sample, Split, load_mask, load_pair
+from .folder import DataError, Sample, Split, list_images, load_image, load_mask, load_pair
 
 
 def image_tensor(image: np.ndarray, size: int) -> Tensor:
@@ -60,3 +61,26 @@ def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple
             "use more shots or a support set that shows every class"
         )
     return torch.stack(images), lab
+
+
+def load_unlabeled(folder: Path, size: int, max_images: int, exclude: Sequence[Path] = ()) -> tuple[Tensor, list[str]]:
+    """Images of the target domain without masks (only the images are read) -> ((U, 3, S, S) in [0, 1], names).
+
+    folder: an image folder, or a dataset folder whose ``images/`` (or ``train/images/``) holds them. Files in
+    ``exclude`` (e.g. the support images) are left out. When more than ``max_images`` remain, an evenly spread
+    subset of the name-sorted list is taken (deterministic). An unreadable file is a DataError naming it.
+    """
+    folder = Path(folder)
+    for sub in ("train/images", "images"):
+        if (folder / sub).is_dir():
+            folder = folder / sub
+            break
+    skip = {Path(p).resolve() for p in exclude}
+    files = [p for p in list_images(folder).values() if p.resolve() not in skip]
+    if not files:
+        raise DataError(f"{folder}: no unlabeled images (.png, .jpg, .tif, .bmp) besides the support set")
+    if max_images < 1:
+        raise DataError(f"max unlabeled images must be >= 1, got {max_images}")
+    if len(files) > max_images:
+        files = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, max_images).round())]
+    return torch.stack([image_tensor(load_image(p), size) for p in files]), [p.name for p in files]
