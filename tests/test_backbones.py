@@ -79,3 +79,20 @@ def test_swin_random_runs_at_its_fixed_size() -> None:
     assert p.skip4.shape == (1, 128, 16, 16)
     assert [li.stride for li in bb.layer_info].count(16) == 18
     assert np.isfinite(p.layers[-1].numpy()).all()
+
+
+def test_resnet_taps_blocks_before_their_last_relu() -> None:
+    """As the original: each bottleneck's output after the residual add, before its final ReLU (so with negative
+    values); the network itself still runs unchanged (the ReLU of the last tap is timm's own final features)."""
+    bb = build_backbone("resnet50", 64, "random")
+    g = torch.Generator().manual_seed(0)
+    for m in bb.model.modules():  # timm zero-initialises each block's last norm: give them weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+    x = torch.rand(2, 3, 64, 64)
+    p = bb(x)
+    assert all(t.min() < 0 for t in p.layers) and p.skip4.min() < 0
+    with torch.no_grad():
+        ref = bb.model.forward_features((x - bb.mean) / bb.std)
+    torch.testing.assert_close(torch.relu(p.layers[-1]), ref)
+    assert not bb._pre_relu  # nothing left over between calls

@@ -204,3 +204,38 @@ def test_refined_rows_use_the_train_pool_outside_the_support(tmp_path) -> None:
     assert set(rows["linear_probe"]["baseline_settings"]) >= {"l2", "levels", "balanced", "cv"}
     assert rows["linear_probe"]["baseline_settings"]["cv"] == "leave-one-image-out"
     assert rows["prototype"]["baseline_settings"]["levels"] in ("all", "fine", "coarse")
+
+
+def test_a_benchmark_killed_mid_cell_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    import distillfss.benchmark as bench
+    from distillfss.protocol import run_seeds
+
+    data = write_dataset(tmp_path / "toy", n_train=4, n_test=1)
+    args = ["benchmark", "--data", str(data), "--shots", "1,2", "--seeds", "0,1", "--methods", "distillfss", *FAST]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    calls = []
+
+    def killed_in_second_cell(cell, seeds, backbones, log_path=None):
+        calls.append(cell.shots)
+        if len(calls) == 2:  # the second cell dies after writing part of its training log
+            run_seeds(cell, seeds[:1], backbones, log_path=log_path)
+            raise KeyboardInterrupt
+        return run_seeds(cell, seeds, backbones, log_path=log_path)
+
+    monkeypatch.setattr(bench, "run_seeds", killed_in_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
+
+    timing = ("adapt_seconds", "ms_per_image", "plateau_seconds", "plateau_seconds_segmentation")
+
+    def numbers(folder):
+        rows = json.loads((tmp_path / folder / "results.json").read_text())["rows"]
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert numbers("resumed") == numbers("whole")
+    for log in (tmp_path / "resumed").glob("train_log_*.jsonl"):  # a restarted cell's logs start over
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+        assert steps == sorted(steps) and len(steps) == len(set(steps)), log.name

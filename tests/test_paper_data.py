@@ -118,7 +118,9 @@ def test_lung_pickles_scale_with_the_train_set_range(tmp_path) -> None:
 
     (src / "lung_cancer_train.pkl").write_bytes(pickle.dumps([record(-1000, 0), record(-500, 200)]))
     (src / "lung_cancer_test.pkl").write_bytes(pickle.dumps({k: [v] for k, v in record(-2000, 500).items()}))
-    assert main(["data", "convert", "lung", str(src), str(tmp_path / "lu")]) == 0
+    assert main(["data", "convert", "lung", str(src), str(tmp_path / "lu")]) == 2  # pickles run code: opt in
+    assert not (tmp_path / "lu").exists()
+    assert main(["data", "convert", "lung", str(src), str(tmp_path / "lu"), "--trust-pickle"]) == 0
     train, test = load_split(tmp_path / "lu", "train"), load_split(tmp_path / "lu", "test")
     assert len(train.samples) == 2 and len(test.samples) == 1
     first = np.asarray(Image.open(train.samples[0].image))

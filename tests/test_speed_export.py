@@ -65,3 +65,27 @@ def test_speed_measures_onnx_and_voting() -> None:
     assert onnx_row.model == "onnx" and onnx_row.ms_median > 0
     vote = measure(SpeedJob("teacher", 1, 3, False, CFG, "cpu", warmup=1, iters=2, threads=2, chunk=2))
     assert vote.ms_median > 0
+
+
+def _dies(job, queue) -> None:  # a measurement process killed before it reports (as the OOM killer would)
+    import os
+
+    os._exit(9)
+
+
+def _hangs(job, queue) -> None:
+    import time
+
+    time.sleep(60)
+
+
+@pytest.mark.parametrize(
+    ("target", "timeout", "message"), [(_dies, 120, "died without a result (exit code 9"), (_hangs, 2, "within 2 s")]
+)
+def test_a_dead_or_stuck_measurement_is_an_error_naming_it(target, timeout, message) -> None:
+    from distillfss.speed import MeasurementError, measure_isolated
+
+    job = SpeedJob("student", 3, 5, False, ModelConfig(backbone="efficientnet_lite0", image_size=64), "cpu", 0, 1, 1)
+    with pytest.raises(MeasurementError, match="student \\(efficientnet_lite0, 64 px, 3 way, 5 shot") as e:
+        measure_isolated(job, timeout_s=timeout, target=target)
+    assert message in str(e.value)

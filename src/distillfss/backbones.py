@@ -137,6 +137,18 @@ class FrozenBackbone(nn.Module):
         self._skip4_index, self._layer_indices = _select_blocks(block_strides)
         self.requires_grad_(False)
         self.model.eval()
+        # ResNet: the original taps each bottleneck after its residual add, before the block's last ReLU. A pre-hook
+        # on that ReLU (in place in timm) keeps a copy of its input; the next block still gets the ReLU's output.
+        self._pre_relu: list[Tensor] = []
+        self._recording = False
+        self._tap_pre_relu = type(model).__name__ == "ResNet"
+        if self._tap_pre_relu:
+            for block in self._blocks:
+                block.act3.register_forward_pre_hook(self._keep_input)
+
+    def _keep_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if self._recording:  # only inside forward: running self.model directly keeps nothing
+            self._pre_relu.append(inputs[0].clone())
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
@@ -150,7 +162,16 @@ class FrozenBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Pyramid:
         """images: (B, 3, S, S) RGB in [0, 1] -> Pyramid."""
-        x = self._stem((images - self.mean) / self.std)
+        self._pre_relu.clear()
+        self._recording = self._tap_pre_relu
+        try:
+            return self._forward((images - self.mean) / self.std)
+        finally:
+            self._recording = False
+            self._pre_relu.clear()
+
+    def _forward(self, x: Tensor) -> Pyramid:
+        x = self._stem(x)
         skip4: Tensor | None = None
         layers: list[Tensor] = []
         wanted = set(self._layer_indices)
@@ -158,6 +179,8 @@ class FrozenBackbone(nn.Module):
         for i, block in enumerate(self._blocks):
             x = block(x)
             out = x.permute(0, 3, 1, 2) if self._nhwc else x  # (B, C, h, w)
+            if self._tap_pre_relu:
+                out = self._pre_relu.pop()
             if i == self._skip4_index:
                 skip4 = out
             elif i in wanted:

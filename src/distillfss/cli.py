@@ -67,6 +67,12 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="weight of the MSE (0: ablation)"
     )
     g.add_argument(
+        "--class-weights",
+        default=AdaptConfig.class_weights,
+        choices=["none", "balanced"],
+        help="focal-loss class weights: balanced (frequency^-0.5 over the support pixels; default) or none (the original)",
+    )
+    g.add_argument(
         "--precision",
         default=AdaptConfig.precision,
         choices=["bf16", "fp32"],
@@ -234,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds one CPU measurement may take; a measurement that dies (e.g. out of memory) or runs longer "
+        "ends the run with an error naming its configuration (default 600)",
+    )
     _model_flags(p)
 
     p = sub.add_parser("export", help="export a student as a standalone ONNX graph")
@@ -325,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", type=Path, help="new dataset folder to write")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty dst")
     c.add_argument("--fold", type=int, default=0, help="industrial: which of the 4 folds (5 classes each) to write")
+    c.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="lung: read its Python pickle files (loading a pickle runs any code in it: only for files from the "
+        "official source)",
+    )
 
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")

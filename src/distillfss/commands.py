@@ -201,6 +201,7 @@ def speed(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         chunk=args.chunk,
+        timeout_s=args.timeout,
     )
     write(result, args.json)
     print(table(result))
@@ -239,7 +240,7 @@ def data(args: argparse.Namespace) -> int:
     from .data.paper import convert
 
     with output_folder(args.dst, args.overwrite, [args.src]) as tmp:
-        counts = convert(args.name, args.src, tmp, args.fold)
+        counts = convert(args.name, args.src, tmp, args.fold, args.trust_pickle)
     log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
     return 0
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
+from .data.folder import IGNORE
+
+__all__ = ["IGNORE", "balanced_weights", "coarse_mse", "focal_loss"]
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weights: Tensor | None = None) -> Tensor:

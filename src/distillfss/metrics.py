@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-IGNORE = 255
+from .data.folder import IGNORE
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 
 import torch
 
 from .backbones import build_backbone
 from .config import ModelConfig
+from .errors import UserError
 from .outputs import write_json_atomic
 from .student import build_student
 from .teacher import build_teacher, encode_support
@@ -181,16 +183,53 @@ def _child(job: SpeedJob, queue: mp.Queue) -> None:
     queue.put(measure(job))
 
 
-def measure_isolated(job: SpeedJob) -> SpeedRow:
-    """CPU: one fresh process per measurement, so its peak RSS is this measurement's own."""
+class MeasurementError(UserError):
+    """A measurement process died (e.g. out of memory) or ran past its time limit."""
+
+
+def describe(job: SpeedJob) -> str:
+    enc = ", support encoding included" if job.support_encoding else ""
+    return (
+        f"{job.model} ({job.model_cfg.backbone}, {job.model_cfg.image_size} px, {job.ways} way, {job.shots} shot{enc}, "
+        f"{job.precision}, {job.threads} threads)"
+    )
+
+
+def measure_isolated(
+    job: SpeedJob, timeout_s: float = 600.0, target: Callable[[SpeedJob, mp.Queue], None] = _child
+) -> SpeedRow:
+    """CPU: one fresh process per measurement, so its peak RSS is this measurement's own. A process that dies
+    without a result (killed for memory, crashed) or runs past ``timeout_s`` is a MeasurementError naming the
+    configuration; it never hangs the run."""
     if job.device.startswith("cuda"):
         return measure(job)
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, queue))
+    proc = ctx.Process(target=target, args=(job, queue))
     proc.start()
-    row = queue.get()
-    proc.join()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                row = queue.get(timeout=0.5)
+                break
+            except Empty:
+                if not proc.is_alive():
+                    raise MeasurementError(
+                        f"speed: the measurement of {describe(job)} died without a result (exit code "
+                        f"{proc.exitcode}; out of memory?)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise MeasurementError(
+                        f"speed: the measurement of {describe(job)} gave no result within {timeout_s:.0f} s; stopped "
+                        "(raise --timeout for slow configurations)"
+                    ) from None
+    finally:
+        if proc.is_alive() and proc.exitcode is None:
+            proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     return row
 
 
@@ -210,6 +249,7 @@ def run_speed(
     compile: bool = False,
     chunk: int = 0,
     onnx: bool = False,
+    timeout_s: float = 600.0,
 ) -> dict:
     threads = threads or torch.get_num_threads()
     opts = {"precision": precision, "channels_last": channels_last, "compile": compile, "chunk": chunk}
@@ -228,7 +268,7 @@ def run_speed(
                 jobs += [job("teacher", w, k, True), job("teacher", w, k, False)]
     rows = []
     for j in jobs:
-        row = measure_isolated(j) if isolate else measure(j)
+        row = measure_isolated(j, timeout_s) if isolate else measure(j)
         rows.append(asdict(row))
         if progress:
             progress(

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-IGNORE = 255
+IGNORE = 255  # the label of pixels to ignore, in mask files and everywhere in the code (the one definition)
 
 
 class DataError(UserError, ValueError):
@@ -110,7 +110,10 @@ def load_split(root: Path | str, split: str | None = "train", need_masks: bool =
 def load_image(path: Path) -> np.ndarray:
     """Any PNG/JPEG/TIFF (grayscale, RGB, RGBA, palette; 8 or 16 bit) -> (H, W, 3) float32 RGB in [0, 1].
 
-    16-bit and float images are min-max scaled per image (their full range is rarely used).
+    16-bit and float images are min-max scaled per image (their full range is rarely used). Pixels are read as
+    stored: an EXIF orientation tag is not applied (masks are drawn on the stored pixel grid by annotation tools, and
+    image and mask stay aligned). Images beyond Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
+    about 179 million pixels before it refuses) are a DataError.
     """
     try:
         with Image.open(path) as im:
@@ -123,6 +126,8 @@ def load_image(path: Path) -> np.ndarray:
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA").convert("RGB")  # drop alpha: the colour channels carry the image
             a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: too large to read safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
     return a
@@ -131,6 +136,8 @@ def load_image(path: Path) -> np.ndarray:
 def load_mask(path: Path, num_classes: int, expect_size: tuple[int, int] | None = None) -> np.ndarray:
     """A single-channel label map -> (H, W) uint8; 0 = background, 1..C = class, 255 = ignore.
 
+    Palette masks are read by index (the colour a palette gives an index does not matter); 16-bit masks by value.
+
     Raises DataError for a corrupt file, a colour mask whose channels differ, another size than the image, or
     labels outside the classes.
     """
@@ -138,6 +145,8 @@ def load_mask(path: Path, num_classes: int, expect_size: tuple[int, int] | None 
         with Image.open(path) as im:
             im.load()
             a = np.asarray(im)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: too large to read safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable mask ({e})") from None
     if a.ndim == 3:

@@ -248,6 +248,8 @@ def _lung(src: Path) -> Iterator[Item]:
             yield Item(f"{split}_{i:04d}", split, image(r), lambda r=r: (np.asarray(r["mask"]) > 0).astype(np.uint8))
 
 
+PICKLED = ("lung",)  # adapters whose source files are Python pickles
+
 ADAPTERS: dict[str, Adapter] = {
     "weedmap": Adapter(
         "weedmap",
@@ -346,14 +348,22 @@ def industrial_adapter(src: Path, fold: int = 0) -> Adapter:
     )
 
 
-def convert(name: str, src: Path, dst: Path, fold: int = 0) -> dict[str, int]:
+def convert(name: str, src: Path, dst: Path, fold: int = 0, trust_pickle: bool = False) -> dict[str, int]:
     """Write dataset ``name`` from its native layout at ``src`` into the project format at ``dst`` (new folder).
 
-    ``fold``: Industrial-5i only, which of its 4 folds to write. Returns the number of images per split.
+    ``fold``: Industrial-5i only, which of its 4 folds to write. ``trust_pickle``: Lung only; its files are Python
+    pickles, and unpickling runs whatever code a file holds, so they are read only when the caller vouches for
+    them. Returns the number of images per split.
     """
     names = [*ADAPTERS, "industrial"]
     if name not in names:
         raise DataError(f"unknown dataset {name!r}; adapters: {', '.join(names)}")
+    if name in PICKLED and not trust_pickle:
+        raise DataError(
+            f"{src}: the {name} files are Python pickles, and loading a pickle runs any code it contains; convert "
+            "them only if they come from the dataset's official source, with --trust-pickle (no published checksum "
+            "is known to check them against)"
+        )
     adapter = industrial_adapter(Path(src), fold) if name == "industrial" else ADAPTERS[name]
     items = list(adapter.items(Path(src)))  # validates the layout before anything is written
     counts = {"train": 0, "test": 0}
