@@ -201,18 +201,7 @@ def _adapt(
     student = None
     if cfg.method == "distill":
         student = build_student(backbone, teacher.decoder, model_cfg.num_classes).to(device)
-    log_rows: list[dict] = []
-    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
-
-    def record(row: dict) -> None:
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        log_rows.append(row)
-        if log_file:
-            log_file.write(json.dumps(row) + "\n")
-        if on_step:
-            on_step(row)
-
-    try:
+    with _step_log(log_path, t0, on_step) as (record, log_rows):
         if cfg.method == "transfer" or cfg.mode == "joint":
             _train(teacher, student, support, labels, cfg, cfg.iterations, "joint", gen, progress, record)
         else:
@@ -221,9 +210,6 @@ def _adapt(
             _train(teacher, student, support, labels, cfg, steps, "student", gen, progress, record)
         if student is not None and cfg.refine_iterations > 0:
             student = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
-    finally:
-        if log_file:
-            log_file.close()
     teacher.eval()
     if student is not None:
         student.eval()
@@ -275,7 +261,7 @@ def _train(
             shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
             shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
             target, present = teacher_targets(labels[queries], shot_valid)
-            episode = (shot_valid, target, labels[queries], present, _select(support, queries))
+            episode = (shot_valid, target, labels[queries], present, _select(support.pyramid, queries))
         shot_valid, target, full_target, present, query = episode
         if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
@@ -339,8 +325,19 @@ def refine(
     The teacher and the student passed in are not changed; the new student shares only the frozen backbone.
     Seeded by ``cfg.seed`` through a private random state, as ``adapt``.
     """
+    with _step_log(log_path, time.perf_counter()) as (record, rows), seeded(cfg.seed, images.device):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        new = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
+    return new.eval(), rows
+
+
+@contextlib.contextmanager
+def _step_log(
+    log_path: Path | None, t0: float, on_step: Callable[[dict], None] | None = None
+) -> Iterator[tuple[Callable[[dict], None], list[dict]]]:
+    """-> (record, rows): ``record(row)`` stamps the seconds since ``t0``, keeps the row, appends it as one JSON
+    line to ``log_path`` (closed on exit) and passes it to ``on_step``."""
     rows: list[dict] = []
-    t0 = time.perf_counter()
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
 
     def record(row: dict) -> None:
@@ -348,15 +345,14 @@ def refine(
         rows.append(row)
         if log_file:
             log_file.write(json.dumps(row) + "\n")
+        if on_step:
+            on_step(row)
 
     try:
-        with seeded(cfg.seed, images.device):
-            gen = torch.Generator().manual_seed(cfg.seed + 1)
-            new = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
+        yield record, rows
     finally:
         if log_file:
             log_file.close()
-    return new.eval(), rows
 
 
 def _encode_views(backbone: FrozenBackbone, images: Tensor, views: tuple[int, ...]) -> Pyramid:
@@ -367,7 +363,7 @@ def _encode_views(backbone: FrozenBackbone, images: Tensor, views: tuple[int, ..
             x = dihedral(images, k)
             for i in range(0, len(x), ENCODE_CHUNK):
                 parts.append(backbone(x[i : i + ENCODE_CHUNK].contiguous(memory_format=torch.channels_last)))
-    return Pyramid(torch.cat([p.skip4 for p in parts]), tuple(torch.cat(t) for t in zip(*(p.layers for p in parts))))
+    return _cat(parts)
 
 
 def _refine(
@@ -394,7 +390,7 @@ def _refine(
         banks.append(_encode_views(student.backbone, unlabeled, u_views))
         sources.append(torch.full((len(unlabeled) * len(u_views),), -1, device=device))
         hard.append(torch.full((len(unlabeled) * len(u_views), *labels.shape[1:]), -1, device=device))
-    bank = Pyramid(torch.cat([b.skip4 for b in banks]), tuple(torch.cat(t) for t in zip(*(b.layers for b in banks))))
+    bank = _cat(banks)
     source, hard_labels = torch.cat(sources), torch.cat(hard)
     coarse, soft, present = _teacher_labels(teacher, support, bank, source)
 
@@ -415,7 +411,7 @@ def _refine(
         if len(order) < cfg.view_batch:  # an epoch over the bank in a seeded order, then the next
             order = torch.cat([order, torch.randperm(n, generator=gen)])
         idx, order = order[: cfg.view_batch].to(device), order[cfg.view_batch :]
-        out = new.forward_features(Pyramid(bank.skip4[idx], tuple(t[idx] for t in bank.layers)))
+        out = new.forward_features(_select(bank, idx))
         labelled = source[idx] >= 0
         row: dict = {"step": step + 1, "stage": "refine"}
         seg = []
@@ -462,7 +458,7 @@ def _teacher_labels(
     soft, present = [], []
     for i in range(0, len(source), ENCODE_CHUNK):
         sl = slice(i, i + ENCODE_CHUNK)
-        q = Pyramid(bank.skip4[sl], tuple(t[sl] for t in bank.layers))
+        q = _select(bank, sl)
         src = source[sl]
         own = src.view(-1, 1) == torch.arange(m, device=src.device).view(1, -1)  # (B, K)
         valid = ~own if m > 1 else torch.ones_like(own)
@@ -471,7 +467,7 @@ def _teacher_labels(
         logits = out.logits
         if voting and bool((src < 0).any()):
             u = src < 0
-            q_u = Pyramid(q.skip4[u], tuple(t[u] for t in q.layers))
+            q_u = _select(q, u)
             logits = logits.clone()
             logits[u] = teacher.forward_voting(q_u, support, VOTE_CHUNK)
         coarse.append([c.detach() for c in out.coarse])
@@ -519,6 +515,11 @@ def _has_dropout(teacher: Teacher) -> bool:
     return any(a.attn_dropout > 0 or a.pe_dropout.p > 0 for a in teacher.attention)
 
 
-def _select(support: EncodedSupport, idx: Tensor) -> Pyramid:
-    p = support.pyramid
+def _select(p: Pyramid, idx: Tensor | slice) -> Pyramid:
+    """The images of a Pyramid at ``idx`` (indices, a boolean mask or a slice)."""
     return Pyramid(p.skip4[idx], tuple(t[idx] for t in p.layers))
+
+
+def _cat(parts: list[Pyramid]) -> Pyramid:
+    """Pyramids of several image batches -> one Pyramid, in order."""
+    return Pyramid(torch.cat([p.skip4 for p in parts]), tuple(torch.cat(t) for t in zip(*(p.layers for p in parts))))
