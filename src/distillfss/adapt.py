@@ -9,7 +9,10 @@ Episodes (one optimizer step = one pass over all episodes, batched into a single
 * ``leave_one_out`` (default): every support image is the query once, with all the other images as its shots
   (a single support image is its own shot).
   The original plain builder used a single other image per query (``subsample: 1``); using all others trains the
-  teacher in the regime it meets at test time (K shots).
+  teacher in the regime it meets at test time (K shots). With more than ``cfg.max_shots`` others (default 10, the
+  paper's chunk size at inference), each episode draws that many of them and attends over their keys only
+  (gathered per episode), so a step costs O(K) rather than O(K^2): afresh every step when the attention trains
+  (sets B, C, or dropout), once when it is frozen (set A: its coarse masks are then computed once).
 * ``paired``: episode t targets class (t mod C) + 1; its query and one shot are two random images containing that
   class, plus up to two random other shots (the original PairedSubstitutor with subsample 3).
 
@@ -247,28 +250,34 @@ def _train(
     teacher.train(train_teacher)
     if student is not None:
         student.train()
-    fixed_episodes = cfg.episodes == "leave_one_out" or flags.shape[0] < 2
+    capped = cfg.episodes == "leave_one_out" and 0 < cfg.max_shots < flags.shape[0] - 1
+    # A frozen attention without dropout gives constant coarse masks for fixed episodes: then capped episodes are
+    # drawn once too (their attention runs once); a trainable attention draws them afresh every step.
+    static_attention = frozen_attention and not _has_dropout(teacher)
+    fixed_episodes = flags.shape[0] < 2 or (cfg.episodes == "leave_one_out" and (not capped or static_attention))
     # bfloat16 autocast runs the convolutions ~1.8x faster on CPUs with AVX512-BF16/AMX; weights, the attention
     # (outside this context) and the losses stay float32.
     autocast = torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # Fixed episodes are built once; with a frozen attention and no dropout their coarse masks are constant too.
-    reuse = frozen_attention and fixed_episodes and not _has_dropout(teacher)
+    reuse = static_attention and fixed_episodes
     episode: tuple | None = None
     coarse: list[Tensor] | None = None
     bar = tqdm(range(steps), desc=f"adapt ({stage})", disable=not progress, leave=False)
     for step in bar:
         if episode is None or not fixed_episodes:
-            shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
-            shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
+            picks = None
+            if capped:  # (M, max_shots): each episode's shots, then validity over those shots only
+                picks = capped_shots(flags.shape[0], cfg.max_shots, gen).to(flags.device)
+                shot_valid, queries = flags[picks].transpose(1, 2), torch.arange(len(picks), device=flags.device)
+            else:
+                shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
+                shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
             target, present = teacher_targets(labels[queries], shot_valid)
-            episode = (shot_valid, target, labels[queries], present, _select(support.pyramid, queries))
-        shot_valid, target, full_target, present, query = episode
+            episode = (shot_valid, target, labels[queries], present, _select(support.pyramid, queries), picks)
+        shot_valid, target, full_target, present, query, picks = episode
         if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
-                coarse = [
-                    teacher.attention[g](q, k, support.masks[i], support.token_valid(shot_valid, i))
-                    for i, (g, q, k) in enumerate(zip(teacher.groups, query.layers, teacher.keys(support)))
-                ]
+                coarse = _coarse(teacher, support, query, shot_valid, picks)
         row: dict = {"step": step + 1, "stage": stage}
         loss = torch.zeros((), device=labels.device)
         with autocast:
@@ -295,6 +304,31 @@ def _train(
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     for p in params:
         p.requires_grad_(False)
+
+
+def capped_shots(m: int, cap: int, gen: torch.Generator) -> Tensor:
+    """(m, cap) long: for every support image t, ``cap`` distinct other images, a seeded random draw."""
+    noise = torch.rand(m, m, generator=gen).fill_diagonal_(2.0)  # the query itself sorts last: never picked
+    return noise.argsort(dim=1)[:, :cap]
+
+
+def _coarse(
+    teacher: Teacher, support: EncodedSupport, query: Pyramid, shot_valid: Tensor, picks: Tensor | None
+) -> list[Tensor]:
+    """The teacher's coarse masks per layer for a batch of episodes. ``picks`` None: every episode attends over the
+    whole support set (``shot_valid`` (B, C, K)); else (B, n) the shots of each episode, whose keys and masks are
+    gathered per episode (``shot_valid`` (B, C, n)), so the cost grows with n, not K."""
+    out = []
+    for i, (g, q, feats) in enumerate(zip(teacher.groups, query.layers, support.pyramid.layers)):
+        block = teacher.attention[g]
+        keys, masks = block.keys(feats), support.masks[i]  # (heads, K*hw, d), (C, K*hw)
+        valid = support.token_valid(shot_valid, i)
+        if picks is not None:
+            hw = feats.shape[-2] * feats.shape[-1]
+            keys = keys.unflatten(1, (-1, hw))[:, picks].transpose(0, 1).flatten(2, 3)  # (B, heads, n*hw, d)
+            masks = masks.unflatten(1, (-1, hw))[:, picks].transpose(0, 1).flatten(2, 3)  # (B, C, n*hw)
+        out.append(block(q, keys, masks, valid))
+    return out
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:

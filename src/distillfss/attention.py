@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _EPS = 1e-12
+# Attention dropout runs PyTorch's math kernel, which materialises the (B, heads, Nq, Ns) score matrix (~4 GB for one
+# stride-8 layer at 384 px, K = 5, 5 episodes): the queries are then split so that one call holds at most this many
+# bytes of scores. The softmax runs over the keys, so a split over queries is exact.
+SCORE_BYTES = 256 * 2**20
 
 
 def sinusoidal_encoding(n_tokens: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -138,8 +142,24 @@ def _sdpa(q: Tensor, k: Tensor, values: Tensor, dropout_p: float = 0.0, mask: Te
     q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
     v = F.pad(values.transpose(1, 2), (0, width - n_val))  # (B, Ns, width)
     v = v.unsqueeze(1).expand(-1, heads, -1, -1)  # (B, heads, Ns, width)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0 / math.sqrt(d))
+    rows = q.shape[2] if dropout_p == 0 else query_rows(q.shape, k.shape[2], q.element_size())
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[:, :, i : i + rows], k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0 / math.sqrt(d)
+            )
+            for i in range(0, q.shape[2], rows)
+        ],
+        dim=2,
+    )
     return out[..., :n_val]
+
+
+def query_rows(q_shape: torch.Size, n_keys: int, item_bytes: int, budget: int | None = None) -> int:
+    """How many query tokens one attention call may take so that its scores stay within ``budget`` bytes."""
+    b, heads, n_q = q_shape[0], q_shape[1], q_shape[2]
+    per_row = b * heads * n_keys * item_bytes
+    return max(1, min(n_q, (SCORE_BYTES if budget is None else budget) // per_row))
 
 
 def reference_mask_attention(

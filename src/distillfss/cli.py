@@ -92,6 +92,14 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         help="augmented copies of each support and unlabeled image in the refinement bank: none, left-right flip, "
         "both flips, or all 8 flips/90-degree rotations (default %(default)s; pick what your domain allows)",
     )
+    g.add_argument(
+        "--max-shots",
+        type=int,
+        default=AdaptConfig.max_shots,
+        help="shots per training episode: a seeded random draw of at most this many of the other support images "
+        "when there are more (redrawn each step when the attention trains), so a step's cost grows linearly "
+        "with K (0: all; default %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
 
 
@@ -236,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="subset of backbone,student,onnx,teacher (onnx: the exported student on onnxruntime, CPU)",
     )
     p.add_argument("--chunk", type=int, default=0, help="teacher: voting over chunks of this many shots (paper: 10)")
+    g = p.add_argument_group("adaptation cost (--adapt)")
+    g.add_argument(
+        "--adapt",
+        action="store_true",
+        help="time adaptation instead of inference: support encoding, seconds per step and peak memory at each "
+        "--shots K (on the bundled nuclei images and their symmetries, up to 64)",
+    )
+    g.add_argument("--trainable", default="A,B", help="--adapt: comma-separated trainable sets (default %(default)s)")
+    g.add_argument("--steps", type=int, default=4, help="--adapt: optimizer steps timed per configuration")
+    g.add_argument(
+        "--max-shots",
+        default=str(AdaptConfig.max_shots),
+        help="--adapt: comma-separated caps on the shots per episode (0: all others; default %(default)s)",
+    )
     p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")

@@ -180,6 +180,8 @@ def speed(args: argparse.Namespace) -> int:
     from .speed import run_speed, table, write
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
+    if args.adapt:
+        return _speed_adapt(args, shots)
     models = tuple(m.strip() for m in args.models.split(","))
     bad = set(models) - {"backbone", "student", "onnx", "teacher"}
     if bad:
@@ -205,6 +207,25 @@ def speed(args: argparse.Namespace) -> int:
     )
     write(result, args.json)
     print(table(result))
+    return 0
+
+
+def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
+    from .adapt_speed import adapt_table, run_adapt_speed
+
+    sets = [t.strip() for t in args.trainable.split(",") if t.strip()]
+    if not sets or set(sets) - {"A", "B", "C"}:
+        raise DataError(f"--trainable: expected a comma-separated subset of A,B,C, got {args.trainable!r}")
+    if args.steps < 1:
+        raise DataError(f"--steps: expected >= 1, got {args.steps}")
+    caps = int_list(args.max_shots, "--max-shots", minimum=0)
+    result = run_adapt_speed(
+        model_config(args, 1), shots, sets, caps, args.steps, args.device, args.threads, args.timeout, log.info
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.json, result)
+    args.json.with_suffix(".md").write_text(adapt_table(result))
+    print(adapt_table(result))
     return 0
 
 

@@ -60,6 +60,10 @@ class AdaptConfig(Serializable):
     weight_decay: float = 0.01  # AdamW default, as the original
     trainable: TrainableSet = "A"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
     episodes: Literal["leave_one_out", "paired"] = "leave_one_out"
+    # leave_one_out: at most this many of the other support images are an episode's shots, a seeded draw when there
+    # are more (the paper's chunks of 10; redrawn each step when the attention trains), so a step costs O(K) instead
+    # of O(K^2); 0 = all of them.
+    max_shots: int = 10
     focal_gamma: float = 2.0
     class_weights: Literal["none", "balanced"] = "balanced"  # balanced: frequency^-0.5 (the original: none)
     distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)
@@ -72,6 +76,16 @@ class AdaptConfig(Serializable):
     unlabeled_views: Literal["none", "hflip", "flips", "dihedral"] = "flips"  # ... of each unlabeled image
     view_batch: int = 8  # views per refinement step
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .errors import UserError
+
+        for name in ("iterations", "view_batch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        for name in ("max_shots", "refine_iterations"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty
+from typing import Any
 
 import torch
 
@@ -60,6 +61,13 @@ class SpeedJob:
     channels_last: bool = False
     compile: bool = False  # torch.compile the student / backbone (opt-in; the warm-up absorbs compilation)
     chunk: int = 0  # teacher: the paper's voting over chunks of this many shots (0 = all shots at once)
+
+    def describe(self) -> str:
+        enc = ", support encoding included" if self.support_encoding else ""
+        return (
+            f"{self.model} ({self.model_cfg.backbone}, {self.model_cfg.image_size} px, {self.ways} way, "
+            f"{self.shots} shot{enc}, {self.precision}, {self.threads} threads)"
+        )
 
 
 def _runner(job: SpeedJob) -> Callable[[], object]:
@@ -187,22 +195,12 @@ class MeasurementError(UserError):
     """A measurement process died (e.g. out of memory) or ran past its time limit."""
 
 
-def describe(job: SpeedJob) -> str:
-    enc = ", support encoding included" if job.support_encoding else ""
-    return (
-        f"{job.model} ({job.model_cfg.backbone}, {job.model_cfg.image_size} px, {job.ways} way, {job.shots} shot{enc}, "
-        f"{job.precision}, {job.threads} threads)"
-    )
-
-
-def measure_isolated(
-    job: SpeedJob, timeout_s: float = 600.0, target: Callable[[SpeedJob, mp.Queue], None] = _child
-) -> SpeedRow:
+def measure_isolated(job: Any, timeout_s: float = 600.0, target: Callable[[Any, mp.Queue], None] = _child) -> Any:
     """CPU: one fresh process per measurement, so its peak RSS is this measurement's own. A process that dies
     without a result (killed for memory, crashed) or runs past ``timeout_s`` is a MeasurementError naming the
-    configuration; it never hangs the run."""
+    configuration (``job.describe()``); it never hangs the run. ``target(job, queue)`` puts the result."""
     if job.device.startswith("cuda"):
-        return measure(job)
+        return measure(job) if target is _child else _in_process(job, target)
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(job, queue))
@@ -216,12 +214,12 @@ def measure_isolated(
             except Empty:
                 if not proc.is_alive():
                     raise MeasurementError(
-                        f"speed: the measurement of {describe(job)} died without a result (exit code "
+                        f"speed: the measurement of {job.describe()} died without a result (exit code "
                         f"{proc.exitcode}; out of memory?)"
                     ) from None
                 if time.monotonic() > deadline:
                     raise MeasurementError(
-                        f"speed: the measurement of {describe(job)} gave no result within {timeout_s:.0f} s; stopped "
+                        f"speed: the measurement of {job.describe()} gave no result within {timeout_s:.0f} s; stopped "
                         "(raise --timeout for slow configurations)"
                     ) from None
     finally:
@@ -231,6 +229,12 @@ def measure_isolated(
             proc.kill()
             proc.join()
     return row
+
+
+def _in_process(job: Any, target: Callable[[Any, mp.Queue], None]) -> Any:
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    target(job, queue)
+    return queue.get()
 
 
 def run_speed(
