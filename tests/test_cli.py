@@ -56,7 +56,43 @@ def test_predict_keeps_input_size_and_writes_overlays(student_dir, multiclass_da
     assert main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out), "--overlay"]) == 0
     labels = np.asarray(Image.open(out / "img00.png"))
     assert labels.shape == (40, 48) and labels.max() <= 3
-    assert np.asarray(Image.open(out / "img00_overlay.png")).shape == (40, 48, 3)
+    from distillfss.data import load_image
+    from distillfss.viz import class_colour, overlay
+
+    panel = np.asarray(Image.open(out / "img00_overlay.png"))
+    img = load_image(images / "img00.png")
+    assert np.array_equal(panel[14:54, :48], overlay(img, labels))  # the overlay under its title bar
+    legend = panel[56:].reshape(-1, 3)  # below it: one swatch per class, in the class colours
+    assert all((legend == class_colour(c)).all(axis=1).sum() >= 50 for c in (1, 2, 3))
+
+
+def test_evaluate_per_image_csv_matches_a_per_image_confusion_matrix(student_dir, multiclass_dataset, tmp_path) -> None:
+    import csv
+
+    import torch
+
+    from distillfss.data import load_pair, load_split
+    from distillfss.metrics import IoUMeter
+    from distillfss.model_io import load_model
+
+    out = tmp_path / "per_image.csv"
+    args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--per-image", str(out)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    split = load_split(multiclass_dataset, "test")
+    assert [r["image"] for r in rows] == [s.image.name for s in split.samples]
+    predictor = load_model(student_dir).predictor
+    for row, sample in zip(rows, split.samples):
+        image, mask = load_pair(sample, split.num_classes)
+        pred = predictor.predict(image)
+        meter = IoUMeter(split.classes)
+        meter.update(torch.from_numpy(pred), torch.from_numpy(mask))
+        ref = meter.compute().per_class
+        for c, name in enumerate(split.classes):
+            defined = ((pred == c) | (mask == c)).any()
+            assert (row[name] == "") == (not defined)
+            if defined:
+                assert abs(float(row[name]) - ref[name]) < 1e-3
 
 
 def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -> None:

@@ -89,3 +89,43 @@ def test_a_dead_or_stuck_measurement_is_an_error_naming_it(target, timeout, mess
     with pytest.raises(MeasurementError, match="student \\(efficientnet_lite0, 64 px, 3 way, 5 shot") as e:
         measure_isolated(job, timeout_s=timeout, target=target)
     assert message in str(e.value)
+
+
+def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
+    tmp_path, binary_dataset, multiclass_dataset, monkeypatch
+) -> None:
+    import onnx
+
+    from distillfss import commands
+    from distillfss.export import OnnxPredictor
+
+    model = tmp_path / "m"
+    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2", "--shots", "3"]
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
+    out = tmp_path / "m8.onnx"
+    monkeypatch.setattr(commands, "MAX_INT8_DROP", -1.0)  # any result counts as a loss: refused, nothing written
+    assert main(["export", "--model", str(model), "--out", str(out), "--quantize", "int8"]) == 2
+    assert list(tmp_path.glob("*.onnx*")) == [] and not list(tmp_path.glob(".m8*"))
+    monkeypatch.setattr(commands, "MAX_INT8_DROP", 100.0)
+    assert main(["export", "--model", str(model), "--out", str(out), "--quantize", "int8"]) == 0  # its support set
+    graph = onnx.load(str(out))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["precision"] == "int8" and meta["image_size"] == "64" and "distillfss_version" in meta
+    pred = OnnxPredictor(out)
+    assert pred.classes == ("background", "class1") and pred.logits(
+        np.random.default_rng(0).random((2, 3, 64, 64))
+    ).shape == (
+        2,
+        2,
+        64,
+        64,
+    )
+    bad = ["export", "--model", str(model), "--out", str(tmp_path / "x.onnx"), "--quantize", "int8"]
+    assert main([*bad, "--calibration", str(multiclass_dataset)]) == 2  # other classes: a clear error
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_speed_measures_int8_onnx() -> None:
+    row = measure(SpeedJob("onnx-int8", 1, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
+    assert row.model == "onnx-int8" and row.ms_median > 0

@@ -2,10 +2,12 @@
 
 Public API::
 
+    from distillfss import FewShotSegmenter            # fit / predict / save / load / export_onnx (see api)
     from distillfss import build_backbone, build_teacher, build_student, adapt, Predictor, load_model
 """
 
 from .adapt import AdaptResult, adapt
+from .api import FewShotSegmenter
 from .backbones import BACKBONES, FrozenBackbone, Pyramid, build_backbone
 from .config import PRESETS, AdaptConfig, ModelConfig
 from .model_io import load_model, save_model
@@ -21,6 +23,7 @@ __all__ = [
     "AdaptConfig",
     "AdaptResult",
     "EncodedSupport",
+    "FewShotSegmenter",
     "FrozenBackbone",
     "ModelConfig",
     "Predictor",

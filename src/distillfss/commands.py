@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from .cli import config_from_args, int_list, model_config, timestamp, write_json
 from .config import REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import IMAGE_EXTS, list_images
-from .evaluate import evaluate_predictor
+from .evaluate import evaluate_predictor, write_per_image_csv
 from .model_io import (
     LOG,
     ModelError,
@@ -29,7 +30,7 @@ from .model_io import (
 )
 from .outputs import check_output, output_folder, refuse_unsafe_output
 from .sampling import sample_support
-from .viz import overlay
+from .viz import overlay, with_legend
 
 log = logging.getLogger("distillfss")
 
@@ -126,10 +127,12 @@ def predict(args: argparse.Namespace) -> int:
         if not args.model.is_file():
             raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
         predictor = OnnxPredictor(args.model)
+        classes = predictor.classes
     else:
-        predictor = load_model(
+        loaded = load_model(
             args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
-        ).predictor
+        )
+        predictor, classes = loaded.predictor, loaded.classes
     unreadable: list[str] = []
     # One image at a time (read, predict, write): memory stays bounded whatever the folder holds.
     with output_folder(args.out, args.overwrite, [args.images, args.model]) as tmp:
@@ -142,7 +145,8 @@ def predict(args: argparse.Namespace) -> int:
             labels = predictor.predict(img)
             Image.fromarray(labels).save(tmp / f"{f.stem}.png")
             if args.overlay:
-                Image.fromarray(overlay(img, labels)).save(tmp / f"{f.stem}_overlay.png")
+                panel = with_legend([overlay(img, labels)], [f"{f.name} ({args.model.name})"], classes)
+                Image.fromarray(panel).save(tmp / f"{f.stem}_overlay.png")
     log.info("wrote %d label maps to %s", len(files) - len(unreadable), args.out)
     if unreadable:
         raise DataError(
@@ -161,7 +165,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
     if args.eval_size < 0:
         raise DataError(f"--eval-size: expected >= 0, got {args.eval_size}")
-    result = evaluate_predictor(loaded.predictor, split, eval_size=args.eval_size or None)
+    per_image: list[dict] | None = [] if args.per_image else None
+    result = evaluate_predictor(loaded.predictor, split, eval_size=args.eval_size or None, per_image=per_image)
     voting = loaded.predictor.vote_chunk if loaded.predictor.voting else 0
     report = {
         **result.to_json(),
@@ -173,6 +178,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, report)
+    if per_image is not None:
+        write_per_image_csv(args.per_image, per_image, split.classes)
+        log.info("per-image IoU of %d images in %s", len(per_image), args.per_image)
     return 0
 
 
@@ -183,10 +191,10 @@ def speed(args: argparse.Namespace) -> int:
     if args.adapt:
         return _speed_adapt(args, shots)
     models = tuple(m.strip() for m in args.models.split(","))
-    bad = set(models) - {"backbone", "student", "onnx", "teacher"}
+    bad = set(models) - {"backbone", "student", "onnx", "onnx-int8", "teacher"}
     if bad:
-        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, onnx, teacher")
-    if "onnx" in models and args.device != "cpu":
+        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, onnx, onnx-int8, teacher")
+    if {"onnx", "onnx-int8"} & set(models) and args.device != "cpu":
         raise DataError("--models onnx runs on onnxruntime's CPU provider; use --device cpu")
     mcfg = model_config(args, 1)
     result = run_speed(
@@ -237,17 +245,63 @@ def export(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.backbone_weights)
     if loaded.kind != "student":
         raise DataError(f"{args.model}: is a {loaded.kind}; only students export (they need no support input)")
+    calibration = _calibration_set(args, loaded) if args.quantize == "int8" else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp8 = args.out.with_name(f".{args.out.name}.int8.tmp")
     try:
         diff = export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp)
         if diff > 1e-3:
             raise ModelError(f"{args.out}: ONNX logits differ from PyTorch by {diff:.2e} (> 1e-3); not written")
+        log.info("ONNX graph checked (max |ONNX - PyTorch| = %.2e)", diff)
+        if calibration is not None:
+            from .export import onnx_miou, quantize_int8
+
+            images, labels, where = calibration
+            quantize_int8(tmp, tmp8, images)
+            fp32, int8 = (onnx_miou(p, images, labels, loaded.classes) for p in (tmp, tmp8))
+            log.info("%s: mIoU fp32 %.2f, int8 %.2f on %d images of %s", args.out, fp32, int8, len(images), where)
+            if int8 < fp32 - MAX_INT8_DROP:
+                raise ModelError(
+                    f"{args.out}: int8 quantization loses {fp32 - int8:.2f} mIoU points on {where} (fp32 {fp32:.2f}, "
+                    f"int8 {int8:.2f}; more than {MAX_INT8_DROP}); not written (export without --quantize)"
+                )
+            tmp8.replace(tmp)
         tmp.replace(args.out)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("wrote %s (max |ONNX - PyTorch| = %.2e)", args.out, diff)
+        tmp8.unlink(missing_ok=True)
+    log.info("wrote %s", args.out)
     return 0
+
+
+MAX_INT8_DROP = 1.0  # mIoU points an int8 export may lose against fp32 on its calibration images
+MAX_CALIBRATION = 32  # images
+
+
+def _calibration_set(args: argparse.Namespace, loaded) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images and labels at the working size for int8 calibration and its mIoU check: ``--calibration`` (a dataset
+    folder's train split, or an images/ + masks/ folder; at most 32, evenly spread), else the model's own support
+    images, read from the dataset folder its config.json records."""
+    size = loaded.model_cfg.image_size
+    if args.calibration is not None:
+        split = load_split(args.calibration, "train")
+        stems = [s.stem for s in split.samples]
+        if len(stems) > MAX_CALIBRATION:
+            stems = [stems[int(i)] for i in np.unique(np.linspace(0, len(stems) - 1, MAX_CALIBRATION).round())]
+        where = str(args.calibration)
+    else:
+        recorded = (loaded.config.get("support") or {}).get("dataset")
+        if not recorded or not Path(recorded).is_dir():
+            raise DataError(
+                f"{args.model}: its support folder ({recorded}) is not readable here; give --calibration DIR "
+                "(images with masks of the same domain) for the int8 calibration and check"
+            )
+        split, stems, where = load_split(Path(recorded), "train"), loaded.config["support"]["stems"], "its support set"
+    if split.classes != loaded.classes:
+        raise DataError(f"{split.root}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
+    images, labels = load_support_tensors(split, stems, size)
+    return images.numpy(), labels.numpy(), where
 
 
 def benchmark(args: argparse.Namespace) -> int:

@@ -39,12 +39,24 @@ class ModelConfig(Serializable):
 
 
 # Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
-REFINE_ITERATIONS = 40  # student refinement steps when unlabeled images are given and the run names no number
+REFINE_ITERATIONS = 30  # student refinement steps when unlabeled images are given and the run names no number
 
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {},
     "paper": {"image_size": 384, "heads": 8, "heads_stride8": 8, "pe_dropout": 0.5, "attn_dropout": 0.5},
 }
+
+
+def model_config(backbone: str, num_classes: int, preset: str = "fast", image_size: int | None = None) -> ModelConfig:
+    """The architecture of a named preset for ``backbone`` and ``num_classes`` (``image_size`` overrides it)."""
+    from .errors import UserError
+
+    if preset not in PRESETS:
+        raise UserError(f"preset {preset!r}: unknown; choose from {', '.join(sorted(PRESETS))}")
+    fields = dict(PRESETS[preset])
+    if image_size:
+        fields["image_size"] = image_size
+    return ModelConfig(backbone=backbone, num_classes=num_classes, **fields)
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class AdaptConfig(Serializable):
 
     method: Literal["distill", "transfer"] = "distill"
     mode: Literal["joint", "two_stage"] = "joint"  # joint = the original code; two_stage = teacher, then student
-    iterations: int = 100  # optimizer steps (one step = one pass over all episodes)
+    iterations: int = 60  # optimizer steps (one step = one pass over all episodes)
     student_iterations: int | None = None  # two_stage only: student steps (default: same as iterations)
     lr: float = 1e-3
     schedule: Literal["cosine", "constant"] = "constant"  # cosine: 5 % linear warm-up, then cosine decay to 0

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
@@ -130,9 +131,19 @@ def _remove(folder: Path, files: set[str]) -> None:
     (folder / MANIFEST).unlink(missing_ok=True)
 
 
+def timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second (when results and models were made)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
     """Replace ``path`` with ``obj`` as indented JSON in one rename (a kill leaves the old file or the new one)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename (a kill leaves the old file or the new one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)

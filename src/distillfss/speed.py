@@ -35,7 +35,7 @@ from .teacher import build_teacher, encode_support
 
 @dataclass(frozen=True)
 class SpeedRow:
-    model: str  # "backbone" | "student" | "onnx" (the student on onnxruntime) | "teacher"
+    model: str  # "backbone" | "student" | "onnx" / "onnx-int8" (the student on onnxruntime, fp32 / int8) | "teacher"
     ways: int
     shots: int
     support_encoding: bool  # teacher only: support features computed inside the timed call
@@ -81,7 +81,7 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     query = torch.rand(1, 3, s, s, device=dev).to(memory_format=fmt)
     if job.model == "backbone":
         return _wrap(job, backbone, lambda m: m(query))
-    if job.model == "onnx":
+    if job.model in ("onnx", "onnx-int8"):
         return _onnx_runner(job, backbone, query)
     teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways})).to(dev).eval()
     if job.model == "student":
@@ -111,16 +111,21 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
 
 
 def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], object]:
-    """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch)."""
+    """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch);
+    ``onnx-int8``: quantized to int8 (calibrated on random images: the timing does not depend on the ranges)."""
     import tempfile
 
-    from .export import OnnxPredictor, export_onnx
+    from .export import OnnxPredictor, export_onnx, quantize_int8
 
     cfg = job.model_cfg
     teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
     student = build_student(backbone, teacher.decoder, job.ways).eval()
     path = Path(tempfile.mkdtemp()) / "student.onnx"
     export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
+    if job.model == "onnx-int8":
+        calibration = torch.rand(4, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        quantize_int8(path, path.with_name("int8.onnx"), calibration.numpy())
+        path = path.with_name("int8.onnx")
     predictor = OnnxPredictor(path, threads=job.threads)
     x = query.cpu().numpy()
     return lambda: predictor.logits(x)
@@ -266,8 +271,9 @@ def run_speed(
         for k in shots:
             if "student" in models:
                 jobs.append(job("student", w, k, False))
-            if "onnx" in models:
-                jobs.append(job("onnx", w, k, False))
+            for m in ("onnx", "onnx-int8"):
+                if m in models:
+                    jobs.append(job(m, w, k, False))
             if "teacher" in models:
                 jobs += [job("teacher", w, k, True), job("teacher", w, k, False)]
     rows = []
@@ -329,6 +335,7 @@ def table(result: dict) -> str:
     kinds = [
         ("student", False, "DistillFSS student"),
         ("onnx", False, "student, onnxruntime"),
+        ("onnx-int8", False, "student, onnxruntime int8"),
         ("teacher", False, "teacher (support cached)"),
         ("teacher", True, "teacher (support encoded per query)"),
     ]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .folder import DataError, Sample, Split, list_images, load_image, load_mask, load_pair
+from .folder import IGNORE, DataError, Sample, Split, list_images, load_image, load_mask, load_pair
 
 
 def image_tensor(image: np.ndarray, size: int) -> Tensor:
@@ -48,19 +48,24 @@ def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple
         images.append(image_tensor(img, size))
         labels.append(label_tensor(mask, size))
     lab = torch.stack(labels)
-    fg = (lab > 0) & (lab != 255)
-    if not fg.any():
+    check_support_labels(lab, split.classes, f"{split.root}", stems)
+    return torch.stack(images), lab
+
+
+def check_support_labels(labels: Tensor, classes: Sequence[str], where: str, names: Sequence[str]) -> None:
+    """A support set's labels at the working size (K, S, S) must show every foreground class of ``classes``
+    (background first); DataError naming ``where`` and the images otherwise."""
+    if not ((labels > 0) & (labels != IGNORE)).any():
         raise DataError(
-            f"{split.root}: the support set ({', '.join(stems)}) has no foreground pixel; "
+            f"{where}: the support set ({', '.join(names)}) has no foreground pixel; "
             "pick images that show the classes (or more shots)"
         )
-    missing = [split.classes[c] for c in range(1, split.num_classes + 1) if not (lab == c).any()]
+    missing = [classes[c] for c in range(1, len(classes)) if not (labels == c).any()]
     if missing:
         raise DataError(
-            f"{split.root}: class(es) {missing} have no pixel in any support image ({', '.join(stems)}); "
+            f"{where}: class(es) {missing} have no pixel in any support image ({', '.join(names)}); "
             "use more shots or a support set that shows every class"
         )
-    return torch.stack(images), lab
 
 
 def load_unlabeled(folder: Path, size: int, max_images: int, exclude: Sequence[Path] = ()) -> tuple[Tensor, list[str]]:
