@@ -77,6 +77,16 @@ def test_checkpoint_starts_adaptation_but_is_not_a_predictor(tmp_path: Path, lit
     assert config["source"]["name"] == "selfsup" and "val_miou" in config
     card = (tmp_path / "ckpt/MODEL_CARD.md").read_text()
     assert "distillfss meta-train --source selfsup --out OUT --steps 2" in card and "chelsea" in card
+    import subprocess
+
+    import skimage
+    import torch
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    prov = config["provenance"]  # what made the run, in the config and the card
+    assert prov["torch"] == torch.__version__ and prov["scikit_image"] == skimage.__version__
+    assert head.returncode != 0 or prov["code_commit"].startswith(head.stdout.strip())
+    assert f"scikit-image {skimage.__version__}" in card and f"torch {torch.__version__}" in card
     three = MODEL.__class__(**{**MODEL.to_dict(), "num_classes": 3})
     teacher = load_teacher_weights(tmp_path / "ckpt", lite0_64, three)
     best = own_state(result) if result.best_step == 2 else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,12 +85,14 @@ class FewShotSegmenter:
         classes: Sequence[str] | None = None,
         unlabeled: Sequence[ImageLike] | str | Path | None = None,
         progress: bool = False,
+        on_step: Callable[[dict], None] | None = None,
     ) -> FewShotSegmenter:
         """Adapt the teacher on the support set (images, masks) and distil the student; returns self.
 
         classes: the foreground class names (label 1, 2, ...); default ``class1..classC`` from the largest label.
         unlabeled: images of the same domain without masks (a list, or a folder): the student is then refined on
-        them with the adapted teacher's labels (``refine_iterations``, default 40).
+        them with the adapted teacher's labels (``refine_iterations``, default 30).
+        on_step: called with each step's log row (``step``, ``loss``, ...); an exception it raises stops the fit.
         """
         classes = self._classes(masks, classes)
         self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
@@ -112,6 +114,7 @@ class FewShotSegmenter:
             cfg,
             teacher=teacher,
             progress=progress,
+            on_step=on_step,
             unlabeled=None if u is None else u.to(self.device),
         )
         self.classes, self.teacher, self.student = ("background", *classes), result.teacher, result.student
@@ -220,7 +223,6 @@ class FewShotSegmenter:
         if which not in ("student", "teacher"):
             raise ValueError(f"model must be 'student' or 'teacher', got {which!r}")
         if which not in self._predictors:
-            assert self.model_cfg is not None or (self.student is None and self.teacher is None)
             if which == "student":
                 if self.student is None:
                     raise ModelError("no student: call fit first (or load a student folder)")

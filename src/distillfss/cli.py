@@ -280,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_flags(p)
 
+    p = sub.add_parser("app", help="a local web page to label images, adapt and segment (needs distillfss[app])")
+    p.add_argument("--port", type=int, default=7860, help="local port (default %(default)s; 0: any free port)")
+    p.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("distillfss_workspace"),
+        help="folder for the added images, masks, models and predictions; the app writes nowhere else",
+    )
+    p.add_argument("--model", type=Path, default=None, help="a student folder to segment with from the start")
+    p.add_argument("--steps", type=int, default=AdaptConfig.iterations, help="default adaptation steps in the page")
+    _device_flag(p)
+    _model_flags(p)
+    _teacher_flag(p)
+
     p = sub.add_parser("export", help="export a student as a standalone ONNX graph")
     p.add_argument("--model", required=True, type=Path, help="student folder written by adapt")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")

@@ -237,6 +237,20 @@ def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
     return 0
 
 
+def app(args: argparse.Namespace) -> int:
+    try:
+        from .app import launch
+    except ImportError as e:
+        raise DataError(f"distillfss app needs Gradio: pip install 'distillfss[app]' ({e})") from None
+    if args.steps < 1:
+        raise DataError(f"--steps: expected >= 1, got {args.steps}")
+    options = {"backbone": args.backbone, "preset": args.preset, "image_size": args.image_size, "teacher": args.teacher}
+    options.update(backbone_weights=args.backbone_weights, device=args.device)
+    log.info("workspace %s; open http://127.0.0.1:%d in a browser (Ctrl-C stops)", args.workspace, args.port)
+    launch(args.workspace, args.port or None, args.model, steps=args.steps, **options)
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 

@@ -384,8 +384,45 @@ def _save_state(path: Path, teacher: Teacher, opt, step: int, best_step: int, be
     os.replace(tmp, path)
 
 
+def provenance() -> dict[str, str | None]:
+    """What made a run: the code's git commit (None outside a git checkout) and the package versions."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return {
+        "code_commit": (commit + (" (with uncommitted changes)" if dirty else "")) or None,
+        "distillfss": __version__,
+        "torch": torch.__version__,
+        "scikit_image": pkg("scikit-image"),
+        "python": platform.python_version(),
+    }
+
+
 def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> None:
     meta = {
+        "provenance": provenance(),
         "meta_train": cfg.to_dict(),
         "source": source.describe(),
         "step": step,
@@ -393,6 +430,15 @@ def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> N
         "val_per_class": {str(c): round(v, 3) for c, v in per_class.items()},
     }
     save_teacher_checkpoint(out, teacher, model_cfg, meta)
+
+
+def _provenance_line(p: dict | None) -> str:
+    if not p:
+        return "- code commit and package versions: not recorded by the run"
+    return (
+        f"- code: commit {p.get('code_commit') or 'unknown (not a git checkout)'}, distillfss {p.get('distillfss')}, "
+        f"torch {p.get('torch')}, scikit-image {p.get('scikit_image') or 'not installed'}, Python {p.get('python')}"
+    )
 
 
 def recipe(cfg: MetaConfig, model_cfg: ModelConfig, out: str = "OUT") -> str:
@@ -489,6 +535,7 @@ def model_card(out: Path) -> str:
         f"- training wall time: {wall / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "- validation curve (step: mIoU): " + ", ".join(f"{s}: {v:.1f}" for s, v in vals),
+        _provenance_line(config.get("provenance")),
         "",
         "## Limits",
         "",

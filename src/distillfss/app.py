@@ -1,0 +1,407 @@
+"""``distillfss app``: a local web page to label a few images, adapt, and segment more (Gradio, offline).
+
+Three tabs, one workspace folder (nothing is written outside it):
+
+1. **Label**: add images (upload, or a folder path on this machine), paint each class with its brush colour (or
+   upload a label PNG), save the mask; a table shows which images are labelled.
+2. **Adapt**: TransferFSS + DistillFSS on the labelled images (``FewShotSegmenter.fit``, the same code as
+   ``distillfss adapt``) in a background thread, with a live progress line and loss curve, and a Cancel button.
+3. **Segment**: the student (just adapted, or a student folder opened from disk) on uploaded images or a folder;
+   overlays with a legend; downloads: the label PNGs (zip), the student folder (zip) and its ONNX file.
+
+Errors the user can fix appear as one-line messages in the page; anything else is shown as an internal error with
+its type and message (the traceback goes to the terminal), never as a page-breaking traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .api import FewShotSegmenter
+from .data.folder import IMAGE_EXTS, DataError, list_images, load_image, load_mask
+from .errors import UserError
+from .outputs import refuse_unsafe_output
+from .viz import PALETTE, class_colour, overlay, with_legend
+
+log = logging.getLogger("distillfss")
+
+STUDENT, ONNX = "student", "student.onnx"
+
+
+class Cancelled(UserError):
+    """The user pressed Cancel during adaptation."""
+
+
+def _hex(c: int) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*class_colour(c))
+
+
+def mask_from_strokes(layer: np.ndarray, n_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """A painted RGBA layer -> (H, W) uint8 labels at ``size`` = (H, W): each painted pixel (alpha > 0) takes the
+    class whose brush colour is nearest; unpainted pixels are background."""
+    rgba = np.asarray(layer)
+    if rgba.ndim != 3 or rgba.shape[2] < 3:
+        raise DataError("the painted mask is not an RGBA image")
+    painted = rgba[..., 3] > 0 if rgba.shape[2] == 4 else rgba[..., :3].any(axis=2)
+    colours = (
+        PALETTE[:n_classes]
+        if n_classes <= len(PALETTE)
+        else np.array([class_colour(c) for c in range(1, n_classes + 1)])
+    )
+    dist = ((rgba[..., None, :3].astype(np.float32) - colours[None, None]) ** 2).sum(-1)  # (H, W, C)
+    labels = np.where(painted, dist.argmin(-1) + 1, 0).astype(np.uint8)
+    if labels.shape != size:
+        labels = np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
+    return labels
+
+
+class Workspace:
+    """The app's folder: images/ (added images), masks/ (saved label PNGs), models/, predictions/, and .uploads/
+    (Gradio's copies of uploaded files)."""
+
+    def __init__(self, root: Path) -> None:
+        root = Path(root).expanduser().resolve()
+        refuse_unsafe_output(root)
+        self.root = root
+        for sub in ("images", "masks", "models", "predictions"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def images(self) -> dict[str, Path]:
+        return list_images(self.root / "images")
+
+    def mask_path(self, stem: str) -> Path:
+        return self.root / "masks" / f"{stem}.png"
+
+    def labelled(self) -> list[str]:
+        return [s for s in self.images if self.mask_path(s).is_file()]
+
+    def add(self, files: list[Path]) -> list[str]:
+        """Copy images in (never moves or changes the originals); a name already taken gets a numeric suffix."""
+        added = []
+        for f in files:
+            f = Path(f)
+            if f.suffix.lower() not in IMAGE_EXTS:
+                raise DataError(f"{f.name}: not an image file ({', '.join(IMAGE_EXTS)})")
+            load_image(f)  # readable, or a DataError naming it
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f.stem) or "image"
+            name, i = stem, 1
+            while name in self.images:
+                name, i = f"{stem}_{i}", i + 1
+            shutil.copyfile(f, self.root / "images" / f"{name}{f.suffix.lower()}")
+            added.append(name)
+        return added
+
+
+def _folder_images(path: str) -> list[Path]:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = list(list_images(folder).values())
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def friendly(fn: Callable) -> Callable:
+    """Show errors in the page as one line: UserError as it is, anything else as an internal error."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - shown in the page, logged with its traceback
+            log.exception("app: internal error")
+            raise gr.Error(f"internal error ({type(e).__name__}: {e}); details in the terminal") from None
+
+    return wrapper
+
+
+def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **segmenter_options: Any):
+    """The Gradio Blocks of the app (not launched). ``segmenter_options`` go to :class:`FewShotSegmenter`."""
+    ws = Workspace(workspace)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # Gradio keeps uploaded files in its cache folder: inside the workspace too (read when the Blocks are built).
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".uploads")
+    import gradio as gr
+    import pandas as pd
+
+    state: dict[str, Any] = {"seg": FewShotSegmenter.load(model) if model else None, "cancel": threading.Event()}
+
+    def classes_of(text: str) -> list[str]:
+        names = [c.strip() for c in text.split(",") if c.strip()]
+        if not names or len(set(names)) != len(names):
+            raise DataError(f"classes: expected distinct comma-separated names, got {text!r}")
+        return names
+
+    def table() -> pd.DataFrame:
+        done = set(ws.labelled())
+        return pd.DataFrame({"image": list(ws.images), "labelled": ["yes" if s in done else "no" for s in ws.images]})
+
+    def refresh(selected: str | None = None):
+        names = list(ws.images)
+        pick = (
+            selected
+            if selected in names
+            else (next((s for s in names if s not in ws.labelled()), None) or (names[0] if names else None))
+        )
+        return table(), gr.update(choices=names, value=pick)
+
+    @friendly
+    def add_files(files: list[str] | None):
+        if not files:
+            raise DataError("no files chosen")
+        added = ws.add([Path(f) for f in files])
+        return (*refresh(added[0]), f"added {len(added)} image(s)")
+
+    @friendly
+    def add_folder(path: str):
+        added = ws.add(_folder_images(path))
+        return (*refresh(added[0]), f"added {len(added)} image(s) from {path}")
+
+    @friendly
+    def show(stem: str | None, class_text: str):
+        if not stem:
+            return None
+        image = (load_image(ws.images[stem]) * 255).astype(np.uint8)
+        layer = np.zeros((*image.shape[:2], 4), np.uint8)
+        if ws.mask_path(stem).is_file():
+            labels = load_mask(ws.mask_path(stem), 254)
+            for c in np.unique(labels):
+                if 0 < c < 255:
+                    layer[labels == c] = (*class_colour(int(c)), 255)
+        return {"background": image, "layers": [layer], "composite": None}
+
+    @friendly
+    def save_mask(stem: str | None, edited: dict | None, uploaded: str | None, class_text: str):
+        if not stem:
+            raise DataError("choose an image to label first")
+        names = classes_of(class_text)
+        h, w = load_image(ws.images[stem]).shape[:2]
+        if uploaded:
+            labels = load_mask(Path(uploaded), len(names))
+            if labels.shape != (h, w):
+                raise DataError(
+                    f"{Path(uploaded).name}: mask is {labels.shape[1]}x{labels.shape[0]}, {stem} is {w}x{h}"
+                )
+        else:
+            layers = [x for x in (edited or {}).get("layers") or [] if x is not None]
+            if not layers:
+                raise DataError(f"{stem}: nothing painted; paint the classes with the brush, or upload a mask")
+            labels = np.zeros((h, w), np.uint8)
+            for layer in layers:
+                painted = mask_from_strokes(layer, len(names), (h, w))
+                labels = np.where(painted > 0, painted, labels)
+        if not (labels[(labels > 0) & (labels != 255)]).size:
+            raise DataError(f"{stem}: the mask has no class pixel; paint at least one stroke")
+        Image.fromarray(labels).save(ws.mask_path(stem))
+        return (
+            *refresh(stem),
+            f"saved the mask of {stem} ({', '.join(f'{n}: {int((labels == i + 1).sum())} px' for i, n in enumerate(names))})",
+        )
+
+    def adapt_run(class_text: str, n_steps: float):
+        """A generator: starts the adaptation in a thread and yields progress until it ends."""
+        try:
+            names = classes_of(class_text)
+            stems = ws.labelled()
+            if not stems:
+                raise DataError("no labelled image yet: save at least one mask in the Label tab")
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        state["cancel"].clear()
+        steps_q: queue.Queue = queue.Queue()
+        result: dict[str, Any] = {}
+
+        def on_step(row: dict) -> None:
+            steps_q.put(row)
+            if state["cancel"].is_set():
+                raise Cancelled("adaptation cancelled")
+
+        def work() -> None:
+            try:
+                seg = FewShotSegmenter(**{**segmenter_options, "iterations": int(n_steps)})
+                seg.fit([ws.images[s] for s in stems], [ws.mask_path(s) for s in stems], classes=names, on_step=on_step)
+                seg.save(ws.root / "models" / STUDENT, overwrite=True)
+                result["seg"] = seg
+            except Exception as e:  # noqa: BLE001 - reported in the page below
+                if not isinstance(e, UserError):
+                    log.exception("app: adaptation failed")
+                result["error"] = e
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        rows: list[dict] = []
+        t0 = time.perf_counter()
+        while thread.is_alive() or not steps_q.empty():
+            try:
+                rows.append(steps_q.get(timeout=0.5))
+            except queue.Empty:
+                pass
+            else:
+                while not steps_q.empty():
+                    rows.append(steps_q.get())
+            done = len(rows)
+            line = f"adapting on {len(stems)} image(s): step {done} / {int(n_steps)}, {time.perf_counter() - t0:.0f} s"
+            yield line, pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]})
+        if "error" in result:
+            e = result["error"]
+            message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
+            raise gr.Error(message)
+        state["seg"] = result["seg"]
+        yield (
+            f"done: {len(stems)} image(s), {int(n_steps)} steps, {time.perf_counter() - t0:.0f} s; the student is in "
+            f"{ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
+            pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]}),
+        )
+
+    def cancel():
+        state["cancel"].set()
+        return "cancelling..."
+
+    @friendly
+    def open_model(path: str):
+        state["seg"] = FewShotSegmenter.load(Path(path).expanduser())
+        seg = state["seg"]
+        return f"opened {path}: {seg.student is not None and 'student' or 'teacher'} for {', '.join(seg.classes[1:])}"
+
+    @friendly
+    def segment(files: list[str] | None, folder: str):
+        seg: FewShotSegmenter | None = state["seg"]
+        if seg is None:
+            raise DataError("no model yet: adapt in the Adapt tab, or open a student folder")
+        paths = [Path(f) for f in files or []] + (_folder_images(folder) if folder.strip() else [])
+        if not paths:
+            raise DataError("no images: upload some or give a folder")
+        run = ws.root / "predictions" / time.strftime("%Y%m%d-%H%M%S")
+        (run / "labels").mkdir(parents=True, exist_ok=True)
+        gallery = []
+        for p in paths:
+            image = load_image(p)
+            labels = seg.predict(image)
+            Image.fromarray(labels).save(run / "labels" / f"{p.stem}.png")
+            panel = with_legend([overlay(image, labels)], [p.name], seg.classes)
+            Image.fromarray(panel).save(run / f"{p.stem}_overlay.png")
+            gallery.append((str(run / f"{p.stem}_overlay.png"), p.name))
+        downloads = [shutil.make_archive(str(run / "labels"), "zip", run / "labels")]
+        if seg.student is not None:
+            folder_out = ws.root / "models" / STUDENT
+            if not (folder_out / "config.json").is_file():
+                seg.save(folder_out, overwrite=True)
+            downloads.append(shutil.make_archive(str(run / STUDENT), "zip", folder_out))
+            downloads.append(str(seg.export_onnx(run / ONNX, overwrite=True)))
+        return gallery, downloads, f"segmented {len(paths)} image(s) into {run}"
+
+    with gr.Blocks(title="distillfss", analytics_enabled=False) as app:
+        gr.Markdown(
+            "## distillfss: label a few images, adapt, segment the rest\n"
+            f"Workspace: `{ws.root}` (everything this page writes goes there)."
+        )
+        status = gr.Markdown(elem_id="status")
+        with gr.Tab("1 · Label", id="label"):
+            with gr.Row():
+                class_text = gr.Textbox(
+                    label="Classes (comma-separated; brush colours in this order)", value="object", elem_id="classes"
+                )
+                gr.Markdown(
+                    "Brush colours: "
+                    + ", ".join(f"<span style='color:{_hex(c)}'>■</span> class {c}" for c in range(1, 8))
+                )
+            with gr.Row():
+                uploads = gr.File(
+                    label="Add images", file_count="multiple", file_types=list(IMAGE_EXTS), elem_id="add-images"
+                )
+                with gr.Column():
+                    folder = gr.Textbox(label="...or a folder of images on this machine", elem_id="image-folder")
+                    load_btn = gr.Button("Load folder")
+            images_table = gr.Dataframe(value=table(), label="Images", interactive=False, elem_id="images-table")
+            pick = gr.Dropdown(label="Image to label", choices=list(ws.images), elem_id="pick")
+            editor = gr.ImageEditor(
+                label="Paint each class with its colour",
+                type="numpy",
+                image_mode="RGBA",
+                sources=(),
+                transforms=(),
+                layers=False,
+                format="png",
+                brush=gr.Brush(colors=[_hex(c) for c in range(1, 8)], color_mode="fixed", default_size=12),
+                elem_id="editor",
+            )
+            mask_file = gr.File(
+                label="...or upload its mask (label PNG: 0 background, 1..C classes)",
+                file_types=[".png", ".tif", ".tiff", ".bmp"],
+                elem_id="mask-file",
+            )
+            save_btn = gr.Button("Save mask", variant="primary", elem_id="save-mask")
+        with gr.Tab("2 · Adapt", id="adapt"):
+            n_steps = gr.Slider(1, 300, value=steps, step=1, label="Adaptation steps", elem_id="steps")
+            with gr.Row():
+                adapt_btn = gr.Button("Adapt", variant="primary", elem_id="adapt")
+                cancel_btn = gr.Button("Cancel", elem_id="cancel")
+            progress = gr.Markdown(elem_id="progress")
+            curve = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="curve")
+        with gr.Tab("3 · Segment", id="segment"):
+            with gr.Row():
+                model_path = gr.Textbox(label="Open a student folder (optional)", elem_id="model-path")
+                open_btn = gr.Button("Open model")
+            seg_files = gr.File(
+                label="Images to segment", file_count="multiple", file_types=list(IMAGE_EXTS), elem_id="segment-images"
+            )
+            seg_folder = gr.Textbox(label="...or a folder of images", elem_id="segment-folder")
+            seg_btn = gr.Button("Segment", variant="primary", elem_id="segment")
+            gallery = gr.Gallery(label="Overlays", columns=3, object_fit="contain", elem_id="overlays")
+            downloads = gr.File(
+                label="Downloads: label PNGs (zip), student folder (zip), ONNX",
+                file_count="multiple",
+                elem_id="downloads",
+            )
+
+        uploads.upload(add_files, [uploads], [images_table, pick, status])
+        load_btn.click(add_folder, [folder], [images_table, pick, status])
+        pick.change(show, [pick, class_text], [editor])
+        save_btn.click(save_mask, [pick, editor, mask_file, class_text], [images_table, pick, status])
+        adapt_btn.click(adapt_run, [class_text, n_steps], [progress, curve])
+        cancel_btn.click(cancel, None, [progress])
+        open_btn.click(open_model, [model_path], [status])
+        seg_btn.click(segment, [seg_files, seg_folder], [gallery, downloads, status])
+    return app
+
+
+def launch(workspace: Path, port: int | None = None, model: Path | None = None, block: bool = True, **options: Any):
+    """Build and start the app on 127.0.0.1 (only this machine can reach it)."""
+    import gradio as gr
+
+    app = build_app(workspace, model, **options)
+    app.queue(default_concurrency_limit=1)
+    # System fonts: the default theme would fetch Google's web fonts (the page must work offline).
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        inbrowser=False,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(Path(workspace).expanduser().resolve())],
+        show_error=False,
+        quiet=not block,
+        ssr_mode=False,
+        theme=theme,
+    )
+    return app

@@ -1,0 +1,149 @@
+"""The web app, driven in a real browser (headless Chromium through Playwright), and its pieces without one.
+
+The browser test needs Debian's ``chromium`` package (``apt-get install chromium``) and the ``gradio`` and
+``playwright`` Python packages (in the dev install); without them it is skipped and says so. With
+``DISTILLFSS_SCREENSHOT=path.png`` it also saves its screenshot there (the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distillfss.demo import demo_root
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NUCLEI = demo_root() / "nuclei"
+# No network here: without the background-networking flags Chromium keeps trying (and failing) to reach Google.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_painted_strokes_become_labels_by_nearest_brush_colour() -> None:
+    pytest.importorskip("gradio")
+    from distillfss.app import mask_from_strokes
+    from distillfss.viz import class_colour
+
+    layer = np.zeros((20, 30, 4), np.uint8)
+    layer[2:5, 2:10] = (*class_colour(1), 255)
+    layer[10:15, 5:8] = (*(np.array(class_colour(2)) + 3).clip(0, 255), 128)  # antialiased edge: nearest colour
+    labels = mask_from_strokes(layer, 2, (40, 60))  # the canvas at half the image's size
+    assert labels.shape == (40, 60) and set(np.unique(labels)) == {0, 1, 2}
+    assert (labels[4:10, 4:20] == 1).all() and (labels[20:30, 10:16] == 2).all() and labels[30:, 30:].max() == 0
+
+
+def test_workspace_copies_images_in_and_refuses_unsafe_folders(tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    from distillfss.app import Workspace
+    from distillfss.outputs import OutputError
+
+    ws = Workspace(tmp_path / "ws")
+    src = sorted((NUCLEI / "train/images").iterdir())[:2]
+    before = [p.read_bytes() for p in src]
+    assert ws.add(src) == [p.stem for p in src]
+    assert ws.add(src[:1]) == [f"{src[0].stem}_1"]  # a taken name gets a suffix, nothing is replaced
+    assert [p.read_bytes() for p in src] == before and len(ws.images) == 3
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    with pytest.raises(Exception, match="bad.png"):
+        ws.add([bad])
+    with pytest.raises(OutputError):
+        Workspace(Path.home())
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="browser test skipped: no Chromium here (Debian: apt-get install chromium; then make test runs it)",
+)
+def test_app_in_a_real_browser(tmp_path: Path) -> None:
+    pytest.importorskip("gradio", reason="browser test skipped: pip install 'distillfss[app]' playwright")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser test skipped: pip install playwright")
+    from distillfss.app import launch
+    from distillfss.model_io import load_model
+
+    port = _free_port()
+    ws = tmp_path / "ws"
+    app = launch(
+        ws, port, block=False, steps=3, backbone="efficientnet_lite0", image_size=64, teacher="random", device="cpu"
+    )
+    train = sorted((NUCLEI / "train/images").iterdir())[:3]
+    test = sorted((NUCLEI / "test/images").iterdir())[:2]
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#classes textarea, #classes input").first.fill("nucleus")
+            page.locator("#add-images input[type=file]").set_input_files([str(f) for f in train])
+            page.get_by_text("added 3 image(s)").wait_for(timeout=60_000)
+            for f in train:
+                page.locator("#pick input").first.click()
+                page.get_by_role("option", name=f.stem).click()
+                _paint_stroke(page)
+                page.locator("#save-mask").click()
+                page.get_by_text(f"saved the mask of {f.stem}").wait_for(timeout=60_000)
+            assert sorted(m.stem for m in (ws / "masks").iterdir()) == sorted(f.stem for f in train)
+
+            page.get_by_role("tab", name="2 · Adapt").click()
+            page.locator("#adapt").click()
+            page.get_by_text("done:").wait_for(timeout=300_000)
+
+            page.get_by_role("tab", name="3 · Segment").click()
+            page.locator("#segment-images input[type=file]").set_input_files([str(f) for f in test])
+            page.locator("#segment").click()
+            page.get_by_text("segmented 2 image(s)").wait_for(timeout=120_000)
+            assert page.locator("#overlays img").count() >= 2
+            with page.expect_download() as info:
+                page.locator('#downloads a[download="student.zip"]').click()
+            zipped = tmp_path / "student.zip"
+            info.value.save_as(zipped)
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        app.close()
+    with zipfile.ZipFile(zipped) as z:
+        z.extractall(tmp_path / "student")
+    model = load_model(tmp_path / "student")
+    image = np.asarray(Image.open(test[0]).convert("RGB"), dtype=np.float32) / 255
+    assert model.kind == "student" and model.predictor.predict(image).shape == image.shape[:2]
+    assert any((ws / ".uploads").rglob("*.png"))  # Gradio's copies of the uploads stay in the workspace
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ws", "student.zip", "student", "app.png"])
+    if os.environ.get("DISTILLFSS_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["DISTILLFSS_SCREENSHOT"])
+
+
+def _paint_stroke(page) -> None:
+    """One brush stroke across the middle of the image editor's canvas (brush tool, first colour = class 1)."""
+    canvas = page.locator("#editor canvas").first
+    canvas.wait_for(timeout=30_000)
+    page.locator("#editor").get_by_role("button", name="Brush", exact=True).click()
+    box = canvas.bounding_box()
+    assert box is not None
+    # The image is fitted to the canvas height and centred: stroke across its middle, inside it.
+    cx, cy, half = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] * 0.3
+    page.mouse.move(cx - half, cy)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(cx - half + i * half / 10, cy + i / 2, steps=2)
+    page.mouse.up()
