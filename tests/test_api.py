@@ -109,3 +109,23 @@ def test_readme_python_example_runs_on_the_demo_data(tmp_path: Path, monkeypatch
     exec(compile(code.replace("iterations=40", "iterations=2"), "README.md", "exec"), scope)
     assert len(scope["labels"]) == 8 and (tmp_path / "nuclei_model" / "config.json").is_file()
     assert (tmp_path / "nuclei.onnx").is_file()
+
+
+def test_on_step_sees_every_step_and_can_stop_the_fit(tmp_path: Path) -> None:
+    """What the app's progress bar and Cancel button rely on: each step's row, and an exception that ends the fit
+    with nothing fitted or written."""
+    from distillfss.app import Cancelled
+
+    images, masks = _support()
+    rows: list[dict] = []
+    FewShotSegmenter(**{**SMALL, "iterations": 3}).fit(images, masks, on_step=rows.append)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+
+    def cancel_at_two(row: dict) -> None:
+        if row["step"] == 2:
+            raise Cancelled("adaptation cancelled")
+
+    seg = FewShotSegmenter(**{**SMALL, "iterations": 50})
+    with pytest.raises(Cancelled):
+        seg.fit(images, masks, on_step=cancel_at_two)
+    assert seg.student is None and seg.teacher is None
