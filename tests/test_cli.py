@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -253,3 +254,36 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp
     monkeypatch.setattr(commands, "evaluate", bug)
     with pytest.raises(ValueError, match="internal invariant"):  # not swallowed as a user error: exit 1, traceback
         main(args)
+
+
+def test_predict_in_batches_gives_what_one_at_a_time_gives_and_skips_unreadable(
+    student_dir, multiclass_dataset, tmp_path
+) -> None:
+    images = tmp_path / "imgs"
+    shutil.copytree(multiclass_dataset / "test" / "images", images)
+    big = np.asarray(Image.open(images / "img00.png").resize((96, 70)))
+    Image.fromarray(big).save(images / "img05_big.png")  # another size in the same batch
+    (images / "img03_broken.png").write_bytes(b"not a png")
+    outs = {}
+    for batch in ("1", "2", "8"):
+        out = tmp_path / f"pred{batch}"
+        args = ["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out), "--batch", batch]
+        assert main(args) == 2  # the broken file is named, every other image predicted
+        outs[batch] = {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))}
+    assert sorted(outs["1"]) == ["img00.png", "img01.png", "img02.png", "img05_big.png"]
+    assert outs["1"]["img05_big.png"].shape == (70, 96)
+    for batch in ("2", "8"):
+        assert outs[batch].keys() == outs["1"].keys()
+        assert all(np.array_equal(outs[batch][k], outs["1"][k]) for k in outs["1"])
+    bad = [
+        "predict",
+        "--model",
+        str(student_dir),
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "x"),
+        "--batch",
+        "0",
+    ]
+    assert main(bad) == 2 and not (tmp_path / "x").exists()

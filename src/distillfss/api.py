@@ -42,6 +42,7 @@ from .teacher import Teacher, build_teacher, encode_support
 log = logging.getLogger("distillfss")
 
 ImageLike = str | Path | np.ndarray
+PREDICT_BATCH = 8  # images per forward pass in predict
 
 
 class FewShotSegmenter:
@@ -162,7 +163,10 @@ class FewShotSegmenter:
         predictor = self._predictor(model or ("student" if self.student is not None else "teacher"))
         single = isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)  # type: ignore[list-item]
-        out = [predictor.predict(_image(x, f"images[{i}]")) for i, x in enumerate(items)]
+        out: list[np.ndarray] = []
+        for start in range(0, len(items), PREDICT_BATCH):  # a few images per forward pass: bounded memory
+            chunk = items[start : start + PREDICT_BATCH]
+            out += predictor.predict_batch([_image(x, f"images[{start + j}]") for j, x in enumerate(chunk)])
         return out[0] if single else out
 
     # -- files ------------------------------------------------------------------------------------------------

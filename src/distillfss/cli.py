@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment images with a saved model",
-        description="Segment images one at a time (bounded memory). A file that cannot be read is skipped and named "
-        "at the end (exit status 2); every readable image still gets its prediction.",
+        description="Segment images --batch at a time (bounded memory). A file that cannot be read is skipped and "
+        "named at the end (exit status 2); every readable image still gets its prediction.",
     )
     p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images")
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument(
+        "--batch", type=int, default=8, help="images per forward pass (default %(default)s; memory grows with it)"
+    )
     _inference_flags(p)
 
     p = sub.add_parser("evaluate", help="mIoU of a saved model on a dataset split")

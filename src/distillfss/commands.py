@@ -133,20 +133,27 @@ def predict(args: argparse.Namespace) -> int:
             args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
         )
         predictor, classes = loaded.predictor, loaded.classes
+    if args.batch < 1:
+        raise DataError(f"--batch: expected >= 1, got {args.batch}")
     unreadable: list[str] = []
-    # One image at a time (read, predict, write): memory stays bounded whatever the folder holds.
+    # --batch images at a time (read, predict in one forward pass, write): memory stays bounded whatever the folder
+    # holds.
     with output_folder(args.out, args.overwrite, [args.images, args.model]) as tmp:
-        for f in tqdm(files, desc="predict"):
-            try:
-                img = load_image(f)
-            except DataError as e:
-                unreadable.append(str(e))
-                continue
-            labels = predictor.predict(img)
-            Image.fromarray(labels).save(tmp / f"{f.stem}.png")
-            if args.overlay:
-                panel = with_legend([overlay(img, labels)], [f"{f.name} ({args.model.name})"], classes)
-                Image.fromarray(panel).save(tmp / f"{f.stem}_overlay.png")
+        bar = tqdm(total=len(files), desc="predict")
+        for start in range(0, len(files), args.batch):
+            batch = []
+            for f in files[start : start + args.batch]:
+                try:
+                    batch.append((f, load_image(f)))
+                except DataError as e:
+                    unreadable.append(str(e))
+            for (f, img), labels in zip(batch, predictor.predict_batch([img for _, img in batch]) if batch else []):
+                Image.fromarray(labels).save(tmp / f"{f.stem}.png")
+                if args.overlay:
+                    panel = with_legend([overlay(img, labels)], [f"{f.name} ({args.model.name})"], classes)
+                    Image.fromarray(panel).save(tmp / f"{f.stem}_overlay.png")
+            bar.update(len(files[start : start + args.batch]))
+        bar.close()
     log.info("wrote %d label maps to %s", len(files) - len(unreadable), args.out)
     if unreadable:
         raise DataError(

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.tensors import image_tensor
 from .model_io import ModelError
+from .predictor import labels_at_sizes
 from .student import Student
 
 
@@ -144,8 +144,9 @@ class OnnxPredictor:
         return self.session.run(["logits"], {"images": images.astype(np.float32)})[0]
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        x = image_tensor(image, self.image_size).unsqueeze(0).numpy()
-        logits = torch.from_numpy(self.logits(x))
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return logits.argmax(1)[0].to(torch.uint8).numpy()
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Several images of any sizes in one onnxruntime call -> their label maps, each at its own size."""
+        x = torch.stack([image_tensor(im, self.image_size) for im in images]).numpy()
+        return labels_at_sizes(torch.from_numpy(self.logits(x)), [im.shape[:2] for im in images])

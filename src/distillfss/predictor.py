@@ -62,9 +62,23 @@ class Predictor:
 
     def predict(self, image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W, 3) float RGB in [0, 1] -> (H, W) uint8 labels at the input's size (or at ``size`` = (h, w))."""
-        h, w = size or image.shape[:2]
+        return self.predict_batch([image], [size])[0]
+
+    def predict_batch(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None
+    ) -> list[np.ndarray]:
+        """Several images of any sizes in one forward pass -> their label maps, each at its own size (or ``sizes``)."""
         device = next(self.model.parameters()).device
-        x = image_tensor(image, self.image_size).unsqueeze(0).to(device)
-        logits = self.logits(x).cpu()
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return logits.argmax(1)[0].to(torch.uint8).numpy()
+        x = torch.stack([image_tensor(im, self.image_size) for im in images]).to(device)
+        return labels_at_sizes(
+            self.logits(x).cpu(), [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
+        )
+
+
+def labels_at_sizes(logits: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Merged logits (B, C+1, S, S) -> per image, (h, w) uint8 labels after a bilinear resize of its logits."""
+    out = []
+    for one, (h, w) in zip(logits, sizes):
+        resized = F.interpolate(one[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
+        out.append(resized.argmax(1)[0].to(torch.uint8).numpy())
+    return out
