@@ -21,7 +21,7 @@ from .backbones import build_backbone
 from .config import AdaptConfig, ModelConfig
 from .data import load_split, load_support_tensors
 from .errors import UserError
-from .speed import _cpu_name, _peak_rss_mb, measure_isolated
+from .speed import _peak_rss_mb, device_name, measure_isolated
 from .teacher import encode_support
 
 DATASET = "nuclei"
@@ -112,9 +112,8 @@ def run_adapt_speed(
                         f"set {t} cap {cap or 'all':>3} K {k:3d}: encode {row['encode_s']:6.1f} s, step "
                         f"{row['step_s_median']:6.2f} s, {row['peak_memory_mb']:7.0f} MB"
                     )
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
     return {
-        "device": f"{device} ({name})",
+        "device": device_name(device),
         "threads": threads,
         "model": model_cfg.to_dict(),
         "support": f"bundled {DATASET} train images and their symmetries",

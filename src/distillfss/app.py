@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from .api import FewShotSegmenter
-from .data.folder import IMAGE_EXTS, DataError, list_images, load_image, load_mask
+from .data.folder import IMAGE_EXTS, DataError, image_files, list_images, load_image, load_mask
 from .errors import UserError
 from .outputs import refuse_unsafe_output
 from .viz import PALETTE, class_colour, overlay, with_legend
@@ -106,16 +106,6 @@ class Workspace:
         return added
 
 
-def _folder_images(path: str) -> list[Path]:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder")
-    files = list(list_images(folder).values())
-    if not files:
-        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
-    return files
-
-
 def friendly(fn: Callable) -> Callable:
     """Show errors in the page as one line: UserError as it is, anything else as an internal error."""
     import gradio as gr
@@ -174,7 +164,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
 
     @friendly
     def add_folder(path: str):
-        added = ws.add(_folder_images(path))
+        added = ws.add(image_files(Path(path).expanduser()))
         return (*refresh(added[0]), f"added {len(added)} image(s) from {path}")
 
     @friendly
@@ -266,7 +256,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             e = result["error"]
             message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             raise gr.Error(message)
-        state["seg"] = result["seg"]
+        state["seg"] = state["saved"] = result["seg"]  # adapt saved it in models/student
         yield (
             f"done: {len(stems)} image(s), {int(n_steps)} steps, {time.perf_counter() - t0:.0f} s; the student is in "
             f"{ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
@@ -288,7 +278,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         seg: FewShotSegmenter | None = state["seg"]
         if seg is None:
             raise DataError("no model yet: adapt in the Adapt tab, or open a student folder")
-        paths = [Path(f) for f in files or []] + (_folder_images(folder) if folder.strip() else [])
+        paths = [Path(f) for f in files or []] + (image_files(Path(folder).expanduser()) if folder.strip() else [])
         if not paths:
             raise DataError("no images: upload some or give a folder")
         run = ws.root / "predictions" / time.strftime("%Y%m%d-%H%M%S")
@@ -303,12 +293,19 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             gallery.append((str(run / f"{p.stem}_overlay.png"), p.name))
         downloads = [shutil.make_archive(str(run / "labels"), "zip", run / "labels")]
         if seg.student is not None:
-            folder_out = ws.root / "models" / STUDENT
-            if not (folder_out / "config.json").is_file():
-                seg.save(folder_out, overwrite=True)
-            downloads.append(shutil.make_archive(str(run / STUDENT), "zip", folder_out))
-            downloads.append(str(seg.export_onnx(run / ONNX, overwrite=True)))
+            downloads += packed(seg)
         return gallery, downloads, f"segmented {len(paths)} image(s) into {run}"
+
+    def packed(seg: FewShotSegmenter) -> list[str]:
+        """The student folder (zip) and its ONNX file, made once per student (adapted here or opened)."""
+        if state.get("packed") is not seg:
+            folder_out = ws.root / "models" / STUDENT
+            if state.get("saved") is not seg:
+                seg.save(folder_out, overwrite=True)
+            zipped = shutil.make_archive(str(ws.root / "models" / STUDENT), "zip", folder_out)
+            state["downloads"] = [zipped, str(seg.export_onnx(ws.root / "models" / ONNX, overwrite=True))]
+            state["packed"] = seg
+        return state["downloads"]
 
     with gr.Blocks(title="distillfss", analytics_enabled=False) as app:
         gr.Markdown(

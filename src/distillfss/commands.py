@@ -18,7 +18,7 @@ from .backbones import build_backbone
 from .cli import config_from_args, int_list, model_config, timestamp, write_json
 from .config import REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
-from .data.folder import IMAGE_EXTS, list_images
+from .data.folder import image_files
 from .evaluate import evaluate_predictor, write_per_image_csv
 from .model_io import (
     LOG,
@@ -105,22 +105,9 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_inputs(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix.lower() not in IMAGE_EXTS:
-            raise DataError(f"{path}: not an image file ({', '.join(IMAGE_EXTS)})")
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder")
-    files = list(list_images(path).values())
-    if not files:
-        raise DataError(f"{path}: no images (.png, .jpg, .tif, .bmp)")
-    return files
-
-
 def predict(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, [args.images, args.model])
-    files = _image_inputs(args.images)
+    files = image_files(args.images)
     if args.engine == "onnx":
         from .export import OnnxPredictor
 

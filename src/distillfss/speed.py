@@ -285,9 +285,8 @@ def run_speed(
                 f"{row.model:8s} ways {row.ways} shots {row.shots:3d} enc {int(row.support_encoding)}: "
                 f"{row.ms_median:9.1f} ms  {row.peak_memory_mb:8.0f} MB"
             )
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
     return {
-        "device": f"{device} ({name})",
+        "device": device_name(device),
         "threads": threads,
         "image_size": model_cfg.image_size,
         "backbone": model_cfg.backbone,
@@ -296,6 +295,12 @@ def run_speed(
         **opts,
         "rows": rows,
     }
+
+
+def device_name(device: str) -> str:
+    """'cpu (<CPU model>)' or 'cuda:N (<GPU name>)', as results record the machine."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
+    return f"{device} ({name})"
 
 
 def _cpu_name() -> str:

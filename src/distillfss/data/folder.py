@@ -60,6 +60,21 @@ def list_images(folder: Path) -> dict[str, Path]:
     return out
 
 
+def image_files(path: Path) -> list[Path]:
+    """An image file, or a folder's images (name-sorted) -> their paths; DataError when there are none."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTS:
+            raise DataError(f"{path}: not an image file ({', '.join(IMAGE_EXTS)})")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    files = list(list_images(path).values())
+    if not files:
+        raise DataError(f"{path}: no images (.png, .jpg, .tif, .bmp)")
+    return files
+
+
 def read_classes(root: Path) -> tuple[str, ...]:
     """Class names from dataset.json, classes.txt (one per line, background first) or the default binary set."""
     for candidate in (root / "dataset.json", root.parent / "dataset.json"):
