@@ -33,6 +33,12 @@ coarse-map MSE to the teacher's coarse masks. Support views are labelled by the 
 image among the shots (train as you infer); unlabeled views use every shot, with voting as at inference. Masks of
 unlabeled images are never read.
 
+The fast student (``cfg.student == 'fast'``, ``distill_fast``): after the joint stage, a fresh ``FastStudent``
+(classes as channels, its own slim decoder) learns from the same kind of bank -- the support images and any
+unlabeled images, each under ``cfg.fast_views`` -- for ``cfg.fast_iterations`` steps, with the teacher's soft labels
+on every view (its decoder starts from scratch and needs the teacher's full output, not only five masks), the focal
+loss on the support views' true labels and the coarse-map MSE. It replaces the paper's student and its refinement.
+
 Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen), and the
 seed drives initialisation, episodes and dropout through a private random state, so a run does not depend on what
 ran before it in the process.
@@ -59,7 +65,7 @@ from .backbones import FrozenBackbone, Pyramid
 from .config import AdaptConfig, ModelConfig
 from .losses import balanced_weights, coarse_mse, focal_loss
 from .predictor import VOTE_CHUNK
-from .student import Student, build_student
+from .student import FastStudent, Student, build_fast_student, build_student
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,7 @@ ENCODE_CHUNK = 16  # images per backbone call when encoding a view bank
 @dataclass
 class AdaptResult:
     teacher: Teacher
-    student: Student | None
+    student: Student | FastStudent | None
     log: list[dict]
     seconds: float  # wall time of adaptation, support encoding included
 
@@ -211,7 +217,10 @@ def _adapt(
             _train(teacher, None, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
             steps = cfg.student_iterations or cfg.iterations
             _train(teacher, student, support, labels, cfg, steps, "student", gen, progress, record)
-        if student is not None and cfg.refine_iterations > 0:
+        if student is not None and cfg.student == "fast":
+            teacher.eval()
+            student = _distill_fast(teacher, support, images, labels, cfg, unlabeled, gen, progress, record)
+        elif student is not None and cfg.refine_iterations > 0:
             student = _refine(teacher, student, support, images, labels, cfg, unlabeled, gen, progress, record)
     teacher.eval()
     if student is not None:
@@ -400,6 +409,110 @@ def _encode_views(backbone: FrozenBackbone, images: Tensor, views: tuple[int, ..
     return _cat(parts)
 
 
+@dataclass
+class ViewBank:
+    """Views the frozen teacher has labelled, each encoded once by the backbone.
+
+    source: (N,) the support image a view comes from, -1 for an unlabeled one; hard: (N, S, S) its true labels
+    (-1 where unlabeled); coarse / soft / present: the teacher's outputs (see ``_teacher_labels``)."""
+
+    pyramid: Pyramid
+    source: Tensor
+    hard: Tensor
+    coarse: list[Tensor]
+    soft: Tensor
+    present: Tensor
+
+
+def _view_bank(
+    teacher: Teacher,
+    support: EncodedSupport,
+    images: Tensor,
+    labels: Tensor,
+    views: tuple[int, ...],
+    unlabeled: Tensor | None,
+    unlabeled_views: tuple[int, ...],
+) -> ViewBank:
+    """Support views (hard labels, their source image left out of the teacher's shots), then unlabeled views."""
+    device = images.device
+    m = len(images)
+    sources = [torch.arange(m, device=device)] * len(views)
+    hard = [dihedral(labels, k) for k in views]
+    banks = [_encode_views(teacher.backbone, images, views)]
+    if unlabeled is not None and len(unlabeled):
+        banks.append(_encode_views(teacher.backbone, unlabeled, unlabeled_views))
+        n_u = len(unlabeled) * len(unlabeled_views)
+        sources.append(torch.full((n_u,), -1, device=device))
+        hard.append(torch.full((n_u, *labels.shape[1:]), -1, device=device))
+    bank = _cat(banks)
+    source = torch.cat(sources)
+    coarse, soft, present = _teacher_labels(teacher, support, bank, source)
+    return ViewBank(bank, source, torch.cat(hard), coarse, soft, present)
+
+
+def _fit_on_bank(
+    model: Student | FastStudent,
+    params: list[nn.Parameter],
+    bank: ViewBank,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    steps: int,
+    stage: str,
+    soft_on_support: bool,
+    gen: torch.Generator,
+    progress: bool,
+    record: Callable[[dict], None],
+) -> None:
+    """Train ``params`` of a student on minibatches of the bank: the focal loss on support views' true labels, the
+    teacher's soft labels (cross-entropy to its merged probabilities, each pixel weighted by the teacher's
+    confidence) on unlabeled views -- and on support views too when ``soft_on_support`` -- and the coarse-map MSE
+    to the teacher on every view. ``labels``: the support labels (class weights)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.schedule, steps))
+    weights = balanced_weights(labels, bank.present.shape[1]) if cfg.class_weights == "balanced" else None
+    model.train()
+    order = torch.zeros(0, dtype=torch.long)
+    n = len(bank.source)
+    bar = tqdm(range(steps), desc=f"{stage} (student)", disable=not progress, leave=False)
+    for step in bar:
+        if len(order) < cfg.view_batch:  # an epoch over the bank in a seeded order, then the next
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[: cfg.view_batch].to(labels.device), order[cfg.view_batch :]
+        out = model.forward_features(_select(bank.pyramid, idx))
+        labelled = bank.source[idx] >= 0
+        row: dict = {"step": step + 1, "stage": stage}
+        seg = []
+        if labelled.any():
+            f = focal_loss(out.logits[labelled], bank.hard[idx][labelled], cfg.focal_gamma, weights)
+            seg.append(f)
+            row["focal_student"] = round(f.item(), 5)
+        soft_rows = torch.ones_like(labelled) if soft_on_support else ~labelled
+        if soft_rows.any():
+            p = bank.soft[idx[soft_rows]].float()
+            conf = p.amax(dim=1)  # (B, S, S) the teacher's confidence
+            ce = -(p * torch.log_softmax(out.logits[soft_rows].float(), dim=1)).sum(dim=1)
+            s_loss = (conf * ce).sum() / conf.sum().clamp_min(1e-8)
+            seg.append(s_loss)
+            row["soft"] = round(s_loss.item(), 5)
+        d = coarse_mse([c[idx] for c in bank.coarse], [c.float() for c in out.coarse], model.strides, bank.present[idx])
+        loss = (torch.stack(seg).mean() + cfg.distill_weight * d) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        row["distill"] = round(d.item(), 5)
+        row["loss"] = round(loss.item(), 5)
+        record(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+
+
 def _refine(
     teacher: Teacher,
     student: Student,
@@ -412,68 +525,50 @@ def _refine(
     progress: bool,
     record: Callable[[dict], None],
 ) -> Student:
-    device = images.device
-    views = VIEWS[cfg.views]
-    m, n_cls = support.flags.shape
-    # The bank: support views (hard labels, their source image left out of the teacher's shots), then unlabeled views.
-    sources = [torch.arange(m, device=device)] * len(views)
-    hard = [dihedral(labels, k) for k in views]
-    banks = [_encode_views(student.backbone, images, views)]
-    if unlabeled is not None and len(unlabeled):
-        u_views = VIEWS[cfg.unlabeled_views]
-        banks.append(_encode_views(student.backbone, unlabeled, u_views))
-        sources.append(torch.full((len(unlabeled) * len(u_views),), -1, device=device))
-        hard.append(torch.full((len(unlabeled) * len(u_views), *labels.shape[1:]), -1, device=device))
-    bank = _cat(banks)
-    source, hard_labels = torch.cat(sources), torch.cat(hard)
-    coarse, soft, present = _teacher_labels(teacher, support, bank, source)
-
+    bank = _view_bank(teacher, support, images, labels, VIEWS[cfg.views], unlabeled, VIEWS[cfg.unlabeled_views])
     new = Student(student.backbone, copy.deepcopy(student.heads), copy.deepcopy(student.decoder))
     params = [p for n, p in new.named_parameters() if n.startswith(("heads.", *TRAINABLE_SETS["A"]))]
-    for p in new.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.schedule, cfg.refine_iterations))
-    weights = balanced_weights(labels, n_cls) if cfg.class_weights == "balanced" else None
-    new.train()
-    order = torch.zeros(0, dtype=torch.long)
-    n = len(source)
-    bar = tqdm(range(cfg.refine_iterations), desc="refine (student)", disable=not progress, leave=False)
-    for step in bar:
-        if len(order) < cfg.view_batch:  # an epoch over the bank in a seeded order, then the next
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[: cfg.view_batch].to(device), order[cfg.view_batch :]
-        out = new.forward_features(_select(bank, idx))
-        labelled = source[idx] >= 0
-        row: dict = {"step": step + 1, "stage": "refine"}
-        seg = []
-        if labelled.any():
-            f = focal_loss(out.logits[labelled], hard_labels[idx][labelled], cfg.focal_gamma, weights)
-            seg.append(f)
-            row["focal_student"] = round(f.item(), 5)
-        if (~labelled).any():
-            u = idx[~labelled]
-            p = soft[u].float()
-            conf = p.amax(dim=1)  # (B, S, S) the teacher's confidence
-            ce = -(p * torch.log_softmax(out.logits[~labelled].float(), dim=1)).sum(dim=1)
-            s_loss = (conf * ce).sum() / conf.sum().clamp_min(1e-8)
-            seg.append(s_loss)
-            row["soft"] = round(s_loss.item(), 5)
-        d = coarse_mse([c[idx] for c in coarse], [c.float() for c in out.coarse], new.strides, present[idx])
-        loss = (torch.stack(seg).mean() + cfg.distill_weight * d) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        row["distill"] = round(d.item(), 5)
-        row["loss"] = round(loss.item(), 5)
-        record(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-    for p in params:
-        p.requires_grad_(False)
-    return new.eval()
+    _fit_on_bank(new, params, bank, labels, cfg, cfg.refine_iterations, "refine", False, gen, progress, record)
+    return new
+
+
+def _distill_fast(
+    teacher: Teacher,
+    support: EncodedSupport,
+    images: Tensor,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    unlabeled: Tensor | None,
+    gen: torch.Generator,
+    progress: bool,
+    record: Callable[[dict], None],
+) -> FastStudent:
+    """A fresh fast student distilled from the frozen, adapted teacher on the bank of support views (and unlabeled
+    views) under ``cfg.fast_views``; soft labels on every view, since its decoder starts from scratch."""
+    views = VIEWS[cfg.fast_views]
+    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views)
+    fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
+    params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
+    _fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
+    return fast
+
+
+def distill_fast(
+    teacher: Teacher,
+    support: EncodedSupport,
+    images: Tensor,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    unlabeled: Tensor | None = None,
+    progress: bool = True,
+    log_path: Path | None = None,
+) -> tuple[FastStudent, list[dict]]:
+    """Distil a fast student from an adapted teacher (left unchanged) -> (the student, log rows); seeded by
+    ``cfg.seed`` as ``adapt``."""
+    with _step_log(log_path, time.perf_counter()) as (record, rows), seeded(cfg.seed, images.device):
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        fast = _distill_fast(teacher, support, images, labels, cfg, unlabeled, gen, progress, record)
+    return fast, rows
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from .data.tensors import check_support_labels, image_tensor, label_tensor
 from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
 from .outputs import output_folder, timestamp
 from .predictor import Predictor
-from .student import Student
+from .student import FastStudent, Student
 from .teacher import Teacher, build_teacher, encode_support
 
 log = logging.getLogger("distillfss")
@@ -70,7 +70,7 @@ class FewShotSegmenter:
         self.adapt_options = dict(adapt_options)
         self.classes: tuple[str, ...] = ()
         self.model_cfg: ModelConfig | None = None
-        self.student: Student | None = None
+        self.student: Student | FastStudent | None = None
         self.teacher: Teacher | None = None
         self.meta: dict[str, Any] = {}
         self._backbone: FrozenBackbone | None = None
@@ -91,8 +91,9 @@ class FewShotSegmenter:
         """Adapt the teacher on the support set (images, masks) and distil the student; returns self.
 
         classes: the foreground class names (label 1, 2, ...); default ``class1..classC`` from the largest label.
-        unlabeled: images of the same domain without masks (a list, or a folder): the student is then refined on
-        them with the adapted teacher's labels (``refine_iterations``, default 30).
+        unlabeled: images of the same domain without masks (a list, or a folder): the student then learns from
+        them with the adapted teacher's labels (the paper student in ``refine_iterations`` steps, default 30; the
+        fast student, ``student="fast"``, in its own distillation).
         on_step: called with each step's log row (``step``, ``loss``, ...); an exception it raises stops the fit.
         """
         classes = self._classes(masks, classes)
@@ -101,7 +102,8 @@ class FewShotSegmenter:
         options = dict(self.adapt_options)
         u = None
         if unlabeled is not None:
-            options.setdefault("refine_iterations", REFINE_ITERATIONS)
+            if options.get("student", "paper") == "paper":
+                options.setdefault("refine_iterations", REFINE_ITERATIONS)
             u = self._unlabeled(unlabeled)
         cfg = AdaptConfig.from_dict({**options, "method": "distill"})
         backbone = self._get_backbone()

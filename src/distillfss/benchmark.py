@@ -66,9 +66,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     bad = sorted(set(methods) - set(ALL_METHODS))
     if bad:
         raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
-    if "distillfss_unlabeled" in methods and not args.unlabeled_from_train:
+    pooled = [m for m in methods if m.endswith("_unlabeled")]
+    if pooled and not args.unlabeled_from_train:
         raise DataError(
-            "--methods: distillfss_unlabeled takes its unlabeled images from the train split; drop "
+            f"--methods: {', '.join(pooled)} take their unlabeled images from the train split; drop "
             "--no-unlabeled-from-train or the method"
         )
     if args.max_unlabeled < 1:

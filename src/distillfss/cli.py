@@ -94,6 +94,19 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "both flips, or all 8 flips/90-degree rotations (default %(default)s; pick what your domain allows)",
     )
     g.add_argument(
+        "--fast-iterations",
+        type=int,
+        default=AdaptConfig.fast_iterations,
+        help="the fast student's distillation steps (minibatches of views; default %(default)s)",
+    )
+    g.add_argument(
+        "--fast-views",
+        default=AdaptConfig.fast_views,
+        choices=["none", "hflip", "flips", "dihedral"],
+        help="augmented copies of each support and unlabeled image the fast student learns from (default "
+        "%(default)s; use hflip or none where orientation matters, e.g. text or anatomy with a fixed side)",
+    )
+    g.add_argument(
         "--max-shots",
         type=int,
         default=AdaptConfig.max_shots,
@@ -181,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="distill: TransferFSS + DistillFSS, saves the support-free student; transfer: saves the teacher",
     )
     g.add_argument(
+        "--student",
+        default=AdaptConfig.student,
+        choices=["paper", "fast"],
+        help="paper: the paper's student (the teacher's decoder, once per class); fast: one slim pass for all "
+        "classes at about the backbone's cost, distilled from the adapted teacher on augmented views "
+        "(--fast-iterations, --fast-views) and the --unlabeled images",
+    )
+    g.add_argument(
         "--episodes",
         default="leave_one_out",
         choices=["leave_one_out", "paired"],
@@ -193,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="images of the same domain without masks (only the images are read; the support images are left out): "
-        "the adapted teacher labels them and the student learns from its soft labels (needs --refine-iterations)",
+        "the adapted teacher labels them and the student learns from its soft labels (the paper student: in "
+        f"--refine-iterations steps, {REFINE_ITERATIONS} by default; the fast student: in its distillation)",
     )
     g.add_argument(
         "--max-unlabeled",
@@ -252,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default="backbone,student,teacher",
-        help="subset of backbone,student,onnx,onnx-int8,teacher (onnx: the exported student on onnxruntime, CPU; "
+        help="subset of backbone,student,student_fast,onnx,onnx-int8,onnx-fast,teacher (student_fast: the fast "
+        "student; onnx: the exported student on onnxruntime, CPU; onnx-fast: the fast student's; "
         "onnx-int8: the same quantized to int8)",
     )
     p.add_argument("--chunk", type=int, default=0, help="teacher: voting over chunks of this many shots (paper: 10)")

@@ -59,12 +59,13 @@ def adapt(args: argparse.Namespace) -> int:
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
-        if args.refine_iterations is None:
+        paper = acfg.student == "paper"
+        if paper and args.refine_iterations is None:
             acfg = dataclasses.replace(acfg, refine_iterations=REFINE_ITERATIONS)
-        if acfg.method != "distill" or acfg.refine_iterations < 1:
+        if acfg.method != "distill" or (paper and acfg.refine_iterations < 1):
             raise DataError(
-                f"{args.unlabeled}: unlabeled images train the student's refinement: use --method distill and "
-                "--refine-iterations N (N > 0)"
+                f"{args.unlabeled}: unlabeled images train the student: use --method distill (and, for the paper "
+                "student, --refine-iterations N > 0)"
             )
         support_files = [s.image for s in split.samples if s.stem in stems]
         unlabeled, unlabeled_names = load_unlabeled(args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files)
@@ -185,10 +186,11 @@ def speed(args: argparse.Namespace) -> int:
     if args.adapt:
         return _speed_adapt(args, shots)
     models = tuple(m.strip() for m in args.models.split(","))
-    bad = set(models) - {"backbone", "student", "onnx", "onnx-int8", "teacher"}
+    known = ("backbone", "student", "student_fast", "onnx", "onnx-int8", "onnx-fast", "teacher")
+    bad = set(models) - set(known)
     if bad:
-        raise DataError(f"--models: unknown {sorted(bad)}; choose from backbone, student, onnx, onnx-int8, teacher")
-    if {"onnx", "onnx-int8"} & set(models) and args.device != "cpu":
+        raise DataError(f"--models: unknown {sorted(bad)}; choose from {', '.join(known)}")
+    if {"onnx", "onnx-int8", "onnx-fast"} & set(models) and args.device != "cpu":
         raise DataError("--models onnx runs on onnxruntime's CPU provider; use --device cpu")
     mcfg = model_config(args, 1)
     result = run_speed(

@@ -87,17 +87,28 @@ class AdaptConfig(Serializable):
     views: Literal["none", "hflip", "flips", "dihedral"] = "none"  # augmented copies of each support image
     unlabeled_views: Literal["none", "hflip", "flips", "dihedral"] = "flips"  # ... of each unlabeled image
     view_batch: int = 8  # views per refinement step
+    # "fast": after the joint stage, a fast student (classes as channels, its own slim decoder, see student.py) is
+    # distilled from the adapted teacher on a bank of views (support images and any unlabeled images, each under
+    # ``fast_views``) for ``fast_iterations`` steps; it replaces the paper's student (and its refinement).
+    student: Literal["paper", "fast"] = "paper"
+    fast_iterations: int = 200
+    fast_views: Literal["none", "hflip", "flips", "dihedral"] = "dihedral"
     seed: int = 0
 
     def __post_init__(self) -> None:
         from .errors import UserError
 
-        for name in ("iterations", "view_batch"):
+        for name in ("iterations", "view_batch", "fast_iterations"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         for name in ("max_shots", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        if self.student == "fast" and self.refine_iterations > 0:
+            raise UserError(
+                "--refine-iterations refines the paper student; the fast student learns from the same views and "
+                "unlabeled images in its own distillation (--fast-iterations)"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from .data.tensors import image_tensor
 from .model_io import ModelError
 from .predictor import labels_at_sizes
-from .student import Student
+from .student import FastStudent, Student
 
 
 class _Logits(nn.Module):
-    def __init__(self, student: Student) -> None:
+    def __init__(self, student: Student | FastStudent) -> None:
         super().__init__()
         self.student = student
 
@@ -32,7 +32,9 @@ class _Logits(nn.Module):
         return self.student(images).logits
 
 
-def export_onnx(student: Student, image_size: int, classes: tuple[str, ...], out: Path, opset: int = 17) -> float:
+def export_onnx(
+    student: Student | FastStudent, image_size: int, classes: tuple[str, ...], out: Path, opset: int = 17
+) -> float:
     """Write ``out`` and return the max abs difference between ONNX and PyTorch logits on a random batch."""
 
     student = student.eval()

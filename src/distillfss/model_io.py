@@ -22,7 +22,7 @@ from .backbones import FrozenBackbone, build_backbone
 from .config import ModelConfig
 from .errors import UserError
 from .predictor import VOTE_CHUNK, Predictor
-from .student import Student, build_student
+from .student import STUDENT_KINDS, FastStudent, Student, build_fast_student, build_student
 from .teacher import Teacher, build_teacher, encode_support
 
 FORMAT = "distillfss-model"
@@ -40,7 +40,7 @@ def own_state(module: nn.Module) -> dict[str, Tensor]:
 
 def save_model(
     out: Path,
-    model: Teacher | Student,
+    model: Teacher | Student | FastStudent,
     model_cfg: ModelConfig,
     classes: tuple[str, ...],
     meta: dict[str, Any],
@@ -66,6 +66,8 @@ def save_model(
         "classes": list(classes),
         "model": model_cfg.to_dict(),
     }
+    if kind == "student":
+        config["student"] = "fast" if isinstance(model, FastStudent) else "paper"  # what the weights are for
     config.update(meta)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -73,7 +75,7 @@ def save_model(
 @dataclass
 class LoadedModel:
     kind: Literal["teacher", "student"]
-    model: Teacher | Student
+    model: Teacher | Student | FastStudent
     model_cfg: ModelConfig
     classes: tuple[str, ...]
     config: dict[str, Any]
@@ -115,9 +117,16 @@ def load_model(
         backbone = build_backbone(
             model_cfg.backbone, model_cfg.image_size, backbone_weights or config.get("backbone_weights")
         )
-    teacher = build_teacher(backbone, model_cfg)
-    model: Teacher | Student
-    model = teacher if config["kind"] == "teacher" else build_student(backbone, teacher.decoder, model_cfg.num_classes)
+    model: Teacher | Student | FastStudent
+    student_kind = config.get("student", "paper")  # folders written before the fast student existed: "paper"
+    if config["kind"] == "teacher":
+        model = build_teacher(backbone, model_cfg)
+    elif student_kind == "fast":
+        model = build_fast_student(backbone, model_cfg.num_classes, model_cfg.image_size)
+    elif student_kind == "paper":
+        model = build_student(backbone, build_teacher(backbone, model_cfg).decoder, model_cfg.num_classes)
+    else:
+        raise ModelError(f"{folder / CONFIG}: unknown student {student_kind!r}; expected one of {STUDENT_KINDS}")
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_strict(model, state, weights_path)
     model.to(device).eval()

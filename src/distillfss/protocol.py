@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .adapt import adapt, plateau, refine, seeded
+from .adapt import adapt, distill_fast, plateau, refine, seeded
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig
@@ -34,7 +34,10 @@ ABLATIONS: dict[str, dict] = {
 # The student refined after adaptation (adapt.refine): on augmented support views only (--views, "flips" when that
 # says none), and on the support images plus the train split's images outside the support set as unlabeled images
 # (their masks are never read; test images are never used).
-REFINED = ("distillfss_views", "distillfss_unlabeled")
+# The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
+# those plus the unlabeled train images as above.
+FAST = ("distillfss_fast", "distillfss_fast_unlabeled")
+REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
 ALL_METHODS = (
     METHODS
     + RANDOM_START
@@ -181,27 +184,35 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
             for name in sorted(refined):
                 t0 = time.perf_counter()
-                rcfg = dataclasses.replace(
-                    acfg, refine_iterations=acfg.refine_iterations or REFINE_ITERATIONS, method="distill"
-                )
-                if name == "distillfss_views" and rcfg.views == "none":
-                    rcfg = dataclasses.replace(rcfg, views="flips")  # the row's point: augmented support views
                 pool = None
-                if name == "distillfss_unlabeled":
+                if name.endswith("_unlabeled"):
                     pool = _unlabeled_pool(cell, stems, mcfg.image_size)
                     unlabeled_counts[name] = 0 if pool is None else len(pool)
+                    pool = None if pool is None else pool.to(device)
+                log_file = log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}") if log_path else None
                 assert result.student is not None
-                student, rlog = refine(
-                    result.teacher,
-                    result.student,
-                    support,
-                    images,
-                    labels,
-                    rcfg,
-                    None if pool is None else pool.to(device),
-                    progress=False,
-                    log_path=log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}") if log_path else None,
-                )
+                if name in FAST:
+                    rcfg = dataclasses.replace(acfg, student="fast", method="distill", refine_iterations=0)
+                    student, rlog = distill_fast(
+                        result.teacher, support, images, labels, rcfg, pool, progress=False, log_path=log_file
+                    )
+                else:
+                    rcfg = dataclasses.replace(
+                        acfg, refine_iterations=acfg.refine_iterations or REFINE_ITERATIONS, method="distill"
+                    )
+                    if name == "distillfss_views" and rcfg.views == "none":
+                        rcfg = dataclasses.replace(rcfg, views="flips")  # the row's point: augmented support views
+                    student, rlog = refine(
+                        result.teacher,
+                        result.student,  # type: ignore[arg-type]
+                        support,
+                        images,
+                        labels,
+                        rcfg,
+                        pool,
+                        progress=False,
+                        log_path=log_file,
+                    )
                 predictors[name] = Predictor(student, mcfg.image_size)
                 seconds[name] = seconds["distillfss"] + time.perf_counter() - t0
                 adapt_cfgs[name] = rcfg

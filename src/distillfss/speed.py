@@ -29,13 +29,15 @@ from .backbones import build_backbone
 from .config import ModelConfig
 from .errors import UserError
 from .outputs import write_json_atomic
-from .student import build_student
+from .student import build_fast_student, build_student
 from .teacher import build_teacher, encode_support
 
 
 @dataclass(frozen=True)
 class SpeedRow:
-    model: str  # "backbone" | "student" | "onnx" / "onnx-int8" (the student on onnxruntime, fp32 / int8) | "teacher"
+    # "backbone" | "student" | "student_fast" | "onnx" / "onnx-int8" (the student on onnxruntime, fp32 / int8) |
+    # "onnx-fast" (the fast student on onnxruntime) | "teacher"
+    model: str
     ways: int
     shots: int
     support_encoding: bool  # teacher only: support features computed inside the timed call
@@ -81,8 +83,11 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     query = torch.rand(1, 3, s, s, device=dev).to(memory_format=fmt)
     if job.model == "backbone":
         return _wrap(job, backbone, lambda m: m(query))
-    if job.model in ("onnx", "onnx-int8"):
+    if job.model in ONNX_MODELS:
         return _onnx_runner(job, backbone, query)
+    if job.model == "student_fast":
+        fast = build_fast_student(backbone, job.ways, s).to(dev).eval()
+        return _wrap(job, fast, lambda m: m(query).logits)
     teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways})).to(dev).eval()
     if job.model == "student":
         student = build_student(backbone, teacher.decoder, job.ways).to(dev, memory_format=fmt).eval()
@@ -110,6 +115,9 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     return _wrap(job, teacher, lambda m: m.forward_features(backbone(query), support, keys=keys).logits)
 
 
+ONNX_MODELS = ("onnx", "onnx-int8", "onnx-fast")
+
+
 def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], object]:
     """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch);
     ``onnx-int8``: quantized to int8 (calibrated on random images: the timing does not depend on the ranges)."""
@@ -118,8 +126,11 @@ def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], o
     from .export import OnnxPredictor, export_onnx, quantize_int8
 
     cfg = job.model_cfg
-    teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
-    student = build_student(backbone, teacher.decoder, job.ways).eval()
+    if job.model == "onnx-fast":
+        student: torch.nn.Module = build_fast_student(backbone, job.ways, cfg.image_size).eval()
+    else:
+        teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
+        student = build_student(backbone, teacher.decoder, job.ways).eval()
     path = Path(tempfile.mkdtemp()) / "student.onnx"
     export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
     if job.model == "onnx-int8":
@@ -269,9 +280,7 @@ def run_speed(
     jobs = [job("backbone", 0, 0, False)] if "backbone" in models else []
     for w in ways:
         for k in shots:
-            if "student" in models:
-                jobs.append(job("student", w, k, False))
-            for m in ("onnx", "onnx-int8"):
+            for m in ("student", "student_fast", *ONNX_MODELS):
                 if m in models:
                     jobs.append(job(m, w, k, False))
             if "teacher" in models:
@@ -339,8 +348,10 @@ def table(result: dict) -> str:
     ]
     kinds = [
         ("student", False, "DistillFSS student"),
+        ("student_fast", False, "fast student (`--student fast`)"),
         ("onnx", False, "student, onnxruntime"),
         ("onnx-int8", False, "student, onnxruntime int8"),
+        ("onnx-fast", False, "fast student, onnxruntime"),
         ("teacher", False, "teacher (support cached)"),
         ("teacher", True, "teacher (support encoded per query)"),
     ]
@@ -360,7 +371,29 @@ def table(result: dict) -> str:
     bb = next((r for r in rows if r["model"] == "backbone"), None)
     if bb:
         lines += ["", f"Bare backbone forward (the floor): {bb['ms_median']:.1f} ms, {bb['peak_memory_mb']:.0f} MB."]
+        lines += _ratios(rows, bb["ms_median"])
     return "\n".join(lines) + "\n"
+
+
+def _ratios(rows: list[dict], backbone_ms: float) -> list[str]:
+    """Per support-free model: its median time over the backbone's, per ways (the mean over shots), its spread
+    over shots, and its largest ways over 1 way."""
+    out = []
+    for model in ("student", "student_fast", "onnx", "onnx-int8", "onnx-fast"):
+        by_ways: dict[int, list[float]] = {}
+        for r in rows:
+            if r["model"] == model:
+                by_ways.setdefault(r["ways"], []).append(r["ms_median"])
+        if not by_ways:
+            continue
+        means = {w: sum(v) / len(v) for w, v in sorted(by_ways.items())}
+        parts = [f"{w}-way {m / backbone_ms:.2f}x" for w, m in means.items()]
+        spread = max((max(v) - min(v)) / min(v) for v in by_ways.values())
+        text = f"- {model}: time over the backbone's {', '.join(parts)}; largest spread over shots {spread:.0%}"
+        if len(means) > 1 and min(means) == 1:
+            text += f"; {max(means)}-way over 1-way {means[max(means)] / means[1]:.2f}x"
+        out.append(text)
+    return ["", "Ratios (medians; means over shots):", *out] if out else []
 
 
 def plot(result: dict, path: Path) -> None:

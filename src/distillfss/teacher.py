@@ -69,7 +69,7 @@ def encode_masks(pyramid: Pyramid, labels: Tensor, num_classes: int) -> EncodedS
 
 class ModelOutput(NamedTuple):
     logits: Tensor  # (B, C+1, S, S) merged logits [bg, fg_1..fg_C]
-    class_logits: Tensor  # (B, C, 2, S, S) per-class binary logits
+    class_logits: Tensor | None  # (B, C, 2, S, S) per-class binary logits (None: the fast student has none)
     coarse: list[Tensor]  # per backbone layer, (B, C, h, w) coarse masks
 
 
@@ -133,6 +133,7 @@ class Teacher(nn.Module):
             valid = torch.stack([torch.isin(union, m) for m in members])  # (C, k)
             out = self.forward_features(query, sub, valid.unsqueeze(0).expand(b, -1, -1))
             got = valid.any(dim=1).unsqueeze(0).expand(b, -1)  # (B, C)
+            assert out.class_logits is not None  # a teacher always has per-class logits
             logits = out.class_logits.masked_fill(~got[:, :, None, None, None], NEG)  # (B, C, 2, S, S)
             if best is None:
                 best = logits
@@ -163,9 +164,13 @@ def layers_per_stride(backbone: FrozenBackbone) -> tuple[int, int, int]:
     return (strides.count(8), strides.count(16), strides.count(32))
 
 
+def skip8_channels(backbone: FrozenBackbone) -> int:
+    """Channels of the stride-8 skip map (the last stride-8 layer) the decoders read."""
+    return max((li for li in backbone.layer_info if li.stride == 8), key=lambda li: li.group).channels
+
+
 def build_decoder(backbone: FrozenBackbone) -> Decoder:
-    skip8 = max((li for li in backbone.layer_info if li.stride == 8), key=lambda li: li.group).channels
-    return Decoder(layers_per_stride(backbone), skip8, backbone.skip4_channels)
+    return Decoder(layers_per_stride(backbone), skip8_channels(backbone), backbone.skip4_channels)
 
 
 def build_teacher(backbone: FrozenBackbone, cfg: ModelConfig) -> Teacher:

@@ -1,0 +1,149 @@
+"""The fast student (issue 12): one decoder pass for all classes, distilled from the adapted teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from distillfss.adapt import _fit_on_bank, _view_bank, adapt, distill_fast
+from distillfss.cli import main
+from distillfss.config import AdaptConfig, ModelConfig
+from distillfss.errors import UserError
+from distillfss.model_io import ModelError, load_model
+from distillfss.student import FastStudent, build_fast_student, build_student
+from distillfss.teacher import build_teacher, encode_support
+
+S = 64
+MCFG = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2)
+SMALL = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2", "--fast-iterations", "3"]
+
+
+def _support(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, S, S, generator=g)
+    labels = torch.zeros(n, S, S, dtype=torch.long)
+    for i in range(n):
+        labels[i, 8 + 4 * i : 30 + 4 * i, 10:34] = 1
+    return images, labels
+
+
+def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_fast_student_runs_once_for_all_classes(lite0_64) -> None:
+    """Merged logits for C classes from one pass whose cost barely grows with C (the paper's student grows ~C-fold)."""
+    x = torch.rand(2, 3, S, S)
+    backbone_flops = _flops(lite0_64, x)
+    fast, paper = {}, {}
+    for c in (1, 5):
+        student = build_fast_student(lite0_64, c, S).eval()
+        out = student(x)
+        assert out.logits.shape == (2, c + 1, S, S)
+        assert [t.shape[1] for t in out.coarse] == [c] * len(lite0_64.layer_info)  # per layer, one map per class
+        fast[c] = _flops(student, x) - backbone_flops
+        paper[c] = _flops(build_student(lite0_64, build_teacher(lite0_64, MCFG).decoder, c).eval(), x) - backbone_flops
+    assert fast[5] < 1.1 * fast[1]
+    assert paper[5] > 4 * paper[1]
+    assert fast[1] < paper[1] / 4
+
+
+def test_fast_student_learns_the_teachers_soft_labels(lite0_64) -> None:
+    """A fresh fast student trained on the bank of a teacher that calls everything foreground predicts more
+    foreground on new images than it did untrained."""
+    from test_refine import _constant_teacher
+
+    images, labels = _support()
+    support = encode_support(lite0_64, images, labels, 1)
+    teacher = _constant_teacher(lite0_64)
+    unlabeled = torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(1))
+    bank = _view_bank(teacher, support, images, labels, (0,), unlabeled, (0, 1))
+    assert len(bank.source) == 3 + 12 and int((bank.source < 0).sum()) == 12
+    fast = build_fast_student(lite0_64, 1, S)
+    probe = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(2))
+
+    def foreground() -> float:
+        with torch.no_grad():
+            return float((fast.eval()(probe).logits.argmax(1) == 1).float().mean())
+
+    before = foreground()
+    params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
+    cfg = AdaptConfig(lr=1e-2, view_batch=6)
+    _fit_on_bank(
+        fast, params, bank, labels, cfg, 15, "fast", True, torch.Generator().manual_seed(0), False, lambda r: None
+    )
+    assert foreground() > max(before, 0.5)
+    assert not any(p.requires_grad for p in fast.parameters())  # left frozen, in eval mode
+    assert not fast.training
+
+
+def test_adapt_fast_is_repeatable_and_leaves_the_teacher_alone(lite0_64) -> None:
+    images, labels = _support()
+    cfg = AdaptConfig(iterations=2, student="fast", fast_iterations=3, seed=3)
+    start = build_teacher(lite0_64, MCFG)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    a = adapt(lite0_64, images, labels, MCFG, cfg, teacher=start, progress=False)
+    b = adapt(lite0_64, images, labels, MCFG, cfg, teacher=start, progress=False)
+    assert isinstance(a.student, FastStudent)
+    assert [r["stage"] for r in a.log] == ["joint"] * 2 + ["fast"] * 3
+    for (k, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in before.items())
+    # distill_fast on the adapted teacher gives a student of the same kind and leaves the teacher's weights as they are
+    teacher_state = {k: v.clone() for k, v in a.teacher.state_dict().items()}
+    support = encode_support(lite0_64, images, labels, 1)
+    fast, rows = distill_fast(a.teacher, support, images, labels, cfg, progress=False)
+    assert isinstance(fast, FastStudent) and len(rows) == 3
+    assert all(torch.equal(v, a.teacher.state_dict()[k]) for k, v in teacher_state.items())
+
+
+def test_fast_and_refinement_do_not_mix() -> None:
+    with pytest.raises(UserError, match="refine-iterations"):
+        AdaptConfig(student="fast", refine_iterations=5)
+    with pytest.raises(UserError, match="fast-iterations"):
+        AdaptConfig(fast_iterations=0)
+
+
+def test_cli_fast_student_saves_loads_predicts_and_exports(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "d", n_train=5)
+    unlabeled = data / "train" / "images"
+    out = tmp_path / "m"
+    rc = main(
+        ["adapt", "--support", str(data), "--shots", "3", "--student", "fast", "--out", str(out)]
+        + ["--unlabeled", str(unlabeled), *SMALL]
+    )
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["student"] == "fast" and config["adapt"]["student"] == "fast"
+    assert len(config["unlabeled"]["images"]) == 2  # the train images outside the 3-image support set
+    loaded = load_model(out)
+    assert isinstance(loaded.model, FastStudent)
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        assert torch.allclose(loaded.predictor.logits(x), loaded.model(x).logits, atol=1e-5)
+    assert (
+        main(["predict", "--model", str(out), "--images", str(data / "test" / "images"), "--out", str(tmp_path / "p")])
+        == 0
+    )
+    assert len(list((tmp_path / "p").glob("*.png"))) == 2
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "m.onnx")]) == 0  # checked against PyTorch
+
+
+def test_unknown_student_kind_is_a_clear_error(tmp_path: Path, lite0_64) -> None:
+    from distillfss.model_io import save_model
+
+    out = tmp_path / "m"
+    out.mkdir()
+    save_model(out, build_fast_student(lite0_64, 1, S), MCFG, ("background", "c"), {})
+    config = json.loads((out / "config.json").read_text())
+    config["student"] = "tiny"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"config\.json: unknown student 'tiny'"):
+        load_model(out, backbone=lite0_64)
