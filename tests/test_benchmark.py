@@ -239,3 +239,59 @@ def test_a_benchmark_killed_mid_cell_and_resumed_matches_an_uninterrupted_run(tm
     for log in (tmp_path / "resumed").glob("train_log_*.jsonl"):  # a restarted cell's logs start over
         steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
         assert steps == sorted(steps) and len(steps) == len(set(steps)), log.name
+
+
+def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -> None:
+    """benchmark is a library function on a typed config; the CLI only parses flags into it (same numbers)."""
+    from distillfss.benchmark import BenchmarkConfig, run_benchmark
+    from distillfss.config import AdaptConfig
+
+    data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
+    methods = ("distillfss", "distillfss_fast", "distillfss_fast_unlabeled")
+    flags = ["--methods", ",".join(methods), "--fast-iterations", "2", *FAST]
+    assert main(["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "cli"), *flags]) == 0
+    cfg = BenchmarkConfig(
+        data=(str(data),),
+        out=tmp_path / "lib",
+        shots=(2,),
+        methods=methods,
+        adapt=AdaptConfig(iterations=1, fast_iterations=2),
+        backbone="efficientnet_lite0",
+        image_size=64,
+        probe_size=64,
+    )
+    lib = {r["method"]: r for r in run_benchmark(cfg)["rows"]}
+    cli = {r["method"]: r for r in json.loads((tmp_path / "cli/results.json").read_text())["rows"]}
+    assert {m: r["miou"] for m, r in lib.items()} == {m: r["miou"] for m, r in cli.items()}
+    assert lib["distillfss_fast"]["adapt"]["student"] == "fast" and lib["distillfss"]["adapt"]["student"] == "paper"
+    assert (
+        lib["distillfss_fast_unlabeled"]["unlabeled_images"] == 3 and lib["distillfss_fast"]["unlabeled_images"] is None
+    )
+    assert lib["distillfss_fast"]["adapt_seconds"] >= lib["distillfss"]["adapt_seconds"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": ("distillfss_turbo",)}, "unknown"),
+        ({"draws": 0}, "--draws"),
+        ({"shots": ()}, "--shots"),
+        ({"methods": ("distillfss_fast_unlabeled",), "unlabeled_from_train": False}, "no-unlabeled-from-train"),
+    ],
+)
+def test_benchmark_config_rejects_bad_values(tmp_path, change, message) -> None:
+    from distillfss.benchmark import BenchmarkConfig
+
+    with pytest.raises(DataError, match=message):
+        BenchmarkConfig(data=("nuclei",), out=tmp_path / "b", **change)
+
+
+def test_library_entry_points_do_not_import_the_cli() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, distillfss.benchmark, distillfss.demo, distillfss.app, distillfss.api; "
+        "assert not {'distillfss.cli', 'distillfss.commands'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

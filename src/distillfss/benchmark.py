@@ -7,19 +7,19 @@ started again with the same command skips the cells it already has.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .cli import config_from_args, int_list, model_config, timestamp, write_json
-from .config import AdaptConfig
+from .config import AdaptConfig, ModelConfig, model_config
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
-from .outputs import refuse_unsafe_output
+from .outputs import refuse_unsafe_output, timestamp, write_json_atomic
+from .predictor import VOTE_CHUNK
 from .protocol import ALL_METHODS, BackboneCache, Cell, run_seeds
 from .stats import mean_std, paired_comparison
 
@@ -48,79 +48,124 @@ def resolve_dataset(spec: str, data_root: Path = Path("datasets")) -> tuple[str,
     raise DataError(f"{spec}: neither a bundled dataset ({', '.join(demo_datasets())}) nor a folder")
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    specs = [s.strip() for s in args.data.split(",") if s.strip()]
-    datasets = [resolve_dataset(s, args.data_root) for s in specs]
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Everything a benchmark run depends on (the CLI's flags, typed). Invalid values raise ``DataError``."""
+
+    data: tuple[str, ...]  # bundled demo names, the paper's names (under data_root) or dataset folders
+    out: Path
+    shots: tuple[int, ...] = (1, 2, 5)
+    methods: tuple[str, ...] = (
+        "teacher",
+        "transferfss",
+        "distillfss",
+        "distillfss_unlabeled",
+        "linear_probe",
+        "prototype",
+    )
+    seeds: tuple[int, ...] = (0,)
+    draws: int = 1
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # its seed is replaced by each of ``seeds``
+    backbone: str = "efficientnet_lite2"
+    backbone_weights: str | None = None
+    preset: str = "fast"
+    image_size: int | None = None
+    teacher: str = "auto"
+    device: str = "cpu"
+    probe_size: int = 384  # 0: the model's size
+    per_class: bool = False
+    vote_chunk: int = VOTE_CHUNK
+    eval_size: int = 384  # 0: original resolution (WeedMap always native)
+    data_root: Path = Path("datasets")
+    unlabeled_from_train: bool = True
+    max_unlabeled: int = 64
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise DataError("--data: name at least one dataset")
+        if not self.shots or min(self.shots) < 1:
+            raise DataError(f"--shots: expected integers >= 1, got {list(self.shots)}")
+        if not self.seeds or min(self.seeds) < 0:
+            raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
+        if self.draws < 1:
+            raise DataError(f"--draws: expected a positive number of support draws, got {self.draws}")
+        if self.vote_chunk < 0:
+            raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
+        bad = sorted(set(self.methods) - set(ALL_METHODS))
+        if bad:
+            raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
+        pooled = [m for m in self.methods if m.endswith("_unlabeled")]
+        if pooled and not self.unlabeled_from_train:
+            raise DataError(
+                f"--methods: {', '.join(pooled)} take their unlabeled images from the train split; drop "
+                "--no-unlabeled-from-train or the method"
+            )
+        if self.max_unlabeled < 1:
+            raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        return model_config(self.backbone, num_classes, self.preset, self.image_size)
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
+    """Run (or resume) the benchmark -> its results (also in ``cfg.out``: results.json, table.md, plots)."""
+    datasets = [resolve_dataset(s, cfg.data_root) for s in cfg.data]
     names = [name for name, _ in datasets]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         paths = ", ".join(str(root) for name, root in datasets if name == clash[0])
         raise DataError(f"--data: two datasets are named {clash[0]} ({paths}); results are keyed by name, rename one")
-    shots = sorted(set(int_list(args.shots, "--shots")))
-    seeds = list(dict.fromkeys(int_list(args.seeds, "--seeds", minimum=0))) if args.seeds else [args.seed]
-    if args.draws < 1:
-        raise DataError(f"--draws: expected a positive number of support draws, got {args.draws}")
-    if args.vote_chunk < 0:
-        raise DataError(f"--vote-chunk: expected >= 0, got {args.vote_chunk}")
-    methods = tuple(m.strip() for m in args.methods.split(","))
-    bad = sorted(set(methods) - set(ALL_METHODS))
-    if bad:
-        raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
-    pooled = [m for m in methods if m.endswith("_unlabeled")]
-    if pooled and not args.unlabeled_from_train:
-        raise DataError(
-            f"--methods: {', '.join(pooled)} take their unlabeled images from the train split; drop "
-            "--no-unlabeled-from-train or the method"
-        )
-    if args.max_unlabeled < 1:
-        raise DataError(f"--max-unlabeled: expected a positive number, got {args.max_unlabeled}")
-    acfg = config_from_args(AdaptConfig, args)
+    shots = sorted(set(cfg.shots))
+    seeds = list(dict.fromkeys(cfg.seeds))
+    methods = cfg.methods
+    acfg = cfg.adapt
     config = {
-        "preset": args.preset,
-        "backbone": args.backbone,
-        "image_size": args.image_size,
-        "probe_size": args.probe_size,
+        "preset": cfg.preset,
+        "backbone": cfg.backbone,
+        "image_size": cfg.image_size,
+        "probe_size": cfg.probe_size,
         "adapt": {**acfg.to_dict(), "seed": None},  # the seeds are below
         "seeds": seeds,
-        "draws": args.draws,
-        "vote_chunk": args.vote_chunk,
-        "max_unlabeled": args.max_unlabeled,
+        "draws": cfg.draws,
+        "vote_chunk": cfg.vote_chunk,
+        "max_unlabeled": cfg.max_unlabeled,
         "methods": list(methods),
-        "per_class": args.per_class,
-        "eval_size": args.eval_size,
-        "teacher": args.teacher,
+        "per_class": cfg.per_class,
+        "eval_size": cfg.eval_size,
+        "teacher": cfg.teacher,
         "data": {name: str(root.resolve()) for name, root in datasets},
-        "device": args.device,
+        "device": cfg.device,
         "threads": torch.get_num_threads(),
     }
-    out: Path = args.out
+    out = cfg.out
     refuse_unsafe_output(out, [root for _, root in datasets])
     results_path = out / "results.json"
     results = {"created": timestamp(), "config": config, "rows": []}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-        if previous.get("config") != config and not args.overwrite:
+        if previous.get("config") != config and not cfg.overwrite:
             raise ModelError(f"{results_path}: was made with another configuration; use another --out or --overwrite")
         if previous.get("config") == config:
             results = previous
             log.info("resuming: %d rows already in %s", len(results["rows"]), results_path)
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to reuse it)")
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
-    backbones = BackboneCache(args.backbone, args.backbone_weights, torch.device(args.device))
+    backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, torch.device(cfg.device))
     for name, root in datasets:
         train, test = load_split(root, "train"), load_split(root, "test")
         for k in shots:
-            total = k * train.num_classes if args.per_class else k
+            total = k * train.num_classes if cfg.per_class else k
             if total > len(train.samples):
                 log.warning("[%s] K=%d skipped: the pool has %d images", name, k, len(train.samples))
                 continue
-            mcfg = model_config(args, train.num_classes)
-            start, label = resolve_teacher(args.teacher, mcfg)
+            mcfg = cfg.model_config(train.num_classes)
+            start, label = resolve_teacher(cfg.teacher, mcfg)
             # The paper scores WeedMap at its native tile size and every other dataset at 384 x 384.
-            native = args.eval_size == 0 or name.lower().startswith("weedmap")
-            for draw in range(args.draws):
+            native = cfg.eval_size == 0 or name.lower().startswith("weedmap")
+            for draw in range(cfg.draws):
                 if (name, k, draw) in done:
                     continue
                 cell = Cell(
@@ -130,15 +175,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     k,
                     mcfg,
                     acfg,
-                    args.probe_size or mcfg.image_size,
+                    cfg.probe_size or mcfg.image_size,
                     methods,
-                    args.per_class,
-                    None if native else args.eval_size,
+                    cfg.per_class,
+                    None if native else cfg.eval_size,
                     start,
                     label,
                     draw,
-                    args.vote_chunk,
-                    max_unlabeled=args.max_unlabeled,
+                    cfg.vote_chunk,
+                    max_unlabeled=cfg.max_unlabeled,
                 )
                 log.info("[%s] K=%d draw %d, seeds %s", name, k, draw, seeds)
                 logs = out / f"train_log_{name}_{k}shot_draw{draw}.jsonl"
@@ -156,8 +201,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         r["miou"],
                     )
                 results["rows"] += rows
-                write_json(results_path, results)  # after every cell: an interrupted run resumes from here
-    write_json(results_path, results)
+                write_json_atomic(results_path, results)  # after every cell: an interrupted run resumes from here
+    write_json_atomic(results_path, results)
     (out / "table.md").write_text(table(results))
     plot(results, out / "miou_vs_shots.png")
     return results

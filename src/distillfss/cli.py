@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .backbones import BACKBONES
-from .config import PRESETS, REFINE_ITERATIONS, AdaptConfig, MetaConfig, ModelConfig, Serializable
+from .config import DEMO_ADAPT, PRESETS, REFINE_ITERATIONS, AdaptConfig, MetaConfig, ModelConfig, Serializable
 from .config import model_config as preset_config
 from .data import DataError
 from .errors import UserError
@@ -23,8 +23,6 @@ from .outputs import timestamp  # noqa: F401 - re-exported for the command modul
 log = logging.getLogger("distillfss")
 
 S = TypeVar("S", bound=Serializable)
-DEMO_ITERATIONS = 40
-DEMO_REFINE_ITERATIONS = 20
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -460,9 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _seeds_flag(p, "0,1,2")
     _vote_flag(p)
     _training_flags(p)
-    # 3 seeds x 2 datasets at 40 steps (and 20 refinement steps for distillfss_unlabeled) keep the demo within
-    # 10 min on 2 cores.
-    p.set_defaults(iterations=DEMO_ITERATIONS, refine_iterations=DEMO_REFINE_ITERATIONS)
+    p.set_defaults(iterations=DEMO_ADAPT.iterations, refine_iterations=DEMO_ADAPT.refine_iterations)
     return parser
 
 

@@ -315,10 +315,31 @@ def _calibration_set(args: argparse.Namespace, loaded) -> tuple[np.ndarray, np.n
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark, table
+    from .benchmark import BenchmarkConfig, run_benchmark, table
 
-    print(table(run_benchmark(args)))
+    cfg = BenchmarkConfig(
+        data=tuple(s.strip() for s in args.data.split(",") if s.strip()),
+        out=args.out,
+        shots=tuple(int_list(args.shots, "--shots")),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        seeds=tuple(int_list(args.seeds, "--seeds", minimum=0)) if args.seeds else (args.seed,),
+        draws=args.draws,
+        adapt=config_from_args(AdaptConfig, args),
+        **_shared_run_flags(args),
+        per_class=args.per_class,
+        eval_size=args.eval_size,
+        data_root=args.data_root,
+        unlabeled_from_train=args.unlabeled_from_train,
+        max_unlabeled=args.max_unlabeled,
+    )
+    print(table(run_benchmark(cfg)))
     return 0
+
+
+def _shared_run_flags(args: argparse.Namespace) -> dict:
+    """The model, teacher and evaluation flags that demo and benchmark share, as config fields."""
+    names = ("backbone", "backbone_weights", "preset", "image_size", "teacher", "device", "probe_size", "vote_chunk")
+    return {n: getattr(args, n) for n in names} | {"overwrite": args.overwrite}
 
 
 def data(args: argparse.Namespace) -> int:
@@ -331,9 +352,20 @@ def data(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_DATASETS, DemoConfig, run_demo
 
-    run_demo(args)
+    spec = args.datasets or ",".join(DEMO_DATASETS)
+    cfg = DemoConfig(
+        datasets=tuple(n.strip() for n in spec.split(",") if n.strip()),
+        out=args.out,
+        shots=args.shots,
+        seeds=tuple(int_list(args.seeds, "--seeds", minimum=0)),
+        adapt=config_from_args(AdaptConfig, args),
+        compare_random=args.compare_random,
+        unlabeled=args.unlabeled,
+        **_shared_run_flags(args),
+    )
+    run_demo(cfg)
     return 0
 
 

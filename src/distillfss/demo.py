@@ -21,8 +21,8 @@ Writes report.md, results.json, overlays/ and miou.png into the output folder.
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -30,12 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import config_from_args, int_list, model_config, timestamp, write_json
-from .config import REFINE_ITERATIONS, AdaptConfig
+from .config import DEMO_ADAPT, REFINE_ITERATIONS, AdaptConfig, model_config
 from .data import DataError, load_pair, load_split
 from .model_io import resolve_teacher
-from .outputs import check_output, output_folder
-from .predictor import Predictor
+from .outputs import check_output, output_folder, timestamp, write_json_atomic
+from .predictor import VOTE_CHUNK, Predictor
 from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_seeds
 from .stats import mean_std
 from .viz import overlay, with_legend
@@ -58,40 +57,69 @@ def demo_datasets() -> list[str]:
     return sorted(p.name for p in demo_root().iterdir() if (p / "dataset.json").is_file())
 
 
-def run_demo(args: argparse.Namespace) -> dict:
-    methods = DEMO_METHODS if args.unlabeled else METHODS
-    spec = args.datasets or ",".join(DEMO_DATASETS)
-    names = demo_datasets() if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(demo_datasets()))
-    if unknown:
-        raise DataError(f"unknown demo dataset(s) {unknown}; bundled: {demo_datasets()}")
-    check_output(args.out, args.overwrite)
-    seeds = list(dict.fromkeys(int_list(args.seeds, "--seeds", minimum=0)))
-    if args.vote_chunk < 0:
-        raise DataError(f"--vote-chunk: expected >= 0, got {args.vote_chunk}")
-    device = torch.device(args.device)
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo depends on (the CLI's flags, typed). Invalid values raise ``DataError``."""
+
+    out: Path = Path("demo_out")
+    datasets: tuple[str, ...] = DEMO_DATASETS  # bundled names, or ("all",)
+    shots: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    adapt: AdaptConfig = DEMO_ADAPT  # its seed is replaced by each of ``seeds``
+    compare_random: bool = False  # also adapt from a random teacher (rows *_random) when the start is meta-trained
+    unlabeled: bool = True  # the distillfss_unlabeled row
+    backbone: str = "efficientnet_lite2"
+    backbone_weights: str | None = None
+    preset: str = "fast"
+    image_size: int | None = None
+    teacher: str = "auto"
+    device: str = "cpu"
+    probe_size: int = 384  # 0: the model's size
+    vote_chunk: int = VOTE_CHUNK
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        known = demo_datasets()
+        unknown = sorted(set(self.datasets) - {*known, "all"})
+        if unknown or not self.datasets:
+            raise DataError(f"unknown demo dataset(s) {unknown or '(none named)'}; bundled: {known}")
+        if not self.seeds or min(self.seeds) < 0:
+            raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
+        if self.vote_chunk < 0:
+            raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
+        if self.shots < 1:
+            raise DataError(f"--shots: expected >= 1, got {self.shots}")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The demo: every method on the bundled sets -> its results (also in ``cfg.out``: report, plot, overlays)."""
+    methods = DEMO_METHODS if cfg.unlabeled else METHODS
+    names = demo_datasets() if "all" in cfg.datasets else list(cfg.datasets)
+    check_output(cfg.out, cfg.overwrite)
+    seeds = list(dict.fromkeys(cfg.seeds))
+    device = torch.device(cfg.device)
     rows: list[dict] = []
-    backbones = BackboneCache(args.backbone, args.backbone_weights, device)
-    with output_folder(args.out, args.overwrite) as tmp:
+    backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, device)
+    with output_folder(cfg.out, cfg.overwrite) as tmp:
         (tmp / "overlays").mkdir()
         for name in names:
             root = demo_root() / name
             train, test = load_split(root, "train"), load_split(root, "test")
-            mcfg = model_config(args, train.num_classes)
-            start, label = resolve_teacher(args.teacher, mcfg)
-            compare = args.compare_random and start is not None
+            mcfg = model_config(cfg.backbone, train.num_classes, cfg.preset, cfg.image_size)
+            start, label = resolve_teacher(cfg.teacher, mcfg)
+            compare = cfg.compare_random and start is not None
             cell = Cell(
                 name,
                 train,
                 test,
-                min(args.shots, len(train.samples)),
+                min(cfg.shots, len(train.samples)),
                 mcfg,
-                config_from_args(AdaptConfig, args),
-                args.probe_size or mcfg.image_size,
+                cfg.adapt,
+                cfg.probe_size or mcfg.image_size,
                 methods + (RANDOM_START if compare else ()),
                 teacher=start,
                 teacher_label=label,
-                vote_chunk=args.vote_chunk,
+                vote_chunk=cfg.vote_chunk,
             )
             log.info("[%s] %d shots, starting teacher: %s, seeds %s", name, cell.shots, label, seeds)
             cell_rows, predictors = run_seeds(cell, seeds, backbones, log_path=tmp / f"train_log_{name}.jsonl")
@@ -115,10 +143,10 @@ def run_demo(args: argparse.Namespace) -> dict:
             "seeds": seeds,
             "rows": rows,
         }
-        write_json(tmp / "results.json", results)
+        write_json_atomic(tmp / "results.json", results)
         _bar_plot(rows, names, methods, tmp / "miou.png")
         (tmp / "report.md").write_text(_report(results, names, methods))
-    log.info("demo written to %s", args.out)
+    log.info("demo written to %s", cfg.out)
     return results
 
 
