@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distillfss import FewShotSegmenter, load_model
+from distillfss import FastStudent, FewShotSegmenter, load_model
 from distillfss.data import DataError
 
-SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "teacher": "random", "iterations": 2}
+SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "teacher": "random", "iterations": 2, "fast_iterations": 2}
 
 
 def _support(n: int = 3, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -47,7 +47,8 @@ def test_fit_predict_save_load_export_round_trip(tmp_path: Path) -> None:
     assert again.classes == ("background", "bright", "dark")
     assert all(np.array_equal(a, b) for a, b in zip(again.predict(images), labels))
     assert load_model(tmp_path / "model").kind == "student"  # the folder the CLI reads
-    assert (tmp_path / "model" / "train_log.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "model" / "train_log.jsonl").read_text().count("\n") == 2 + 2  # joint, then fast steps
+    assert isinstance(seg.student, FastStudent)  # the default student, as distillfss adapt's
     with pytest.raises(Exception, match="exists|not written"):
         seg.save(tmp_path / "model")  # no silent overwrite
     onnx = again.export_onnx(tmp_path / "m.onnx")
@@ -106,7 +107,7 @@ def test_readme_python_example_runs_on_the_demo_data(tmp_path: Path, monkeypatch
     assert "iterations=40" in code
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code.replace("iterations=40", "iterations=2"), "README.md", "exec"), scope)
+    exec(compile(code.replace("iterations=40", "iterations=2, fast_iterations=2"), "README.md", "exec"), scope)
     assert len(scope["labels"]) == 8 and (tmp_path / "nuclei_model" / "config.json").is_file()
     assert (tmp_path / "nuclei.onnx").is_file()
 
@@ -119,7 +120,14 @@ def test_on_step_sees_every_step_and_can_stop_the_fit(tmp_path: Path) -> None:
     images, masks = _support()
     rows: list[dict] = []
     FewShotSegmenter(**{**SMALL, "iterations": 3}).fit(images, masks, on_step=rows.append)
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    assert [(r["stage"], r["step"]) for r in rows] == [
+        ("joint", 1),
+        ("joint", 2),
+        ("joint", 3),
+        ("fast", 1),
+        ("fast", 2),
+    ]
+    assert all(r["loss"] > 0 for r in rows)
 
     def cancel_at_two(row: dict) -> None:
         if row["step"] == 2:

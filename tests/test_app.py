@@ -84,7 +84,15 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
     port = _free_port()
     ws = tmp_path / "ws"
     app = launch(
-        ws, port, block=False, steps=3, backbone="efficientnet_lite0", image_size=64, teacher="random", device="cpu"
+        ws,
+        port,
+        block=False,
+        steps=3,
+        fast_iterations=5,
+        backbone="efficientnet_lite0",
+        image_size=64,
+        teacher="random",
+        device="cpu",
     )
     train = sorted((NUCLEI / "train/images").iterdir())[:3]
     test = sorted((NUCLEI / "test/images").iterdir())[:2]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from distillfss.cli import main
 
-FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2"]
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2", "--fast-iterations", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_adapt_writes_a_self_describing_model(student_dir) -> None:
     assert config["support"]["shots"] == 4 and config["adapt"]["seed"] == 0
     assert (student_dir / "model.safetensors").is_file()
     log = [json.loads(line) for line in (student_dir / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2]
+    assert [(r["stage"], r["step"]) for r in log] == [("joint", 1), ("joint", 2), ("fast", 1), ("fast", 2), ("fast", 3)]
+    assert config["student"] == "fast" and config["adapt"]["student"] == "fast"  # the default student
 
 
 def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:

@@ -20,7 +20,7 @@ def multiclass_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, multiclass_dataset):
     out = tmp_path_factory.mktemp("models") / "model"
-    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1"]
+    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1", "--fast-iterations", "2"]
     assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "3", *fast]) == 0
     return out
 

@@ -133,7 +133,7 @@ def test_adapt_with_unlabeled_images(tmp_path) -> None:
         (pool / f"u{i}.png").write_bytes((data / "test/images/img00.png").read_bytes())
     out = tmp_path / "m"
     args = ["adapt", "--support", str(data), "--shots", "2", "--out", str(out), "--unlabeled", str(pool)]
-    assert main([*args, "--refine-iterations", "2", *FAST]) == 0
+    assert main([*args, "--student", "paper", "--refine-iterations", "2", *FAST]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["unlabeled"]["images"] == ["u0.png", "u1.png", "u2.png"]
     assert config["adapt"]["refine_iterations"] == 2
@@ -159,7 +159,7 @@ def test_bad_unlabeled_input_is_one_line_and_writes_nothing(tmp_path, capsys, se
         (pool / "bad.png").write_bytes(b"\x89PNG truncated")
     out = tmp_path / "m"
     args = ["adapt", "--support", str(data), "--shots", "2", "--out", str(out), "--unlabeled", str(pool)]
-    assert main([*args, *extra, *FAST]) == 2
+    assert main([*args, "--student", "paper", *extra, *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()

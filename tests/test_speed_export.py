@@ -13,7 +13,10 @@ onnxruntime = pytest.importorskip("onnxruntime")
 CFG = ModelConfig(backbone="efficientnet_lite0", image_size=64, heads=2)
 
 
-@pytest.mark.parametrize("model,enc", [("backbone", False), ("student", False), ("teacher", True), ("teacher", False)])
+@pytest.mark.parametrize(
+    "model,enc",
+    [("backbone", False), ("student", False), ("student_fast", False), ("teacher", True), ("teacher", False)],
+)
 def test_speed_measurement_reports_sane_numbers(model: str, enc: bool) -> None:
     row = measure(SpeedJob(model, 2, 3, enc, CFG, "cpu", warmup=1, iters=2, threads=2))
     assert 0 < row.ms_min <= row.ms_median <= row.ms_max
@@ -31,9 +34,34 @@ def test_speed_table_has_every_combination() -> None:
     assert "3-way 5-shot" in text and text.count("1.0 ms") == 4
 
 
+def test_speed_table_gives_each_student_over_the_backbone_and_over_one_way() -> None:
+    def row(model: str, ways: int, shots: int, ms: float) -> dict:
+        return {"model": model, "ways": ways, "shots": shots, "support_encoding": False, "ms_median": ms,
+                "peak_memory_mb": 1.0}  # fmt: skip
+
+    rows = [row("backbone", 0, 0, 10.0), row("student_fast", 1, 1, 12.0), row("student_fast", 1, 5, 13.0)]
+    rows += [row("student_fast", 5, 1, 14.0), row("student_fast", 5, 5, 14.0), row("student", 1, 1, 30.0)]
+    text = table({"rows": rows, "device": "cpu", "threads": 2, "image_size": 64, "backbone": "x"})
+    assert "| fast student (`--student fast`) | 12.0 ms" in text
+    assert "- student_fast: time over the backbone's 1-way 1.25x, 5-way 1.40x; largest spread over shots 8%" in text
+    assert "5-way over 1-way 1.12x" in text
+    assert "- student: time over the backbone's 1-way 3.00x; largest spread over shots 0%" in text
+
+
 def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> None:
     model = tmp_path / "m"
-    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1", "--shots", "2"]
+    fast = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--iterations",
+        "1",
+        "--shots",
+        "2",
+        "--fast-iterations",
+        "2",
+    ]
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
     onnx_file = tmp_path / "m.onnx"
     assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 0
@@ -60,9 +88,13 @@ def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> N
     assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 2  # refuses to overwrite
 
 
-def test_speed_measures_onnx_and_voting() -> None:
-    onnx_row = measure(SpeedJob("onnx", 2, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
-    assert onnx_row.model == "onnx" and onnx_row.ms_median > 0
+@pytest.mark.parametrize("model", ["onnx", "onnx-fast"])
+def test_speed_measures_onnx_students(model: str) -> None:
+    onnx_row = measure(SpeedJob(model, 2, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
+    assert onnx_row.model == model and onnx_row.ms_median > 0
+
+
+def test_speed_measures_voting() -> None:
     vote = measure(SpeedJob("teacher", 1, 3, False, CFG, "cpu", warmup=1, iters=2, threads=2, chunk=2))
     assert vote.ms_median > 0
 
@@ -100,7 +132,18 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     from distillfss.export import OnnxPredictor
 
     model = tmp_path / "m"
-    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2", "--shots", "3"]
+    fast = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--iterations",
+        "2",
+        "--shots",
+        "3",
+        "--fast-iterations",
+        "2",
+    ]
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
     out = tmp_path / "m8.onnx"
     monkeypatch.setattr(commands, "MAX_INT8_DROP", -1.0)  # any result counts as a loss: refused, nothing written

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .adapt import adapt, seeded
 from .backbones import FrozenBackbone, build_backbone
-from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig, model_config
+from .config import DEFAULT_STUDENT, REFINE_ITERATIONS, AdaptConfig, ModelConfig, model_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
 from .data.tensors import check_support_labels, image_tensor, label_tensor
 from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
@@ -59,15 +59,15 @@ class FewShotSegmenter:
         **adapt_options: Any,
     ) -> None:
         """teacher: the starting teacher ('auto': the shipped meta-trained one when it fits, 'random', or a
-        folder). adapt_options: any :class:`AdaptConfig` field (``iterations``, ``seed``, ``refine_iterations``...);
-        the defaults are ``distillfss adapt``'s."""
+        folder). adapt_options: any :class:`AdaptConfig` field (``iterations``, ``seed``, ``student``...); the
+        defaults are ``distillfss adapt``'s (the fast student; ``student="paper"`` for the paper's)."""
         unknown = sorted(set(adapt_options) - {f.name for f in dataclasses.fields(AdaptConfig)})
         if unknown:
             raise TypeError(f"unknown adaptation option(s) {unknown}; see distillfss.AdaptConfig")
         self.backbone_name, self.preset, self.image_size = backbone, preset, image_size
         self.teacher_spec, self.backbone_weights = str(teacher), backbone_weights
         self.device = torch.device(device)
-        self.adapt_options = dict(adapt_options)
+        self.adapt_options = {"student": DEFAULT_STUDENT, **adapt_options}
         self.classes: tuple[str, ...] = ()
         self.model_cfg: ModelConfig | None = None
         self.student: Student | FastStudent | None = None
@@ -102,7 +102,7 @@ class FewShotSegmenter:
         options = dict(self.adapt_options)
         u = None
         if unlabeled is not None:
-            if options.get("student", "paper") == "paper":
+            if options["student"] == "paper":
                 options.setdefault("refine_iterations", REFINE_ITERATIONS)
             u = self._unlabeled(unlabeled)
         cfg = AdaptConfig.from_dict({**options, "method": "distill"})

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from .api import FewShotSegmenter
+from .config import AdaptConfig
 from .data.folder import IMAGE_EXTS, DataError, image_files, list_images, load_image, load_mask
 from .errors import UserError
 from .outputs import refuse_unsafe_output
@@ -226,9 +227,15 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             if state["cancel"].is_set():
                 raise Cancelled("adaptation cancelled")
 
+        seg = FewShotSegmenter(**{**segmenter_options, "iterations": int(n_steps)})
+        options = seg.adapt_options
+        # the fast student's distillation steps follow the joint ones (their log restarts at step 1)
+        total = int(n_steps) + (
+            options.get("fast_iterations", AdaptConfig.fast_iterations) if options["student"] == "fast" else 0
+        )
+
         def work() -> None:
             try:
-                seg = FewShotSegmenter(**{**segmenter_options, "iterations": int(n_steps)})
                 seg.fit([ws.images[s] for s in stems], [ws.mask_path(s) for s in stems], classes=names, on_step=on_step)
                 seg.save(ws.root / "models" / STUDENT, overwrite=True)
                 result["seg"] = seg
@@ -250,15 +257,15 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                 while not steps_q.empty():
                     rows.append(steps_q.get())
             done = len(rows)
-            line = f"adapting on {len(stems)} image(s): step {done} / {int(n_steps)}, {time.perf_counter() - t0:.0f} s"
-            yield line, pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]})
+            line = f"adapting on {len(stems)} image(s): step {done} / {total}, {time.perf_counter() - t0:.0f} s"
+            yield line, pd.DataFrame({"step": list(range(1, done + 1)), "loss": [r["loss"] for r in rows]})
         if "error" in result:
             e = result["error"]
             message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             raise gr.Error(message)
         state["seg"] = state["saved"] = result["seg"]  # adapt saved it in models/student
         yield (
-            f"done: {len(stems)} image(s), {int(n_steps)} steps, {time.perf_counter() - t0:.0f} s; the student is in "
+            f"done: {len(stems)} image(s), {total} steps, {time.perf_counter() - t0:.0f} s; the student is in "
             f"{ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
             pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]}),
         )

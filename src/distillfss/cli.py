@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from .backbones import BACKBONES
-from .config import DEMO_ADAPT, PRESETS, REFINE_ITERATIONS, AdaptConfig, MetaConfig, ModelConfig, Serializable
+from .config import (
+    DEFAULT_STUDENT,
+    DEMO_ADAPT,
+    PRESETS,
+    REFINE_ITERATIONS,
+    AdaptConfig,
+    MetaConfig,
+    ModelConfig,
+    Serializable,
+)
 from .config import model_config as preset_config
 from .data import DataError
 from .errors import UserError
@@ -193,11 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--student",
-        default=AdaptConfig.student,
+        default=DEFAULT_STUDENT,
         choices=["paper", "fast"],
-        help="paper: the paper's student (the teacher's decoder, once per class); fast: one slim pass for all "
-        "classes at about the backbone's cost, distilled from the adapted teacher on augmented views "
-        "(--fast-iterations, --fast-views) and the --unlabeled images",
+        help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the "
+        "adapted teacher on augmented views (--fast-iterations, --fast-views) and the --unlabeled images; paper: "
+        "the paper's student (the teacher's decoder, once per class; --refine-iterations refines it)",
     )
     g.add_argument(
         "--episodes",
