@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_dataset
+from test_refine import _constant_teacher, _support
 from torch.utils.flop_counter import FlopCounterMode
 
 from distillfss.adapt import _fit_on_bank, _view_bank, adapt, distill_fast
@@ -21,15 +22,6 @@ from distillfss.teacher import build_teacher, encode_support
 S = 64
 MCFG = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2)
 SMALL = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "2", "--fast-iterations", "3"]
-
-
-def _support(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, S, S, generator=g)
-    labels = torch.zeros(n, S, S, dtype=torch.long)
-    for i in range(n):
-        labels[i, 8 + 4 * i : 30 + 4 * i, 10:34] = 1
-    return images, labels
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -58,8 +50,6 @@ def test_fast_student_runs_once_for_all_classes(lite0_64) -> None:
 def test_fast_student_learns_the_teachers_soft_labels(lite0_64) -> None:
     """A fresh fast student trained on the bank of a teacher that calls everything foreground predicts more
     foreground on new images than it did untrained."""
-    from test_refine import _constant_teacher
-
     images, labels = _support()
     support = encode_support(lite0_64, images, labels, 1)
     teacher = _constant_teacher(lite0_64)

@@ -11,6 +11,7 @@ from distillfss.speed import SpeedJob, measure, table
 onnxruntime = pytest.importorskip("onnxruntime")
 
 CFG = ModelConfig(backbone="efficientnet_lite0", image_size=64, heads=2)
+SMALL_ADAPT = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--fast-iterations", "2"]
 
 
 @pytest.mark.parametrize(
@@ -50,18 +51,7 @@ def test_speed_table_gives_each_student_over_the_backbone_and_over_one_way() -> 
 
 def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> None:
     model = tmp_path / "m"
-    fast = [
-        "--backbone",
-        "efficientnet_lite0",
-        "--image-size",
-        "64",
-        "--iterations",
-        "1",
-        "--shots",
-        "2",
-        "--fast-iterations",
-        "2",
-    ]
+    fast = [*SMALL_ADAPT, "--iterations", "1", "--shots", "2"]
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
     onnx_file = tmp_path / "m.onnx"
     assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 0
@@ -132,18 +122,7 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     from distillfss.export import OnnxPredictor
 
     model = tmp_path / "m"
-    fast = [
-        "--backbone",
-        "efficientnet_lite0",
-        "--image-size",
-        "64",
-        "--iterations",
-        "2",
-        "--shots",
-        "3",
-        "--fast-iterations",
-        "2",
-    ]
+    fast = [*SMALL_ADAPT, "--iterations", "2", "--shots", "3"]
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
     out = tmp_path / "m8.onnx"
     monkeypatch.setattr(commands, "MAX_INT8_DROP", -1.0)  # any result counts as a loss: refused, nothing written

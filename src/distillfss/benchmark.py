@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import AdaptConfig, ModelConfig, model_config
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
 from .outputs import refuse_unsafe_output, timestamp, write_json_atomic
-from .predictor import VOTE_CHUNK
-from .protocol import ALL_METHODS, BackboneCache, Cell, run_seeds
+from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
 
 log = logging.getLogger("distillfss")
@@ -48,8 +46,8 @@ def resolve_dataset(spec: str, data_root: Path = Path("datasets")) -> tuple[str,
     raise DataError(f"{spec}: neither a bundled dataset ({', '.join(demo_datasets())}) nor a folder")
 
 
-@dataclass(frozen=True)
-class BenchmarkConfig:
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig(RunConfig):
     """Everything a benchmark run depends on (the CLI's flags, typed). Invalid values raise ``DataError``."""
 
     data: tuple[str, ...]  # bundled demo names, the paper's names (under data_root) or dataset folders
@@ -63,35 +61,21 @@ class BenchmarkConfig:
         "linear_probe",
         "prototype",
     )
-    seeds: tuple[int, ...] = (0,)
     draws: int = 1
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # its seed is replaced by each of ``seeds``
-    backbone: str = "efficientnet_lite2"
-    backbone_weights: str | None = None
-    preset: str = "fast"
-    image_size: int | None = None
-    teacher: str = "auto"
-    device: str = "cpu"
-    probe_size: int = 384  # 0: the model's size
     per_class: bool = False
-    vote_chunk: int = VOTE_CHUNK
     eval_size: int = 384  # 0: original resolution (WeedMap always native)
     data_root: Path = Path("datasets")
     unlabeled_from_train: bool = True
     max_unlabeled: int = 64
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.data:
             raise DataError("--data: name at least one dataset")
         if not self.shots or min(self.shots) < 1:
             raise DataError(f"--shots: expected integers >= 1, got {list(self.shots)}")
-        if not self.seeds or min(self.seeds) < 0:
-            raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
         if self.draws < 1:
             raise DataError(f"--draws: expected a positive number of support draws, got {self.draws}")
-        if self.vote_chunk < 0:
-            raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
         bad = sorted(set(self.methods) - set(ALL_METHODS))
         if bad:
             raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
@@ -103,9 +87,6 @@ class BenchmarkConfig:
             )
         if self.max_unlabeled < 1:
             raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
-
-    def model_config(self, num_classes: int) -> ModelConfig:
-        return model_config(self.backbone, num_classes, self.preset, self.image_size)
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:

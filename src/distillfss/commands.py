@@ -337,9 +337,11 @@ def benchmark(args: argparse.Namespace) -> int:
 
 
 def _shared_run_flags(args: argparse.Namespace) -> dict:
-    """The model, teacher and evaluation flags that demo and benchmark share, as config fields."""
-    names = ("backbone", "backbone_weights", "preset", "image_size", "teacher", "device", "probe_size", "vote_chunk")
-    return {n: getattr(args, n) for n in names} | {"overwrite": args.overwrite}
+    """The flags of the fields demo and benchmark share (protocol.RunConfig) other than the seeds and the adaptation
+    config, which each command parses itself."""
+    from .protocol import RunConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("seeds", "adapt")}
 
 
 def data(args: argparse.Namespace) -> int:

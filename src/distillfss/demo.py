@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEMO_ADAPT, REFINE_ITERATIONS, AdaptConfig, model_config
+from .config import DEMO_ADAPT, REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import resolve_teacher
 from .outputs import check_output, output_folder, timestamp, write_json_atomic
-from .predictor import VOTE_CHUNK, Predictor
-from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, run_seeds
+from .predictor import Predictor
+from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std
 from .viz import overlay, with_legend
 
@@ -57,8 +57,8 @@ def demo_datasets() -> list[str]:
     return sorted(p.name for p in demo_root().iterdir() if (p / "dataset.json").is_file())
 
 
-@dataclass(frozen=True)
-class DemoConfig:
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(RunConfig):
     """Everything the demo depends on (the CLI's flags, typed). Invalid values raise ``DataError``."""
 
     out: Path = Path("demo_out")
@@ -68,25 +68,13 @@ class DemoConfig:
     adapt: AdaptConfig = DEMO_ADAPT  # its seed is replaced by each of ``seeds``
     compare_random: bool = False  # also adapt from a random teacher (rows *_random) when the start is meta-trained
     unlabeled: bool = True  # the distillfss_unlabeled row
-    backbone: str = "efficientnet_lite2"
-    backbone_weights: str | None = None
-    preset: str = "fast"
-    image_size: int | None = None
-    teacher: str = "auto"
-    device: str = "cpu"
-    probe_size: int = 384  # 0: the model's size
-    vote_chunk: int = VOTE_CHUNK
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         known = demo_datasets()
         unknown = sorted(set(self.datasets) - {*known, "all"})
         if unknown or not self.datasets:
             raise DataError(f"unknown demo dataset(s) {unknown or '(none named)'}; bundled: {known}")
-        if not self.seeds or min(self.seeds) < 0:
-            raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
-        if self.vote_chunk < 0:
-            raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
         if self.shots < 1:
             raise DataError(f"--shots: expected >= 1, got {self.shots}")
 
@@ -105,7 +93,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         for name in names:
             root = demo_root() / name
             train, test = load_split(root, "train"), load_split(root, "test")
-            mcfg = model_config(cfg.backbone, train.num_classes, cfg.preset, cfg.image_size)
+            mcfg = cfg.model_config(train.num_classes)
             start, label = resolve_teacher(cfg.teacher, mcfg)
             compare = cfg.compare_random and start is not None
             cell = Cell(

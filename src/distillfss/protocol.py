@@ -13,8 +13,8 @@ import torch
 from .adapt import adapt, distill_fast, plateau, refine, seeded
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
-from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig
-from .data import Split, class_sets, load_support_tensors, load_unlabeled
+from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig, model_config
+from .data import DataError, Split, class_sets, load_support_tensors, load_unlabeled
 from .evaluate import evaluate_predictor
 from .model_io import load_teacher_weights
 from .predictor import VOTE_CHUNK, Predictor
@@ -44,6 +44,33 @@ ALL_METHODS = (
     + tuple(f"{m}{suffix}" for suffix in ABLATIONS for m in ("transferfss", "distillfss"))
     + REFINED
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What the demo and the benchmark share: the model, starting teacher and evaluation settings (their CLI flags,
+    typed). Invalid values raise ``DataError``."""
+
+    seeds: tuple[int, ...] = (0,)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # its seed is replaced by each of ``seeds``
+    backbone: str = "efficientnet_lite2"
+    backbone_weights: str | None = None
+    preset: str = "fast"
+    image_size: int | None = None
+    teacher: str = "auto"
+    device: str = "cpu"
+    probe_size: int = 384  # 0: the model's size
+    vote_chunk: int = VOTE_CHUNK
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.seeds or min(self.seeds) < 0:
+            raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
+        if self.vote_chunk < 0:
+            raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        return model_config(self.backbone, num_classes, self.preset, self.image_size)
 
 
 @dataclass
