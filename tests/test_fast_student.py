@@ -45,6 +45,7 @@ def test_fast_student_runs_once_for_all_classes(lite0_64) -> None:
     assert fast[5] < 1.1 * fast[1]
     assert paper[5] > 4 * paper[1]
     assert fast[1] < paper[1] / 4
+    assert fast[5] < 0.25 * backbone_flops  # a pointwise trunk and one 3x3 conv at stride 4: near the backbone's cost
 
 
 def test_fast_student_learns_the_teachers_soft_labels(lite0_64) -> None:
@@ -111,7 +112,7 @@ def test_cli_fast_student_saves_loads_predicts_and_exports(tmp_path: Path) -> No
     )
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["student"] == "fast" and config["adapt"]["student"] == "fast"
+    assert config["student"] == "fast" and config["adapt"]["student"] == "fast" and config["student_version"] == 2
     assert len(config["unlabeled"]["images"]) == 2  # the train images outside the 3-image support set
     loaded = load_model(out)
     assert isinstance(loaded.model, FastStudent)
@@ -137,3 +138,11 @@ def test_unknown_student_kind_is_a_clear_error(tmp_path: Path, lite0_64) -> None
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"config\.json: unknown student 'tiny'"):
         load_model(out, backbone=lite0_64)
+    for version in (None, 1):  # a folder of the first layout (no version field, or 1): refused, not misloaded
+        if version is None:
+            config.pop("student_version")
+        else:
+            config["student_version"] = version
+        (out / "config.json").write_text(json.dumps({**config, "student": "fast"}))
+        with pytest.raises(ModelError, match=r"config\.json: a fast student of layout version 1.*adapt it again"):
+            load_model(out, backbone=lite0_64)

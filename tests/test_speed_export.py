@@ -23,6 +23,7 @@ def test_speed_measurement_reports_sane_numbers(model: str, enc: bool) -> None:
     assert 0 < row.ms_min <= row.ms_median <= row.ms_max
     assert row.peak_memory_mb > 0
     assert row.model == model and row.support_encoding == enc
+    assert (row.backbone_ms is None) if model == "backbone" else row.backbone_ms > 0  # timed beside it, same process
 
 
 def test_speed_table_has_every_combination() -> None:
@@ -47,6 +48,15 @@ def test_speed_table_gives_each_student_over_the_backbone_and_over_one_way() -> 
     assert "- student_fast: time over the backbone's 1-way 1.25x, 5-way 1.40x; largest spread over shots 8%" in text
     assert "5-way over 1-way 1.12x" in text
     assert "- student: time over the backbone's 1-way 3.00x; largest spread over shots 0%" in text
+    # a row with its own backbone time (same process) is divided by that, not by the run's backbone row
+    rows = [row("backbone", 0, 0, 10.0), {**row("student_fast", 1, 1, 12.0), "backbone_ms": 8.0}]
+    rows += [
+        {**row("teacher", 1, 1, 40.0), "backbone_ms": 20.0},
+        {**row("teacher", 1, 1, 90.0), "support_encoding": True},
+    ]
+    text = table({"rows": rows, "device": "cpu", "threads": 2, "image_size": 64, "backbone": "x"})
+    assert "- student_fast: time over the backbone's 1-way 1.50x" in text
+    assert "- teacher: time over the backbone's 1-way 2.00x" in text  # the support-cached row only
 
 
 def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> None:
@@ -121,6 +131,9 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     from distillfss import commands
     from distillfss.export import OnnxPredictor
 
+    cwd = tmp_path / "cwd"  # onnxruntime's tools can write scratch files into the working directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     model = tmp_path / "m"
     fast = [*SMALL_ADAPT, "--iterations", "2", "--shots", "3"]
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(model), *fast]) == 0
@@ -146,8 +159,10 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     bad = ["export", "--model", str(model), "--out", str(tmp_path / "x.onnx"), "--quantize", "int8"]
     assert main([*bad, "--calibration", str(multiclass_dataset)]) == 2  # other classes: a clear error
     assert not (tmp_path / "x.onnx").exists()
+    assert list(cwd.iterdir()) == []  # nothing written outside --out
 
 
-def test_speed_measures_int8_onnx() -> None:
-    row = measure(SpeedJob("onnx-int8", 1, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
-    assert row.model == "onnx-int8" and row.ms_median > 0
+@pytest.mark.parametrize("model", ["onnx-int8", "onnx-fast-int8"])
+def test_speed_measures_int8_onnx(model: str) -> None:
+    row = measure(SpeedJob(model, 1, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
+    assert row.model == model and row.ms_median > 0

@@ -281,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default="backbone,student,teacher",
-        help="subset of backbone,student,student_fast,onnx,onnx-int8,onnx-fast,teacher (student_fast: the fast "
-        "student; onnx: the exported student on onnxruntime, CPU; onnx-fast: the fast student's; "
-        "onnx-int8: the same quantized to int8)",
+        help="subset of backbone,student,student_fast,onnx,onnx-int8,onnx-fast,onnx-fast-int8,teacher (student_fast: "
+        "the fast student; onnx: the exported student on onnxruntime, CPU; onnx-fast: the fast student's; "
+        "...-int8: the same quantized to int8)",
     )
     p.add_argument("--chunk", type=int, default=0, help="teacher: voting over chunks of this many shots (paper: 10)")
     g = p.add_argument_group("adaptation cost (--adapt)")
@@ -302,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last memory layout, as predict runs (default); --no-channels-last: contiguous",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     p.add_argument(
         "--timeout",

@@ -180,17 +180,17 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def speed(args: argparse.Namespace) -> int:
-    from .speed import run_speed, table, write
+    from .speed import ONNX_MODELS, run_speed, table, write
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
     if args.adapt:
         return _speed_adapt(args, shots)
     models = tuple(m.strip() for m in args.models.split(","))
-    known = ("backbone", "student", "student_fast", "onnx", "onnx-int8", "onnx-fast", "teacher")
+    known = ("backbone", "student", "student_fast", *ONNX_MODELS, "teacher")
     bad = set(models) - set(known)
     if bad:
         raise DataError(f"--models: unknown {sorted(bad)}; choose from {', '.join(known)}")
-    if {"onnx", "onnx-int8", "onnx-fast"} & set(models) and args.device != "cpu":
+    if set(ONNX_MODELS) & set(models) and args.device != "cpu":
         raise DataError("--models onnx runs on onnxruntime's CPU provider; use --device cpu")
     mcfg = model_config(args, 1)
     result = run_speed(

@@ -22,7 +22,7 @@ from .backbones import FrozenBackbone, build_backbone
 from .config import ModelConfig
 from .errors import UserError
 from .predictor import VOTE_CHUNK, Predictor
-from .student import STUDENT_KINDS, FastStudent, Student, build_fast_student, build_student
+from .student import FAST_VERSION, STUDENT_KINDS, FastStudent, Student, build_fast_student, build_student
 from .teacher import Teacher, build_teacher, encode_support
 
 FORMAT = "distillfss-model"
@@ -68,6 +68,8 @@ def save_model(
     }
     if kind == "student":
         config["student"] = "fast" if isinstance(model, FastStudent) else "paper"  # what the weights are for
+        if isinstance(model, FastStudent):
+            config["student_version"] = FAST_VERSION
     config.update(meta)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -122,6 +124,12 @@ def load_model(
     if config["kind"] == "teacher":
         model = build_teacher(backbone, model_cfg)
     elif student_kind == "fast":
+        version = config.get("student_version", 1)
+        if version != FAST_VERSION:
+            raise ModelError(
+                f"{folder / CONFIG}: a fast student of layout version {version}, written by an earlier distillfss; "
+                f"this version builds layout {FAST_VERSION}: adapt it again (distillfss adapt ...)"
+            )
         model = build_fast_student(backbone, model_cfg.num_classes, model_cfg.image_size)
     elif student_kind == "paper":
         model = build_student(backbone, build_teacher(backbone, model_cfg).decoder, model_cfg.num_classes)

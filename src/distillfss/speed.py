@@ -18,7 +18,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -36,7 +36,7 @@ from .teacher import build_teacher, encode_support
 @dataclass(frozen=True)
 class SpeedRow:
     # "backbone" | "student" | "student_fast" | "onnx" / "onnx-int8" (the student on onnxruntime, fp32 / int8) |
-    # "onnx-fast" (the fast student on onnxruntime) | "teacher"
+    # "onnx-fast" / "onnx-fast-int8" (the fast student on onnxruntime) | "teacher"
     model: str
     ways: int
     shots: int
@@ -45,6 +45,9 @@ class SpeedRow:
     ms_min: float
     ms_max: float
     peak_memory_mb: float
+    # the bare backbone's median, timed in the same process right after (None for the backbone itself): ratios
+    # against it are immune to the machine's speed drifting between measurements
+    backbone_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class SpeedJob:
     threads: int
     backbone_weights: str | None = "random"  # timings do not depend on the weights' values
     precision: str = "fp32"  # "bf16": autocast the whole forward
-    channels_last: bool = False
+    channels_last: bool = True  # the layout the backbone is built in and predict feeds (False: contiguous)
     compile: bool = False  # torch.compile the student / backbone (opt-in; the warm-up absorbs compilation)
     chunk: int = 0  # teacher: the paper's voting over chunks of this many shots (0 = all shots at once)
 
@@ -115,25 +118,25 @@ def _runner(job: SpeedJob) -> Callable[[], object]:
     return _wrap(job, teacher, lambda m: m.forward_features(backbone(query), support, keys=keys).logits)
 
 
-ONNX_MODELS = ("onnx", "onnx-int8", "onnx-fast")
+ONNX_MODELS = ("onnx", "onnx-int8", "onnx-fast", "onnx-fast-int8")
 
 
 def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], object]:
     """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch);
-    ``onnx-int8``: quantized to int8 (calibrated on random images: the timing does not depend on the ranges)."""
+    ``onnx-int8``, ``onnx-fast-int8``: quantized to int8 (calibrated on random images: the timing does not depend on the ranges)."""
     import tempfile
 
     from .export import OnnxPredictor, export_onnx, quantize_int8
 
     cfg = job.model_cfg
-    if job.model == "onnx-fast":
+    if job.model.startswith("onnx-fast"):
         student: torch.nn.Module = build_fast_student(backbone, job.ways, cfg.image_size).eval()
     else:
         teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
         student = build_student(backbone, teacher.decoder, job.ways).eval()
     path = Path(tempfile.mkdtemp()) / "student.onnx"
     export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
-    if job.model == "onnx-int8":
+    if job.model.endswith("int8"):
         calibration = torch.rand(4, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
         quantize_int8(path, path.with_name("int8.onnx"), calibration.numpy())
         path = path.with_name("int8.onnx")
@@ -160,14 +163,37 @@ def measure(job: SpeedJob) -> SpeedRow:
     torch.set_num_threads(job.threads)
     fn = _runner(job)
     cuda = job.device.startswith("cuda")
+    times = _time(fn, job.warmup, job.iters, cuda)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()  # before the backbone below
+    backbone_ms = None
+    if job.model != "backbone":
+        del fn
+        base = _time(_runner(replace(job, model="backbone")), job.warmup, job.iters, cuda)
+        backbone_ms = round(statistics.median(base), 2)
+    return SpeedRow(
+        job.model,
+        job.ways,
+        job.shots,
+        job.support_encoding,
+        round(statistics.median(times), 2),
+        round(min(times), 2),
+        round(max(times), 2),
+        round(peak, 1),
+        backbone_ms,
+    )
+
+
+def _time(fn: Callable[[], object], warmup: int, iters: int, cuda: bool) -> list[float]:
+    """Milliseconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones (on CUDA the peak
+    memory counter is reset after the warm-up)."""
     times: list[float] = []
     with torch.inference_mode():
-        for _ in range(job.warmup):
+        for _ in range(warmup):
             fn()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(job.iters):
+            torch.cuda.reset_peak_memory_stats()  # the timed iterations' peak
+        for _ in range(iters):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -179,17 +205,7 @@ def measure(job: SpeedJob) -> SpeedRow:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1000)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
-    return SpeedRow(
-        job.model,
-        job.ways,
-        job.shots,
-        job.support_encoding,
-        round(statistics.median(times), 2),
-        round(min(times), 2),
-        round(max(times), 2),
-        round(peak, 1),
-    )
+    return times
 
 
 def _peak_rss_mb() -> float:
@@ -265,7 +281,7 @@ def run_speed(
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
     precision: str = "fp32",
-    channels_last: bool = False,
+    channels_last: bool = True,
     compile: bool = False,
     chunk: int = 0,
     onnx: bool = False,
@@ -324,8 +340,8 @@ def _cpu_name() -> str:
 
 def _options(result: dict) -> str:
     opts = []
-    if result.get("channels_last"):
-        opts.append("channels_last")
+    if result.get("channels_last") is False:
+        opts.append("contiguous memory layout")
     if result.get("compile"):
         opts.append("torch.compile")
     if result.get("chunk"):
@@ -352,6 +368,7 @@ def table(result: dict) -> str:
         ("onnx", False, "student, onnxruntime"),
         ("onnx-int8", False, "student, onnxruntime int8"),
         ("onnx-fast", False, "fast student, onnxruntime"),
+        ("onnx-fast-int8", False, "fast student, onnxruntime int8"),
         ("teacher", False, "teacher (support cached)"),
         ("teacher", True, "teacher (support encoded per query)"),
     ]
@@ -376,24 +393,26 @@ def table(result: dict) -> str:
 
 
 def _ratios(rows: list[dict], backbone_ms: float) -> list[str]:
-    """Per support-free model: its median time over the backbone's, per ways (the mean over shots), its spread
-    over shots, and its largest ways over 1 way."""
+    """Per model: its median time over the backbone's (the backbone timed in the same process where the row has
+    it, else ``backbone_ms``), per ways (the mean over shots), its spread over shots, and its largest ways over
+    1 way. The teacher's rows are those with its support cached."""
     out = []
-    for model in ("student", "student_fast", "onnx", "onnx-int8", "onnx-fast"):
+    for model in ("student", "student_fast", *ONNX_MODELS, "teacher"):
         by_ways: dict[int, list[float]] = {}
         for r in rows:
-            if r["model"] == model:
-                by_ways.setdefault(r["ways"], []).append(r["ms_median"])
+            if r["model"] == model and not r["support_encoding"]:
+                by_ways.setdefault(r["ways"], []).append(r["ms_median"] / (r.get("backbone_ms") or backbone_ms))
         if not by_ways:
             continue
         means = {w: sum(v) / len(v) for w, v in sorted(by_ways.items())}
-        parts = [f"{w}-way {m / backbone_ms:.2f}x" for w, m in means.items()]
+        parts = [f"{w}-way {m:.2f}x" for w, m in means.items()]
         spread = max((max(v) - min(v)) / min(v) for v in by_ways.values())
         text = f"- {model}: time over the backbone's {', '.join(parts)}; largest spread over shots {spread:.0%}"
         if len(means) > 1 and min(means) == 1:
             text += f"; {max(means)}-way over 1-way {means[max(means)] / means[1]:.2f}x"
         out.append(text)
-    return ["", "Ratios (medians; means over shots):", *out] if out else []
+    head = "Ratios (each row's median over the backbone's timed in the same process right after it; means over shots):"
+    return ["", head, *out] if out else []
 
 
 def plot(result: dict, path: Path) -> None:
