@@ -45,9 +45,11 @@ class SpeedRow:
     ms_min: float
     ms_max: float
     peak_memory_mb: float
-    # the bare backbone's median, timed in the same process right after (None for the backbone itself): ratios
-    # against it are immune to the machine's speed drifting between measurements
+    # after the timing above, the model and a bare backbone called alternately in the same process (None for the
+    # backbone itself): the backbone's median there, and the model's median over it -- a ratio immune to the
+    # machine's speed drifting between measurements
     backbone_ms: float | None = None
+    backbone_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,11 +167,13 @@ def measure(job: SpeedJob) -> SpeedRow:
     cuda = job.device.startswith("cuda")
     times = _time(fn, job.warmup, job.iters, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()  # before the backbone below
-    backbone_ms = None
+    ratio = backbone_ms = None
     if job.model != "backbone":
-        del fn
-        base = _time(_runner(replace(job, model="backbone")), job.warmup, job.iters, cuda)
-        backbone_ms = round(statistics.median(base), 2)
+        # then the model and a bare backbone alternately, call by call: both see the same machine state, so their
+        # ratio holds even when the machine's speed drifts (on a shared 2-core CPU it moves by 30 % between runs)
+        pair = _interleaved([fn, _runner(replace(job, model="backbone"))], job.warmup, job.iters, cuda)
+        model_ms, backbone_ms = (statistics.median(t) for t in pair)
+        ratio, backbone_ms = round(model_ms / backbone_ms, 3), round(backbone_ms, 2)
     return SpeedRow(
         job.model,
         job.ways,
@@ -180,31 +184,39 @@ def measure(job: SpeedJob) -> SpeedRow:
         round(max(times), 2),
         round(peak, 1),
         backbone_ms,
+        ratio,
     )
 
 
 def _time(fn: Callable[[], object], warmup: int, iters: int, cuda: bool) -> list[float]:
     """Milliseconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones (on CUDA the peak
     memory counter is reset after the warm-up)."""
-    times: list[float] = []
+    return _interleaved([fn], warmup, iters, cuda)[0]
+
+
+def _interleaved(fns: list[Callable[[], object]], warmup: int, iters: int, cuda: bool) -> list[list[float]]:
+    """Milliseconds per call of each of ``fns``, called in turn ``iters`` times after ``warmup`` untimed rounds."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
+            for fn in fns:
+                fn()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()  # the timed iterations' peak
         for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1000)
+            for fn, out in zip(fns, times):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    out.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append((time.perf_counter() - t0) * 1000)
     return times
 
 
@@ -393,15 +405,15 @@ def table(result: dict) -> str:
 
 
 def _ratios(rows: list[dict], backbone_ms: float) -> list[str]:
-    """Per model: its median time over the backbone's (the backbone timed in the same process where the row has
-    it, else ``backbone_ms``), per ways (the mean over shots), its spread over shots, and its largest ways over
-    1 way. The teacher's rows are those with its support cached."""
+    """Per model: its median time over the backbone's (the row's ``backbone_ratio``, measured call by call in the
+    same process, where it has one; else over ``backbone_ms``), per ways (the mean over shots), its spread over
+    shots, and its largest ways over 1 way. The teacher's rows are those with its support cached."""
     out = []
     for model in ("student", "student_fast", *ONNX_MODELS, "teacher"):
         by_ways: dict[int, list[float]] = {}
         for r in rows:
             if r["model"] == model and not r["support_encoding"]:
-                by_ways.setdefault(r["ways"], []).append(r["ms_median"] / (r.get("backbone_ms") or backbone_ms))
+                by_ways.setdefault(r["ways"], []).append(r.get("backbone_ratio") or r["ms_median"] / backbone_ms)
         if not by_ways:
             continue
         means = {w: sum(v) / len(v) for w, v in sorted(by_ways.items())}
@@ -411,7 +423,9 @@ def _ratios(rows: list[dict], backbone_ms: float) -> list[str]:
         if len(means) > 1 and min(means) == 1:
             text += f"; {max(means)}-way over 1-way {means[max(means)] / means[1]:.2f}x"
         out.append(text)
-    head = "Ratios (each row's median over the backbone's timed in the same process right after it; means over shots):"
+    head = (
+        "Ratios (each row's median over the backbone's, the two called alternately in one process; means over shots):"
+    )
     return ["", head, *out] if out else []
 
 
