@@ -91,8 +91,10 @@ def adapt(args: argparse.Namespace) -> int:
             "created": timestamp(),
             "adapt": acfg.to_dict(),
             "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
-            "support": {"dataset": str(split.root), "stems": stems, "shots": len(stems)},
-            "unlabeled": {"folder": str(args.unlabeled), "images": unlabeled_names} if args.unlabeled else None,
+            "support": {"dataset": str(split.root.resolve()), "stems": stems, "shots": len(stems)},  # any cwd
+            "unlabeled": {"folder": str(args.unlabeled.resolve()), "images": unlabeled_names}
+            if args.unlabeled
+            else None,
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
         }

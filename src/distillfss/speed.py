@@ -46,8 +46,8 @@ class SpeedRow:
     ms_max: float
     peak_memory_mb: float
     # after the timing above, the model and a bare backbone called alternately in the same process (None for the
-    # backbone itself): the backbone's median there, and the model's median over it -- a ratio immune to the
-    # machine's speed drifting between measurements
+    # backbone itself and the onnxruntime models): the backbone's median there, and the model's median over it --
+    # a ratio immune to the machine's speed drifting between measurements
     backbone_ms: float | None = None
     backbone_ratio: float | None = None
 
@@ -168,9 +168,10 @@ def measure(job: SpeedJob) -> SpeedRow:
     times = _time(fn, job.warmup, job.iters, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()  # before the backbone below
     ratio = backbone_ms = None
-    if job.model != "backbone":
+    if job.model != "backbone" and job.model not in ONNX_MODELS:
         # then the model and a bare backbone alternately, call by call: both see the same machine state, so their
-        # ratio holds even when the machine's speed drifts (on a shared 2-core CPU it moves by 30 % between runs)
+        # ratio holds even when the machine's speed drifts (on a shared 2-core CPU it moves by 30 % between runs).
+        # Not for onnxruntime: its idle threads keep spinning after a call and slowed the next PyTorch call ~2x.
         pair = _interleaved([fn, _runner(replace(job, model="backbone"))], job.warmup, job.iters, cuda)
         model_ms, backbone_ms = (statistics.median(t) for t in pair)
         ratio, backbone_ms = round(model_ms / backbone_ms, 3), round(backbone_ms, 2)
