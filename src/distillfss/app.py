@@ -244,6 +244,9 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                     log.exception("app: adaptation failed")
                 result["error"] = e
 
+        def curve(rows: list[dict]) -> pd.DataFrame:  # steps counted over both stages (each log restarts at 1)
+            return pd.DataFrame({"step": list(range(1, len(rows) + 1)), "loss": [r["loss"] for r in rows]})
+
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         rows: list[dict] = []
@@ -258,7 +261,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                     rows.append(steps_q.get())
             done = len(rows)
             line = f"adapting on {len(stems)} image(s): step {done} / {total}, {time.perf_counter() - t0:.0f} s"
-            yield line, pd.DataFrame({"step": list(range(1, done + 1)), "loss": [r["loss"] for r in rows]})
+            yield line, curve(rows)
         if "error" in result:
             e = result["error"]
             message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
@@ -267,7 +270,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         yield (
             f"done: {len(stems)} image(s), {total} steps, {time.perf_counter() - t0:.0f} s; the student is in "
             f"{ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
-            pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]}),
+            curve(rows),
         )
 
     def cancel():

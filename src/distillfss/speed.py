@@ -125,7 +125,8 @@ ONNX_MODELS = ("onnx", "onnx-int8", "onnx-fast", "onnx-fast-int8")
 
 def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], object]:
     """The student exported to ONNX and run by onnxruntime on the CPU (the deployment path without PyTorch);
-    ``onnx-int8``, ``onnx-fast-int8``: quantized to int8 (calibrated on random images: the timing does not depend on the ranges)."""
+    ``onnx-int8``, ``onnx-fast-int8``: quantized to int8 (calibrated on random images: the timing does not depend on
+    the ranges)."""
     import tempfile
 
     from .export import OnnxPredictor, export_onnx, quantize_int8
