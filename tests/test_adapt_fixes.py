@@ -170,3 +170,34 @@ def test_predictor_votes_when_a_class_has_more_shots_than_the_chunk(lite0_64) ->
     assert_close(Predictor(teacher, S, support, vote_chunk=2).logits(x), voted, atol=1e-5, rtol=1e-5)
     assert_close(Predictor(teacher, S, support, vote_chunk=0).logits(x), plain, atol=1e-5, rtol=1e-5)
     assert not Predictor(teacher, S, support, vote_chunk=10).voting  # 4 shots fit one chunk
+
+
+def test_coarse_dropout_zeroes_whole_episode_classes_in_new_tensors_and_only_when_asked(lite0_64, monkeypatch) -> None:
+    """The regulariser zeroes an (episode, class)'s coarse masks at every layer at once, never touches its input,
+    and p = 0 leaves the training path exactly as it was (the decoder sees the attention's masks)."""
+    g = torch.Generator().manual_seed(0)
+    coarse = [torch.rand(400, 3, 8, 8, generator=g) + 0.1, torch.rand(400, 3, 4, 4, generator=g) + 0.1]
+    before = [c.clone() for c in coarse]
+    assert adapt_mod.coarse_dropout(coarse, 0.0, g) is coarse
+    out = adapt_mod.coarse_dropout(coarse, 0.3, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(coarse, before))  # the input is unchanged
+    dropped = [(o.flatten(2) == 0).all(dim=2) for o in out]  # (B, C) per layer
+    kept = [torch.equal(o[~d], c[~d]) for o, c, d in zip(out, coarse, dropped)]
+    assert torch.equal(dropped[0], dropped[1]) and all(kept)  # one draw for all layers; the rest untouched
+    assert 0.25 < dropped[0].float().mean().item() < 0.35
+
+    seen: list[list[torch.Tensor]] = []
+    real = adapt_mod.Teacher.decode
+
+    def spy(self, coarse, query, present):
+        seen.append([c.detach().clone() for c in coarse])
+        return real(self, coarse, query, present)
+
+    monkeypatch.setattr(adapt_mod.Teacher, "decode", spy)
+    images, labels = _two_class_support()
+    for p in (0.0, 0.9):
+        seen.clear()
+        adapt(lite0_64, images, labels, _cfg(2), AdaptConfig(iterations=3, coarse_dropout=p), progress=False)
+        # class 1 has shots in every episode (class 2's masks are zero where it has none, dropout or not)
+        zeroed = torch.stack([(c[0][:, 0].flatten(1) == 0).all(dim=1) for c in seen])  # (steps, episodes)
+        assert zeroed.any() if p else not zeroed.any(), p

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,3 +108,28 @@ def test_class_without_pixels_in_the_support(multiclass_dataset) -> None:
     stem = next(s.stem for s, c in zip(split.samples, sets) if c != {1, 2, 3})
     with pytest.raises(DataError, match=r"have no pixel in any support image"):
         load_support_tensors(split, [stem], 32)
+
+
+def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) -> None:
+    """nuclei_sizes re-derives byte-for-byte from nuclei; its two classes partition nuclei's foreground; a
+    non-binary source and an existing output folder are refused."""
+    pytest.importorskip("skimage")
+    from distillfss.data.derive import split_by_size
+    from distillfss.demo import demo_root
+
+    src, bundled = demo_root() / "nuclei", demo_root() / "nuclei_sizes"
+    meta = split_by_size(src, tmp_path / "again", "nuclei_sizes", "small_nucleus", "large_nucleus")
+    assert meta == json.loads((bundled / "dataset.json").read_text())
+    for split in ("train", "test"):
+        new, old = load_split(tmp_path / "again", split), load_split(bundled, split)
+        assert [s.stem for s in new.samples] == [s.stem for s in old.samples]
+        for a, b in zip(new.samples, old.samples):
+            assert np.array_equal(np.asarray(Image.open(a.mask)), np.asarray(Image.open(b.mask)))
+            assert (tmp_path / "again" / split / "images" / a.image.name).read_bytes() == b.image.read_bytes()
+            binary = np.asarray(Image.open(src / split / "masks" / a.mask.name)) > 0
+            assert np.array_equal(np.asarray(Image.open(a.mask)) > 0, binary)
+    assert load_split(bundled, "train").num_classes == 2
+    with pytest.raises(DataError, match="already exists"):
+        split_by_size(src, tmp_path / "again", "x")
+    with pytest.raises(DataError, match="needs a binary dataset"):
+        split_by_size(bundled, tmp_path / "third", "x")

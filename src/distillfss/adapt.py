@@ -291,7 +291,7 @@ def _train(
         loss = torch.zeros((), device=labels.device)
         with autocast:
             if train_teacher:
-                t_out = teacher.decode(coarse, query, present)
+                t_out = teacher.decode(coarse_dropout(coarse, cfg.coarse_dropout, gen), query, present)
                 f_t = focal_loss(t_out.logits, target, cfg.focal_gamma, weights)
                 loss = loss + f_t
                 row["focal_teacher"] = round(f_t.item(), 5)
@@ -313,6 +313,17 @@ def _train(
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     for p in params:
         p.requires_grad_(False)
+
+
+def coarse_dropout(coarse: list[Tensor], p: float, gen: torch.Generator) -> list[Tensor]:
+    """New tensors with every layer's coarse mask of an (episode, class) zeroed with probability ``p`` (one draw per
+    (episode, class) for all layers, from ``gen``); ``coarse`` is returned unchanged when ``p`` is 0. No rescaling:
+    a coarse mask is a foreground share, and 0 reads as "no support token matched"."""
+    if p == 0:
+        return coarse
+    b, c = coarse[0].shape[:2]
+    keep = (torch.rand(b, c, 1, 1, generator=gen) >= p).to(coarse[0].device)
+    return [x * keep.to(x.dtype) for x in coarse]
 
 
 def capped_shots(m: int, cap: int, gen: torch.Generator) -> Tensor:

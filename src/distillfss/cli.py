@@ -75,6 +75,14 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="weight of the MSE (0: ablation)"
     )
     g.add_argument(
+        "--coarse-dropout",
+        type=float,
+        default=AdaptConfig.coarse_dropout,
+        metavar="P",
+        help="training only: zero the coarse masks the teacher's decoder sees for an (episode, class) with "
+        "probability P, so it also learns from the query's own features (default %(default)s)",
+    )
+    g.add_argument(
         "--class-weights",
         default=AdaptConfig.class_weights,
         choices=["none", "balanced"],

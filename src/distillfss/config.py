@@ -79,6 +79,9 @@ class AdaptConfig(Serializable):
     focal_gamma: float = 2.0
     class_weights: Literal["none", "balanced"] = "balanced"  # balanced: frequency^-0.5 (the original: none)
     distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)
+    # Training only: each (episode, class) has the coarse masks the teacher's decoder sees zeroed with this
+    # probability, so the decoder also learns to segment from the query's own features (what the student has).
+    coarse_dropout: float = 0.0
     # bf16 autocasts the decoder/heads: 2x faster on a CPU with fast bf16 kernels (AMD EPYC, measured), 1.3x slower
     # on another with avx512_bf16 (Intel Xeon, measured); fp32 does not depend on how a CPU does bf16: the default.
     precision: Literal["bf16", "fp32"] = "fp32"
@@ -104,6 +107,8 @@ class AdaptConfig(Serializable):
         for name in ("max_shots", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.coarse_dropout < 1.0:
+            raise UserError(f"--coarse-dropout: expected a probability in [0, 1), got {self.coarse_dropout}")
         if self.student == "fast" and self.refine_iterations > 0:
             raise UserError(
                 "--refine-iterations refines the paper student; the fast student learns from the same views and "

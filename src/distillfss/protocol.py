@@ -30,6 +30,7 @@ ABLATIONS: dict[str, dict] = {
     "_setC": {"trainable": "C"},
     "_two_stage": {"mode": "two_stage"},
     "_nodistill": {"distill_weight": 0.0},
+    "_coarsedrop": {"coarse_dropout": 0.3},
 }
 # The student refined after adaptation (adapt.refine): on augmented support views only (--views, "flips" when that
 # says none), and on the support images plus the train split's images outside the support set as unlabeled images
