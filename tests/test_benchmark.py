@@ -122,6 +122,24 @@ def test_table_compares_methods_with_paired_intervals() -> None:
     assert line.endswith("| better |")
 
 
+def test_variants_are_compared_with_their_own_plain_method_only() -> None:
+    from distillfss.benchmark import comparisons
+
+    methods = ("distillfss", "distillfss_unlabeled", "distillfss_fast", "distillfss_fast_crops")
+    rows = [
+        {"dataset": "d", "shots": 5, "draw": draw, "seed": 0, "method": m, "miou": 50.0 + i + draw}
+        for draw in range(2)
+        for i, m in enumerate(methods)
+    ]
+    pairs = {tuple(line.split(" | ")[:2]) for line in comparisons(rows) if line.startswith("| distillfss")}
+    assert pairs == {
+        ("| distillfss_unlabeled", "distillfss"),
+        ("| distillfss_fast", "distillfss"),
+        ("| distillfss_fast_crops", "distillfss"),
+        ("| distillfss_fast_crops", "distillfss_fast"),
+    }
+
+
 def test_paired_comparison_needs_two_runs_and_is_reproducible() -> None:
     from distillfss.stats import paired_comparison
 

@@ -146,3 +146,44 @@ def test_unknown_student_kind_is_a_clear_error(tmp_path: Path, lite0_64) -> None
         (out / "config.json").write_text(json.dumps({**config, "student": "fast"}))
         with pytest.raises(ModelError, match=r"config\.json: a fast student of layout version 1.*adapt it again"):
             load_model(out, backbone=lite0_64)
+
+
+def test_random_crops_keep_image_and_label_aligned_and_are_seeded() -> None:
+    """A crop of an image whose pixels encode their label stays consistent with its label crop; the symmetries are
+    only those allowed; the same generator seed gives the same crops; the inputs are unchanged."""
+    from distillfss.adapt import dihedral, random_crops
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(2, S, S, dtype=torch.long)
+    labels[0, :, : S // 2] = 1  # left half of image 0
+    labels[1, : S // 3] = 1  # top third of image 1
+    images = labels[:, None].float().expand(-1, 3, -1, -1).clone()
+    before = images.clone(), labels.clone()
+    ci, cl, src = random_crops(images, labels, 5, g, symmetries=(0, 1))
+    assert ci.shape == (10, 3, S, S) and cl.shape == (10, S, S) and src.tolist() == [0] * 5 + [1] * 5
+    assert torch.equal(images, before[0]) and torch.equal(labels, before[1])
+    inside = (ci[:, 0] > 0.99) | (ci[:, 0] < 0.01)  # away from the bilinear edge the image equals its label
+    assert torch.equal((ci[:, 0] > 0.5)[inside], (cl == 1)[inside])
+    for c, s in zip(cl, src):  # image 1's label stays horizontal bands: a flip left-right allowed, no transpose
+        if s == 1:
+            assert torch.equal(c, c[:, :1].expand_as(c))
+    again = random_crops(images, labels, 5, torch.Generator().manual_seed(0), symmetries=(0, 1))
+    assert all(torch.equal(a, b) for a, b in zip((ci, cl, src), again))
+    assert torch.equal(dihedral(labels, 0), labels)
+
+
+def test_fast_crops_join_the_bank_as_support_views_with_their_source(lite0_64) -> None:
+    images, labels = _support()
+    teacher = build_teacher(lite0_64, MCFG)
+    support = encode_support(lite0_64, images, labels, 1)
+    plain = _view_bank(teacher, support, images, labels, (0, 1), None, (0,))
+    bank = _view_bank(teacher, support, images, labels, (0, 1), None, (0,), 3, torch.Generator().manual_seed(0))
+    m = len(images)
+    assert len(bank.source) == len(plain.source) + 3 * m
+    assert bank.source[2 * m :].tolist() == [i for i in range(m) for _ in range(3)]
+    assert (bank.hard[2 * m :] >= 0).all()  # crops carry true labels
+    cfg = AdaptConfig(iterations=2, student="fast", fast_iterations=2, fast_crops=2)
+    a = adapt(lite0_64, images, labels, MCFG, cfg, progress=False)
+    assert isinstance(a.student, FastStudent)
+    with pytest.raises(UserError, match="fast-crops"):
+        AdaptConfig(fast_crops=-1)

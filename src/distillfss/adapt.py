@@ -443,13 +443,21 @@ def _view_bank(
     views: tuple[int, ...],
     unlabeled: Tensor | None,
     unlabeled_views: tuple[int, ...],
+    crops: int = 0,
+    gen: torch.Generator | None = None,
 ) -> ViewBank:
-    """Support views (hard labels, their source image left out of the teacher's shots), then unlabeled views."""
+    """Support views (hard labels, their source image left out of the teacher's shots), then ``crops`` random crops
+    of each support image (see ``random_crops``), then unlabeled views."""
     device = images.device
     m = len(images)
     sources = [torch.arange(m, device=device)] * len(views)
     hard = [dihedral(labels, k) for k in views]
     banks = [_encode_views(teacher.backbone, images, views)]
+    if crops:
+        c_images, c_labels, c_source = random_crops(images, labels, crops, gen, views)
+        banks.append(_encode_views(teacher.backbone, c_images, (0,)))
+        sources.append(c_source.to(device))
+        hard.append(c_labels)
     if unlabeled is not None and len(unlabeled):
         banks.append(_encode_views(teacher.backbone, unlabeled, unlabeled_views))
         n_u = len(unlabeled) * len(unlabeled_views)
@@ -459,6 +467,36 @@ def _view_bank(
     source = torch.cat(sources)
     coarse, soft, present = _teacher_labels(teacher, support, bank, source)
     return ViewBank(bank, source, torch.cat(hard), coarse, soft, present)
+
+
+def random_crops(
+    images: Tensor,
+    labels: Tensor,
+    n: int,
+    gen: torch.Generator | None,
+    symmetries: tuple[int, ...] = (0,),
+    scale: tuple[float, float] = (0.5, 0.9),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` seeded random square crops of every image (side a uniform fraction in ``scale`` of the image's, at a
+    uniform position), resized back to the image size (bilinear; labels nearest), each under one of ``symmetries``
+    (see ``dihedral``) at random -> (images (N*n, 3, S, S), labels (N*n, S, S), source (N*n,) each crop's image)."""
+    m, size = len(images), images.shape[-1]
+    out_i, out_l, source = [], [], []
+    for i in range(m):
+        for _ in range(n):
+            side = int(size * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item()))
+            y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=gen))
+            k = symmetries[int(torch.randint(0, len(symmetries), (), generator=gen))]
+            img = images[i : i + 1, :, y : y + side, x : x + side]
+            lab = labels[i : i + 1, None, y : y + side, x : x + side].float()
+            img = nn.functional.interpolate(
+                img, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+            lab = nn.functional.interpolate(lab, size=(size, size), mode="nearest")
+            out_i.append(dihedral(img, k))
+            out_l.append(dihedral(lab[:, 0].to(labels.dtype), k))
+            source.append(i)
+    return torch.cat(out_i), torch.cat(out_l), torch.tensor(source, dtype=torch.long)
 
 
 def _fit_on_bank(
@@ -557,7 +595,7 @@ def _distill_fast(
     """A fresh fast student distilled from the frozen, adapted teacher on the bank of support views (and unlabeled
     views) under ``cfg.fast_views``; soft labels on every view, since its decoder starts from scratch."""
     views = VIEWS[cfg.fast_views]
-    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views)
+    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views, cfg.fast_crops, gen)
     fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     _fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)

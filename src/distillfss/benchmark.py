@@ -247,15 +247,19 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
 
 def comparisons(rows: list[dict]) -> list[str]:
     """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS (and each
-    DistillFSS variant against plain DistillFSS): the mean
+    DistillFSS variant against plain DistillFSS, each fast-student variant against the plain fast student): the mean
     paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap interval, and a verdict."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
-    refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss", "distillfss") if m in methods]
+    refs = [
+        m
+        for m in ("linear_probe", "prototype", "teacher", "transferfss", "distillfss", "distillfss_fast")
+        if m in methods
+    ]
     lines = []
     for a in adapted:
         for b in refs:
-            if b == a or (b == "distillfss" and not a.startswith("distillfss_")):  # variants against the plain one
+            if b == a or (b.startswith("distillfss") and not a.startswith(f"{b}_")):  # variants against the plain one
                 continue
             xs, ys, groups = _paired(rows, a, b)
             if not xs:

@@ -122,6 +122,14 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "%(default)s; use hflip or none where orientation matters, e.g. text or anatomy with a fixed side)",
     )
     g.add_argument(
+        "--fast-crops",
+        type=int,
+        default=AdaptConfig.fast_crops,
+        metavar="N",
+        help="also N random crops of each support image in the fast student's bank (50-90 %% of the side, "
+        "resized, under one of the --fast-views symmetries; default %(default)s)",
+    )
+    g.add_argument(
         "--max-shots",
         type=int,
         default=AdaptConfig.max_shots,
@@ -377,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="teacher,transferfss,distillfss,distillfss_unlabeled,linear_probe,prototype",
         help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
         "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
-        "unlabeled train images / on flipped support images",
+        "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops: the "
+        "fast student, also on the unlabeled train images / on 4 random crops per support image; the suffixes "
+        "_setB, _setC, _two_stage, _nodistill, _coarsedrop on transferfss and distillfss: ablations",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
@@ -457,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets",
         default=None,
         help="comma-separated bundled datasets, or 'all' (default: aerial_buildings,nuclei; lung_ct, where every "
-        "method scores 0-1 mIoU at 256 px, runs when named)",
+        "method scores 0-1 mIoU at 256 px, and nuclei_sizes, two classes derived from nuclei, run when named)",
     )
     _device_flag(p)
     _model_flags(p)

@@ -96,6 +96,7 @@ class AdaptConfig(Serializable):
     student: Literal["paper", "fast"] = "paper"
     fast_iterations: int = 200
     fast_views: Literal["none", "hflip", "flips", "dihedral"] = "dihedral"
+    fast_crops: int = 0  # plus this many random crops (50-90 % of the side, a random symmetry) of each support image
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,7 +105,7 @@ class AdaptConfig(Serializable):
         for name in ("iterations", "view_batch", "fast_iterations"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
-        for name in ("max_shots", "refine_iterations"):
+        for name in ("max_shots", "refine_iterations", "fast_crops"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.coarse_dropout < 1.0:

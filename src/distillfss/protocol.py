@@ -37,7 +37,8 @@ ABLATIONS: dict[str, dict] = {
 # (their masks are never read; test images are never used).
 # The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
 # those plus the unlabeled train images as above.
-FAST = ("distillfss_fast", "distillfss_fast_unlabeled")
+FAST = ("distillfss_fast", "distillfss_fast_unlabeled", "distillfss_fast_crops")
+FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
 ALL_METHODS = (
     METHODS
@@ -221,6 +222,8 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 assert result.student is not None
                 if name in FAST:
                     rcfg = dataclasses.replace(acfg, student="fast", method="distill", refine_iterations=0)
+                    if name == "distillfss_fast_crops" and rcfg.fast_crops == 0:
+                        rcfg = dataclasses.replace(rcfg, fast_crops=FAST_CROPS)  # the row's point: crops
                     student, rlog = distill_fast(
                         result.teacher, support, images, labels, rcfg, pool, progress=False, log_path=log_file
                     )
