@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -133,3 +134,12 @@ def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) 
         split_by_size(src, tmp_path / "again", "x")
     with pytest.raises(DataError, match="needs a binary dataset"):
         split_by_size(bundled, tmp_path / "third", "x")
+    odd = tmp_path / "odd"  # an ignore label (255) would count as foreground: refused before anything is written
+    shutil.copytree(src, odd)
+    first = sorted((odd / "train" / "masks").iterdir())[0]
+    mask = np.asarray(Image.open(first)).copy()
+    mask[0, 0] = 255
+    Image.fromarray(mask).save(first)
+    with pytest.raises(DataError, match=rf"{first.name}: split_by_size needs masks of 0 and 1 only"):
+        split_by_size(odd, tmp_path / "fourth", "x")
+    assert not (tmp_path / "fourth").exists()

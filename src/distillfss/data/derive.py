@@ -3,7 +3,7 @@ classes' coarse masks, the one-vs-all merge) are measured on real images.
 
 ``split_by_size``: every connected foreground region becomes class 1 ("small") or class 2 ("large") by its area
 against one threshold, the median region area over the train split (the test split uses the same threshold).
-Touching objects merged in the source mask count as one, large region. Needs scikit-image (``distillfss[selfsup]``).
+Touching objects merged in the source mask count as one region. Needs scikit-image (``distillfss[selfsup]``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from PIL import Image
 from .folder import DataError, list_images
 
 
-def _regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _regions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from skimage.measure import label
 
+    mask = np.asarray(Image.open(path))
+    if not np.isin(mask, (0, 1)).all():
+        raise DataError(f"{path}: split_by_size needs masks of 0 and 1 only, found {sorted(np.unique(mask))[:5]}")
     regions = label(mask > 0, connectivity=1)
     return regions, np.bincount(regions.ravel())[1:]
 
@@ -34,14 +37,14 @@ def split_by_size(src: Path, out: Path, name: str, small: str = "small", large: 
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new folder")
     masks = {split: list_images(src / split / "masks") for split in ("train", "test")}
-    areas = np.concatenate([_regions(np.asarray(Image.open(p)))[1] for p in masks["train"].values()])
+    areas = np.concatenate([_regions(p)[1] for p in masks["train"].values()])
     threshold = float(np.median(areas))
     counts = {small: 0, large: 0}
     for split, files in masks.items():
         (out / split / "masks").mkdir(parents=True)
         shutil.copytree(src / split / "images", out / split / "images")
         for stem, path in sorted(files.items()):
-            regions, area = _regions(np.asarray(Image.open(path)))
+            regions, area = _regions(path)
             cls = np.concatenate([[0], np.where(area > threshold, 2, 1)]).astype(np.uint8)  # region id -> class
             Image.fromarray(cls[regions]).save(out / split / "masks" / f"{stem}.png")
             if split == "train":
