@@ -50,7 +50,7 @@ def split_by_size(src: Path, out: Path, name: str, small: str = "small", large: 
             if split == "train":
                 counts[small] += int((area <= threshold).sum())
                 counts[large] += int((area > threshold).sum())
-    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((src / "train" / "masks").iterdir())}
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(masks["train"].values())}
     meta = {
         "name": name,
         "domain": f"{src_meta['domain']}; classes by region size (derived)",
