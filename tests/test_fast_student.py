@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,26 @@ def test_adapt_fast_is_repeatable_and_leaves_the_teacher_alone(lite0_64) -> None
     fast, rows = distill_fast(a.teacher, support, images, labels, cfg, progress=False)
     assert isinstance(fast, FastStudent) and len(rows) == 3
     assert all(torch.equal(v, a.teacher.state_dict()[k]) for k, v in teacher_state.items())
+
+
+def test_teacher_only_stage_is_transferfss_then_the_fast_student(lite0_64) -> None:
+    """--fast-teacher-stage teacher trains the teacher alone (exactly a transfer adaptation, no paper student beside
+    it), then distils the fast student; the joint stage gives another teacher (the paper student's loss reaches the
+    shared decoder)."""
+    images, labels = _support()
+    base = AdaptConfig(iterations=2, student="fast", fast_iterations=3, seed=3)
+    solo = adapt(lite0_64, images, labels, MCFG, replace(base, fast_teacher_stage="teacher"), progress=False)
+    transfer = adapt(lite0_64, images, labels, MCFG, replace(base, method="transfer"), progress=False)
+    joint = adapt(lite0_64, images, labels, MCFG, base, progress=False)
+    assert [r["stage"] for r in solo.log] == ["teacher"] * 2 + ["fast"] * 3
+    assert isinstance(solo.student, FastStudent) and transfer.student is None
+    assert all("focal_student" not in r for r in solo.log[:2])
+    solo_state, joint_state = solo.teacher.state_dict(), joint.teacher.state_dict()
+    for k, v in transfer.teacher.state_dict().items():
+        assert torch.equal(v, solo_state[k]), k
+    assert any(not torch.equal(v, joint_state[k]) for k, v in solo_state.items())
+    with pytest.raises(SystemExit):  # argparse: an unknown stage
+        main(["adapt", "--support", "x", "--out", "y", "--fast-teacher-stage", "student"])
 
 
 def test_fast_and_refinement_do_not_mix() -> None:

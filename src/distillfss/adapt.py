@@ -207,17 +207,20 @@ def _adapt(
     teacher.to(device)
     if support is None:
         support = encode_support(backbone, images, labels, model_cfg.num_classes)  # once, reused by every step
-    student = None
-    if cfg.method == "distill":
+    fast = cfg.method == "distill" and cfg.student == "fast"
+    student = None  # the paper's student, trained beside the teacher (for the fast student only with "joint")
+    if cfg.method == "distill" and (not fast or cfg.fast_teacher_stage == "joint"):
         student = build_student(backbone, teacher.decoder, model_cfg.num_classes).to(device)
     with _step_log(log_path, t0, on_step) as (record, log_rows):
-        if cfg.method == "transfer" or cfg.mode == "joint":
+        if fast and student is None:
+            _train(teacher, None, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
+        elif cfg.method == "transfer" or cfg.mode == "joint":
             _train(teacher, student, support, labels, cfg, cfg.iterations, "joint", gen, progress, record)
         else:
             _train(teacher, None, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
             steps = cfg.student_iterations or cfg.iterations
             _train(teacher, student, support, labels, cfg, steps, "student", gen, progress, record)
-        if student is not None and cfg.student == "fast":
+        if fast:
             teacher.eval()
             student = _distill_fast(teacher, support, images, labels, cfg, unlabeled, gen, progress, record)
         elif student is not None and cfg.refine_iterations > 0:

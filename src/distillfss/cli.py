@@ -130,6 +130,14 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "resized, under one of the --fast-views symmetries; default %(default)s)",
     )
     g.add_argument(
+        "--fast-teacher-stage",
+        default=AdaptConfig.fast_teacher_stage,
+        choices=["joint", "teacher"],
+        help="what trains before the fast student is distilled: joint = the teacher with the paper's student beside "
+        "it (the original's joint loss; that student is discarded), teacher = the teacher alone, without the "
+        "paper student's per-class decoder passes (default %(default)s)",
+    )
+    g.add_argument(
         "--max-shots",
         type=int,
         default=AdaptConfig.max_shots,
@@ -385,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="teacher,transferfss,distillfss,distillfss_unlabeled,linear_probe,prototype",
         help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
         "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
-        "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops: the "
-        "fast student, also on the unlabeled train images / on 4 random crops per support image; the suffixes "
+        "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "
+        "_fast_teacheronly: the fast student, also on the unlabeled train images / on 4 random crops per support "
+        "image / after a teacher-only stage (--fast-teacher-stage teacher); the suffixes "
         "_setB, _setC, _two_stage, _nodistill, _coarsedrop on transferfss and distillfss: ablations",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")

@@ -36,8 +36,9 @@ ABLATIONS: dict[str, dict] = {
 # says none), and on the support images plus the train split's images outside the support set as unlabeled images
 # (their masks are never read; test images are never used).
 # The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
-# those plus the unlabeled train images as above.
-FAST = ("distillfss_fast", "distillfss_fast_unlabeled", "distillfss_fast_crops")
+# those plus the unlabeled train images as above; _teacheronly distils it from a teacher adapted alone (without the
+# paper's student beside it: --fast-teacher-stage teacher).
+FAST = ("distillfss_fast", "distillfss_fast_unlabeled", "distillfss_fast_crops", "distillfss_fast_teacheronly")
 FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
 ALL_METHODS = (
@@ -190,7 +191,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             )
             seconds[f"teacher{suffix}"] = 0.0
         if wanted & {f"transferfss{suffix}", f"distillfss{suffix}"} or refined:
-            method = "distill" if f"distillfss{suffix}" in wanted or refined else "transfer"
+            # which teacher each fast row distils from: the joint stage's (beside the paper's student) or one
+            # trained alone (a transfer adaptation); the paper's rows and the refined ones need the joint stage
+            fast_stage = {n: _fast_teacher_stage(n, acfg) for n in refined & set(FAST)}
+            joint = f"distillfss{suffix}" in wanted or bool(refined - set(FAST)) or "joint" in fast_stage.values()
+            method = "distill" if joint else "transfer"
             # the paper's rows have no refinement; the refined rows continue from their student
             cfg = AdaptConfig.from_dict({**acfg.to_dict(), **change, "method": method, "refine_iterations": 0})
             adapt_cfgs[f"transferfss{suffix}"] = adapt_cfgs[f"distillfss{suffix}"] = cfg
@@ -211,6 +216,21 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             if result.student is not None:
                 predictors[f"distillfss{suffix}"] = Predictor(result.student, mcfg.image_size)
             seconds[f"transferfss{suffix}"] = seconds[f"distillfss{suffix}"] = encode_seconds + result.seconds
+            teachers = {method: (result.teacher, seconds[f"distillfss{suffix}"])}  # the fast rows' starting points
+            if "teacher" in fast_stage.values() and "transfer" not in teachers:
+                solo_cfg = dataclasses.replace(cfg, method="transfer")
+                solo_log = log_path.with_name(f"{log_path.stem}_teacheronly{log_path.suffix}") if log_path else None
+                solo = adapt(
+                    backbone,
+                    images,
+                    labels,
+                    mcfg,
+                    solo_cfg,
+                    teacher=_start(start, backbone, cell),
+                    log_path=solo_log,
+                    support=support,
+                )
+                teachers["transfer"] = (solo.teacher, encode_seconds + solo.seconds)
             for name in sorted(refined):
                 t0 = time.perf_counter()
                 pool = None
@@ -219,15 +239,24 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                     unlabeled_counts[name] = 0 if pool is None else len(pool)
                     pool = None if pool is None else pool.to(device)
                 log_file = log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}") if log_path else None
-                assert result.student is not None
+                start_seconds = seconds["distillfss"]
                 if name in FAST:
-                    rcfg = dataclasses.replace(acfg, student="fast", method="distill", refine_iterations=0)
+                    rcfg = dataclasses.replace(
+                        acfg,
+                        student="fast",
+                        method="distill",
+                        refine_iterations=0,
+                        fast_teacher_stage=fast_stage[name],
+                    )
                     if name == "distillfss_fast_crops" and rcfg.fast_crops == 0:
                         rcfg = dataclasses.replace(rcfg, fast_crops=FAST_CROPS)  # the row's point: crops
+                    stage_method = "distill" if fast_stage[name] == "joint" else "transfer"
+                    fast_teacher, start_seconds = teachers[stage_method]
                     student, rlog = distill_fast(
-                        result.teacher, support, images, labels, rcfg, pool, progress=False, log_path=log_file
+                        fast_teacher, support, images, labels, rcfg, pool, progress=False, log_path=log_file
                     )
                 else:
+                    assert result.student is not None
                     rcfg = dataclasses.replace(
                         acfg, refine_iterations=acfg.refine_iterations or REFINE_ITERATIONS, method="distill"
                     )
@@ -245,11 +274,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                         log_path=log_file,
                     )
                 predictors[name] = Predictor(student, mcfg.image_size)
-                seconds[name] = seconds["distillfss"] + time.perf_counter() - t0
+                seconds[name] = start_seconds + time.perf_counter() - t0
                 adapt_cfgs[name] = rcfg
                 inits[name], sizes[name] = label, mcfg.image_size
                 plateaus[name] = tuple(
-                    (step, round(seconds["distillfss"] + at, 2))
+                    (step, round(start_seconds + at, 2))
                     for step, at in (plateau(rlog), plateau(rlog, key="focal_student"))
                 )
             for m, seg_key in ((f"transferfss{suffix}", "focal_teacher"), (f"distillfss{suffix}", "focal_student")):
@@ -301,6 +330,12 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             }
         )
     return rows, predictors
+
+
+def _fast_teacher_stage(name: str, acfg: AdaptConfig) -> str:
+    """What trains before a fast row's distillation: ``distillfss_fast_teacheronly`` the teacher alone, the other
+    fast rows what ``--fast-teacher-stage`` says."""
+    return "teacher" if name == "distillfss_fast_teacheronly" else acfg.fast_teacher_stage
 
 
 def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int) -> torch.Tensor | None:
