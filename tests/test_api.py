@@ -47,7 +47,7 @@ def test_fit_predict_save_load_export_round_trip(tmp_path: Path) -> None:
     assert again.classes == ("background", "bright", "dark")
     assert all(np.array_equal(a, b) for a, b in zip(again.predict(images), labels))
     assert load_model(tmp_path / "model").kind == "student"  # the folder the CLI reads
-    assert (tmp_path / "model" / "train_log.jsonl").read_text().count("\n") == 2 + 2  # joint, then fast steps
+    assert (tmp_path / "model" / "train_log.jsonl").read_text().count("\n") == 2 + 2  # teacher, then fast steps
     assert isinstance(seg.student, FastStudent)  # the default student, as distillfss adapt's
     with pytest.raises(Exception, match="exists|not written"):
         seg.save(tmp_path / "model")  # no silent overwrite
@@ -121,9 +121,9 @@ def test_on_step_sees_every_step_and_can_stop_the_fit(tmp_path: Path) -> None:
     rows: list[dict] = []
     FewShotSegmenter(**{**SMALL, "iterations": 3}).fit(images, masks, on_step=rows.append)
     assert [(r["stage"], r["step"]) for r in rows] == [
-        ("joint", 1),
-        ("joint", 2),
-        ("joint", 3),
+        ("teacher", 1),
+        ("teacher", 2),
+        ("teacher", 3),
         ("fast", 1),
         ("fast", 2),
     ]

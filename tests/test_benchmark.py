@@ -289,9 +289,9 @@ def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -
 
 
 def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
-    """distillfss_fast_teacheronly distils from a teacher adapted alone (a transfer adaptation: when no row needs the
-    joint stage, the TransferFSS row's own); distillfss_fast follows --fast-teacher-stage; adding a row leaves the
-    others' numbers unchanged."""
+    """distillfss_fast follows --fast-teacher-stage (default: the teacher alone, a transfer adaptation -- when no
+    row needs the joint stage, the TransferFSS row's own); distillfss_fast_joint / _teacheronly name their stage;
+    adding a row leaves the others' numbers unchanged."""
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
     flags = ["--data", str(data), "--shots", "2", "--fast-iterations", "2", *FAST]
 
@@ -299,18 +299,22 @@ def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
         assert main(["benchmark", *flags, "--methods", methods, "--out", str(tmp_path / name), *extra]) == 0
         return {r["method"]: r for r in json.loads((tmp_path / name / "results.json").read_text())["rows"]}
 
-    both = rows("both", "distillfss,distillfss_fast,distillfss_fast_teacheronly")
-    assert both["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "joint"
-    assert both["distillfss_fast_teacheronly"]["adapt"]["fast_teacher_stage"] == "teacher"
+    both = rows("both", "distillfss,distillfss_fast,distillfss_fast_joint")
+    assert both["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "teacher"
+    assert both["distillfss_fast_joint"]["adapt"]["fast_teacher_stage"] == "joint"
     assert (tmp_path / "both" / "train_log_toy_2shot_draw0_seed0_teacheronly.jsonl").is_file()  # its own log
-    alone = rows("alone", "distillfss,distillfss_fast")
+    alone = rows("alone", "distillfss,distillfss_fast_joint")
     assert [alone[m]["miou"] for m in alone] == [both[m]["miou"] for m in alone]
-    solo = rows("solo", "transferfss,distillfss_fast_teacheronly")
-    assert solo["transferfss"]["adapt"]["method"] == "transfer"  # one adaptation serves both rows
-    assert solo["distillfss_fast_teacheronly"]["miou"] == both["distillfss_fast_teacheronly"]["miou"]
-    flagged = rows("flagged", "distillfss_fast", "--fast-teacher-stage", "teacher")
-    assert flagged["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "teacher"
-    assert flagged["distillfss_fast"]["miou"] == both["distillfss_fast_teacheronly"]["miou"]
+    solo = rows("solo", "transferfss,distillfss_fast,distillfss_fast_teacheronly")
+    assert solo["transferfss"]["adapt"]["method"] == "transfer"  # one adaptation serves all three rows
+    assert (
+        solo["distillfss_fast"]["miou"]
+        == solo["distillfss_fast_teacheronly"]["miou"]
+        == both["distillfss_fast"]["miou"]
+    )
+    flagged = rows("flagged", "distillfss_fast", "--fast-teacher-stage", "joint")
+    assert flagged["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "joint"
+    assert flagged["distillfss_fast"]["miou"] == both["distillfss_fast_joint"]["miou"]
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,13 @@ def test_adapt_writes_a_self_describing_model(student_dir) -> None:
     assert config["support"]["shots"] == 4 and config["adapt"]["seed"] == 0
     assert (student_dir / "model.safetensors").is_file()
     log = [json.loads(line) for line in (student_dir / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in log] == [("joint", 1), ("joint", 2), ("fast", 1), ("fast", 2), ("fast", 3)]
+    assert [(r["stage"], r["step"]) for r in log] == [
+        ("teacher", 1),
+        ("teacher", 2),
+        ("fast", 1),
+        ("fast", 2),
+        ("fast", 3),
+    ]
     assert config["student"] == "fast" and config["adapt"]["student"] == "fast"  # the default student
 
 

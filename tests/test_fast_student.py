@@ -84,7 +84,7 @@ def test_adapt_fast_is_repeatable_and_leaves_the_teacher_alone(lite0_64) -> None
     a = adapt(lite0_64, images, labels, MCFG, cfg, teacher=start, progress=False)
     b = adapt(lite0_64, images, labels, MCFG, cfg, teacher=start, progress=False)
     assert isinstance(a.student, FastStudent)
-    assert [r["stage"] for r in a.log] == ["joint"] * 2 + ["fast"] * 3
+    assert [r["stage"] for r in a.log] == ["teacher"] * 2 + ["fast"] * 3
     for (k, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values()):
         assert torch.equal(va, vb), k
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in before.items())
@@ -97,14 +97,15 @@ def test_adapt_fast_is_repeatable_and_leaves_the_teacher_alone(lite0_64) -> None
 
 
 def test_teacher_only_stage_is_transferfss_then_the_fast_student(lite0_64) -> None:
-    """--fast-teacher-stage teacher trains the teacher alone (exactly a transfer adaptation, no paper student beside
-    it), then distils the fast student; the joint stage gives another teacher (the paper student's loss reaches the
-    shared decoder)."""
+    """--fast-teacher-stage teacher (the default) trains the teacher alone (exactly a transfer adaptation, no paper
+    student beside it), then distils the fast student; the joint stage gives another teacher (the paper student's
+    loss reaches the shared decoder)."""
     images, labels = _support()
     base = AdaptConfig(iterations=2, student="fast", fast_iterations=3, seed=3)
-    solo = adapt(lite0_64, images, labels, MCFG, replace(base, fast_teacher_stage="teacher"), progress=False)
+    solo = adapt(lite0_64, images, labels, MCFG, base, progress=False)
     transfer = adapt(lite0_64, images, labels, MCFG, replace(base, method="transfer"), progress=False)
-    joint = adapt(lite0_64, images, labels, MCFG, base, progress=False)
+    joint = adapt(lite0_64, images, labels, MCFG, replace(base, fast_teacher_stage="joint"), progress=False)
+    assert [r["stage"] for r in joint.log] == ["joint"] * 2 + ["fast"] * 3
     assert [r["stage"] for r in solo.log] == ["teacher"] * 2 + ["fast"] * 3
     assert isinstance(solo.student, FastStudent) and transfer.student is None
     assert all("focal_student" not in r for r in solo.log[:2])

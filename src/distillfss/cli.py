@@ -133,9 +133,9 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "--fast-teacher-stage",
         default=AdaptConfig.fast_teacher_stage,
         choices=["joint", "teacher"],
-        help="what trains before the fast student is distilled: joint = the teacher with the paper's student beside "
-        "it (the original's joint loss; that student is discarded), teacher = the teacher alone, without the "
-        "paper student's per-class decoder passes (default %(default)s)",
+        help="what trains before the fast student is distilled: teacher = the teacher alone (TransferFSS; default), "
+        "joint = the teacher with the paper's student beside it (the original's joint loss; that student is then "
+        "discarded, and its per-class decoder passes cost time)",
     )
     g.add_argument(
         "--max-shots",
@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
         "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
         "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "
-        "_fast_teacheronly: the fast student, also on the unlabeled train images / on 4 random crops per support "
-        "image / after a teacher-only stage (--fast-teacher-stage teacher); the suffixes "
+        "_fast_teacheronly, _fast_joint: the fast student, also on the unlabeled train images / on 4 random crops per "
+        "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; the suffixes "
         "_setB, _setC, _two_stage, _nodistill, _coarsedrop on transferfss and distillfss: ablations",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")

@@ -36,9 +36,15 @@ ABLATIONS: dict[str, dict] = {
 # says none), and on the support images plus the train split's images outside the support set as unlabeled images
 # (their masks are never read; test images are never used).
 # The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
-# those plus the unlabeled train images as above; _teacheronly distils it from a teacher adapted alone (without the
-# paper's student beside it: --fast-teacher-stage teacher).
-FAST = ("distillfss_fast", "distillfss_fast_unlabeled", "distillfss_fast_crops", "distillfss_fast_teacheronly")
+# those plus the unlabeled train images as above; _teacheronly / _joint distil it from a teacher adapted alone / beside
+# the paper's student, whatever --fast-teacher-stage says.
+FAST = (
+    "distillfss_fast",
+    "distillfss_fast_unlabeled",
+    "distillfss_fast_crops",
+    "distillfss_fast_teacheronly",
+    "distillfss_fast_joint",
+)
 FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
 ALL_METHODS = (
@@ -333,9 +339,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
 
 
 def _fast_teacher_stage(name: str, acfg: AdaptConfig) -> str:
-    """What trains before a fast row's distillation: ``distillfss_fast_teacheronly`` the teacher alone, the other
-    fast rows what ``--fast-teacher-stage`` says."""
-    return "teacher" if name == "distillfss_fast_teacheronly" else acfg.fast_teacher_stage
+    """What trains before a fast row's distillation: ``distillfss_fast_teacheronly`` the teacher alone,
+    ``distillfss_fast_joint`` the teacher beside the paper's student, the other fast rows what ``--fast-teacher-stage``
+    says."""
+    named = {"distillfss_fast_teacheronly": "teacher", "distillfss_fast_joint": "joint"}
+    return named.get(name, acfg.fast_teacher_stage)
 
 
 def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int) -> torch.Tensor | None:
