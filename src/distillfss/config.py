@@ -90,7 +90,7 @@ class AdaptConfig(Serializable):
     views: Literal["none", "hflip", "flips", "dihedral"] = "none"  # augmented copies of each support image
     unlabeled_views: Literal["none", "hflip", "flips", "dihedral"] = "flips"  # ... of each unlabeled image
     view_batch: int = 8  # views per refinement step
-    # "fast": after the joint stage, a fast student (classes as channels, its own slim decoder, see student.py) is
+    # "fast": after the teacher's stage, a fast student (classes as channels, its own slim decoder, see student.py) is
     # distilled from the adapted teacher on a bank of views (support images and any unlabeled images, each under
     # ``fast_views``) for ``fast_iterations`` steps; it replaces the paper's student (and its refinement).
     student: Literal["paper", "fast"] = "paper"
