@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .adapt import adapt, distill_fast, plateau, refine, seeded
+from .adapt import AdaptResult, adapt, distill_fast, plateau, refine, seeded
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import REFINE_ITERATIONS, AdaptConfig, ModelConfig, model_config
@@ -135,7 +135,7 @@ def run_seeds(
         if not methods:
             break
         run = dataclasses.replace(cell, adapt_cfg=dataclasses.replace(cell.adapt_cfg, seed=seed), methods=methods)
-        log = log_path.with_name(f"{log_path.stem}_seed{seed}{log_path.suffix}") if log_path else None
+        log = _log_file(log_path, f"_seed{seed}")
         seed_rows, seed_predictors = run_cell(run, backbones, log_path=log)
         rows += seed_rows
         predictors = predictors or seed_predictors
@@ -205,17 +205,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             # the paper's rows have no refinement; the refined rows continue from their student
             cfg = AdaptConfig.from_dict({**acfg.to_dict(), **change, "method": method, "refine_iterations": 0})
             adapt_cfgs[f"transferfss{suffix}"] = adapt_cfgs[f"distillfss{suffix}"] = cfg
-            log_file = log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
-            result = adapt(
-                backbone,
-                images,
-                labels,
-                mcfg,
-                cfg,
-                teacher=_start(start, backbone, cell),
-                log_path=log_file,
-                support=support,
-            )
+            result = _adapt_from(start, cell, backbone, encoded, cfg, _log_file(log_path, suffix))
             predictors[f"transferfss{suffix}"] = Predictor(
                 result.teacher, mcfg.image_size, support, vote_chunk=cell.vote_chunk
             )
@@ -225,17 +215,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             teachers = {method: (result.teacher, seconds[f"distillfss{suffix}"])}  # the fast rows' starting points
             if "teacher" in fast_stage.values() and "transfer" not in teachers:
                 solo_cfg = dataclasses.replace(cfg, method="transfer")
-                solo_log = log_path.with_name(f"{log_path.stem}_teacheronly{log_path.suffix}") if log_path else None
-                solo = adapt(
-                    backbone,
-                    images,
-                    labels,
-                    mcfg,
-                    solo_cfg,
-                    teacher=_start(start, backbone, cell),
-                    log_path=solo_log,
-                    support=support,
-                )
+                solo = _adapt_from(start, cell, backbone, encoded, solo_cfg, _log_file(log_path, "_teacheronly"))
                 teachers["transfer"] = (solo.teacher, encode_seconds + solo.seconds)
             for name in sorted(refined):
                 t0 = time.perf_counter()
@@ -244,7 +224,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                     pool = _unlabeled_pool(cell, stems, mcfg.image_size)
                     unlabeled_counts[name] = 0 if pool is None else len(pool)
                     pool = None if pool is None else pool.to(device)
-                log_file = log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}") if log_path else None
+                log_file = _log_file(log_path, f"_{name}")
                 start_seconds = seconds["distillfss"]
                 if name in FAST:
                     rcfg = dataclasses.replace(
@@ -336,6 +316,26 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             }
         )
     return rows, predictors
+
+
+def _log_file(log_path: Path | None, suffix: str) -> Path | None:
+    """The training log of one adaptation in a cell: ``log_path`` with ``suffix`` after its stem."""
+    return log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
+
+
+def _adapt_from(
+    start: Path | None,
+    cell: Cell,
+    backbone: FrozenBackbone,
+    encoded: tuple,
+    cfg: AdaptConfig,
+    log_file: Path | None,
+) -> AdaptResult:
+    """Adapt a fresh copy of the cell's starting teacher on its support set (``encoded``: images, labels, their
+    encoding, its seconds)."""
+    images, labels, support, _ = encoded
+    teacher = _start(start, backbone, cell)
+    return adapt(backbone, images, labels, cell.model_cfg, cfg, teacher=teacher, log_path=log_file, support=support)
 
 
 def _fast_teacher_stage(name: str, acfg: AdaptConfig) -> str:
