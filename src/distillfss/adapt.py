@@ -35,10 +35,11 @@ unlabeled images are never read.
 
 The fast student (``cfg.student == 'fast'``, ``distill_fast``): after the teacher's stage (the teacher alone by
 default, ``cfg.fast_teacher_stage``; "joint" trains the paper's student beside it, then drops it), a fresh
-``FastStudent`` (classes as channels, its own slim decoder) learns from the same kind of bank -- the support images and any
-unlabeled images, each under ``cfg.fast_views`` -- for ``cfg.fast_iterations`` steps, with the teacher's soft labels
-on every view (its decoder starts from scratch and needs the teacher's full output, not only five masks), the focal
-loss on the support views' true labels and the coarse-map MSE. It replaces the paper's student and its refinement.
+``FastStudent`` (classes as channels, its own slim decoder) learns from the same kind of bank -- the support images
+and any unlabeled images, each under ``cfg.fast_views`` -- for ``cfg.fast_iterations`` steps, with the teacher's
+soft labels on every view (its decoder starts from scratch and needs the teacher's full output, not only five masks),
+the focal loss on the support views' true labels and the coarse-map MSE. It replaces the paper's student and its
+refinement.
 
 Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen), and the
 seed drives initialisation, episodes and dropout through a private random state, so a run does not depend on what
