@@ -143,3 +143,11 @@ def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) 
     with pytest.raises(DataError, match=rf"{first.name}: split_by_size needs masks of 0 and 1 only"):
         split_by_size(odd, tmp_path / "fourth", "x")
     assert not (tmp_path / "fourth").exists()
+    Image.fromarray(np.asarray(Image.open(first)).clip(0, 1)).save(first)  # the train masks valid again ...
+    last = sorted((odd / "test" / "masks").iterdir())[-1]  # ... and a test mask odd: also refused before writing
+    mask = np.asarray(Image.open(last)).copy()
+    mask[0, 0] = 2
+    Image.fromarray(mask).save(last)
+    with pytest.raises(DataError, match=rf"{last.name}: split_by_size needs masks of 0 and 1 only"):
+        split_by_size(odd, tmp_path / "fifth", "x")
+    assert not (tmp_path / "fifth").exists()

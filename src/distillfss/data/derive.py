@@ -37,14 +37,15 @@ def split_by_size(src: Path, out: Path, name: str, small: str = "small", large: 
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new folder")
     masks = {split: list_images(src / split / "masks") for split in ("train", "test")}
-    areas = np.concatenate([_regions(p)[1] for p in masks["train"].values()])
+    # every mask of both splits is read and checked once, before anything is written
+    labelled = {split: {stem: _regions(path) for stem, path in sorted(files.items())} for split, files in masks.items()}
+    areas = np.concatenate([area for _, area in labelled["train"].values()])
     threshold = float(np.median(areas))
     counts = {small: 0, large: 0}
-    for split, files in masks.items():
+    for split, regions_by_stem in labelled.items():
         (out / split / "masks").mkdir(parents=True)
         shutil.copytree(src / split / "images", out / split / "images")
-        for stem, path in sorted(files.items()):
-            regions, area = _regions(path)
+        for stem, (regions, area) in regions_by_stem.items():
             cls = np.concatenate([[0], np.where(area > threshold, 2, 1)]).astype(np.uint8)  # region id -> class
             Image.fromarray(cls[regions]).save(out / split / "masks" / f"{stem}.png")
             if split == "train":
