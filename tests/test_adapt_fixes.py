@@ -201,3 +201,44 @@ def test_coarse_dropout_zeroes_whole_episode_classes_in_new_tensors_and_only_whe
         # class 1 has shots in every episode (class 2's masks are zero where it has none, dropout or not)
         zeroed = torch.stack([(c[0][:, 0].flatten(1) == 0).all(dim=1) for c in seen])  # (steps, episodes)
         assert zeroed.any() if p else not zeroed.any(), p
+
+
+def test_one_support_image_attends_outside_each_positions_own_cell() -> None:
+    """K = 1 with a grid: every query position's coarse mask is a plain softmax over the image's tokens outside its
+    own cell, so it is no look-up of its own mask."""
+    g = torch.Generator().manual_seed(0)
+    block = MaskAttention(dim=8, heads=2)
+    feats = torch.randn(1, 8, 6, 6, generator=g) * 3.0
+    masks = (torch.rand(2, 36, generator=g) > 0.5).float()  # 2 classes over the image's 36 tokens
+    valid = torch.ones(1, 2, 36)
+    valid[0, 1, :3] = 0  # class 2 may not use three tokens (a class's own restriction is kept)
+    out = adapt_mod._own_cell_excluded(block, feats, block.keys(feats), masks, valid, grid=2)
+
+    cells = adapt_mod.grid_cells(6, 6, 2).flatten()
+    assert cells.tolist()[:6] == [0, 0, 0, 1, 1, 1] and cells.tolist()[-6:] == [2, 2, 2, 3, 3, 3]
+    ref = torch.zeros(1, 2, 36)
+    for c in range(4):
+        allowed = valid * (cells != c).float()
+        ref[..., cells == c] = reference_mask_attention(block, feats, feats, masks, allowed.bool()).flatten(2)[
+            ..., cells == c
+        ]
+    assert_close(out.flatten(2), ref, atol=1e-5, rtol=1e-4)
+    whole = block(feats, block.keys(feats), masks, valid).flatten(2)  # the image as its own shot
+    assert (whole - out.flatten(2)).abs().amax() > 0.1
+
+
+def test_the_grid_applies_to_one_support_image_only(lite0_64, monkeypatch) -> None:
+    calls: list[int] = []
+    real = adapt_mod._own_cell_excluded
+
+    def spy(block, q, keys, masks, valid, grid):
+        calls.append(grid)
+        return real(block, q, keys, masks, valid, grid)
+
+    monkeypatch.setattr(adapt_mod, "_own_cell_excluded", spy)
+    images, labels = _two_class_support()
+    for k, grid, used in ((1, 2, True), (1, 1, False), (2, 2, False)):
+        calls.clear()
+        cfg = AdaptConfig(method="transfer", iterations=2, one_shot_grid=grid)
+        adapt(lite0_64, images[:k], labels[:k], _cfg(2), cfg, progress=False)
+        assert bool(calls) == used and all(c == grid for c in calls), (k, grid)

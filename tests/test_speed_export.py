@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_a_dead_or_stuck_measurement_is_an_error_naming_it(target, timeout, mess
 
 
 def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
-    tmp_path, binary_dataset, multiclass_dataset, monkeypatch
+    tmp_path, binary_dataset, multiclass_dataset, monkeypatch, capsys
 ) -> None:
     import onnx
 
@@ -146,8 +147,11 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     assert main(["adapt", "--support", relative, "--out", str(model), *fast]) == 0
     monkeypatch.chdir(cwd2)
     out = tmp_path / "m8.onnx"
-    monkeypatch.setattr(commands, "MAX_INT8_DROP", -1.0)  # any result counts as a loss: refused, nothing written
+    monkeypatch.setattr(commands, "MAX_INT8_DROP", -100.0)  # no plan can pass: refused, nothing written
+    capsys.readouterr()
     assert main(["export", "--model", str(model), "--out", str(out), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: not written: every int8 plan loses more than -100.0 mIoU points" in err and "(best: '" in err
     assert list(tmp_path.glob("*.onnx*")) == [] and not list(tmp_path.glob(".m8*"))
     monkeypatch.setattr(commands, "MAX_INT8_DROP", 100.0)
     assert main(["export", "--model", str(model), "--out", str(out), "--quantize", "int8"]) == 0  # its support set
@@ -155,6 +159,7 @@ def test_int8_export_is_quantized_checked_and_refused_when_it_loses_accuracy(
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["precision"] == "int8" and meta["image_size"] == "64" and "distillfss_version" in meta
+    assert meta["int8_plan"] == "every operator int8"  # any loss passes: the fully quantized graph, the first plan
     pred = OnnxPredictor(out)
     assert pred.classes == ("background", "class1") and pred.logits(
         np.random.default_rng(0).random((2, 3, 64, 64))
@@ -175,3 +180,52 @@ def test_speed_measures_int8_onnx(model: str) -> None:
     row = measure(SpeedJob(model, 1, 1, False, CFG, "cpu", warmup=1, iters=2, threads=2))
     assert row.model == model and row.ms_median > 0
     assert row.backbone_ratio is None  # onnxruntime's spinning threads would slow an interleaved PyTorch backbone
+
+
+def test_int8_plans_go_from_the_most_quantized_graph_and_the_first_within_the_bound_is_written(
+    tmp_path, lite0_64, monkeypatch
+) -> None:
+    """The fully quantized graph first, then ones that keep more of the stem-side convolutions in float32: the
+    first plan whose mIoU stays within the bound is written, its plan and float32 nodes in the metadata; when no
+    plan passes, nothing is written and the error names the best one."""
+    import json
+
+    import onnx
+
+    from distillfss import export
+    from distillfss.student import build_fast_student
+
+    student = build_fast_student(lite0_64, 1, 64)
+    fp32 = tmp_path / "m.onnx"
+    export.export_onnx(student, 64, ("background", "x"), fp32)
+    images = np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float32)
+    labels = np.zeros((2, 64, 64), np.int64)
+    seen: list[str] = []
+
+    def fake_miou(path, *_):  # fp32 scores 80; a quantized graph scores 70 until 3 stem convolutions stay fp32
+        if Path(path) == fp32:
+            return 80.0
+        graph = onnx.load(str(path)).graph
+        quantized = {n.input[1] for n in graph.node if n.op_type == "Conv"} & {
+            n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"
+        }
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        fp32_stem = next(i for i, n in enumerate(convs) if n.input[1] in quantized)
+        seen.append(fp32_stem)
+        return 79.5 if fp32_stem >= 3 else 70.0
+
+    monkeypatch.setattr(export, "onnx_miou", fake_miou)
+    out = tmp_path / "m8.onnx"
+    report = export.quantize_int8_checked(fp32, out, images, labels, ("background", "x"), 1.0)
+    assert seen == [0, 1, 2, 3]  # every operator int8, then 1, 2, 3 stem convolutions left in float32
+    assert report["plan"] == "every operator int8 but the first 3 convolutions" and report["int8"] == 79.5
+    assert [t["miou"] for t in report["tried"]] == [70.0, 70.0, 70.0, 79.5]
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["int8_plan"] == report["plan"] and len(json.loads(meta["int8_fp32_nodes"])) == 3
+    assert json.loads(meta["int8_check"]) == {"fp32_miou": 80.0, "int8_miou": 79.5, "images": 2}
+    assert meta["classes"] == '["background", "x"]'  # the fp32 graph's metadata carried over
+
+    out2 = tmp_path / "never.onnx"
+    with pytest.raises(export.Int8Refused, match="every int8 plan loses more than 0.1 .* the best, 'every operator"):
+        export.quantize_int8_checked(fp32, out2, images, labels, ("background", "x"), 0.1)
+    assert not out2.exists()

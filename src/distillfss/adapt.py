@@ -291,7 +291,7 @@ def _train(
         shot_valid, target, full_target, present, query, picks = episode
         if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
-                coarse = _coarse(teacher, support, query, shot_valid, picks)
+                coarse = _coarse(teacher, support, query, shot_valid, picks, cfg.one_shot_grid)
         row: dict = {"step": step + 1, "stage": stage}
         loss = torch.zeros((), device=labels.device)
         with autocast:
@@ -338,11 +338,17 @@ def capped_shots(m: int, cap: int, gen: torch.Generator) -> Tensor:
 
 
 def _coarse(
-    teacher: Teacher, support: EncodedSupport, query: Pyramid, shot_valid: Tensor, picks: Tensor | None
+    teacher: Teacher,
+    support: EncodedSupport,
+    query: Pyramid,
+    shot_valid: Tensor,
+    picks: Tensor | None,
+    grid: int = 1,
 ) -> list[Tensor]:
     """The teacher's coarse masks per layer for a batch of episodes. ``picks`` None: every episode attends over the
     whole support set (``shot_valid`` (B, C, K)); else (B, n) the shots of each episode, whose keys and masks are
-    gathered per episode (``shot_valid`` (B, C, n)), so the cost grows with n, not K."""
+    gathered per episode (``shot_valid`` (B, C, n)), so the cost grows with n, not K. ``grid`` > 1 with a single
+    support image (its own query): see ``_own_cell_excluded``."""
     out = []
     for i, (g, q, feats) in enumerate(zip(teacher.groups, query.layers, support.pyramid.layers)):
         block = teacher.attention[g]
@@ -352,8 +358,33 @@ def _coarse(
             hw = feats.shape[-2] * feats.shape[-1]
             keys = keys.unflatten(1, (-1, hw))[:, picks].transpose(0, 1).flatten(2, 3)  # (B, heads, n*hw, d)
             masks = masks.unflatten(1, (-1, hw))[:, picks].transpose(0, 1).flatten(2, 3)  # (B, C, n*hw)
-        out.append(block(q, keys, masks, valid))
+        if grid > 1 and support.shots == 1:
+            out.append(_own_cell_excluded(block, q, keys, masks, valid, grid))
+        else:
+            out.append(block(q, keys, masks, valid))
     return out
+
+
+def grid_cells(h: int, w: int, grid: int, device: torch.device | str = "cpu") -> Tensor:
+    """(h, w) long: the cell (0 .. grid*grid - 1, row-major) of a grid x grid partition each position lies in."""
+    ys = torch.arange(h, device=device) * grid // h
+    xs = torch.arange(w, device=device) * grid // w
+    return ys.view(-1, 1) * grid + xs.view(1, -1)
+
+
+def _own_cell_excluded(block: nn.Module, q: Tensor, keys: Tensor, masks: Tensor, valid: Tensor, grid: int) -> Tensor:
+    """One support image that is also the query (K = 1): each query token attends only to the image's tokens
+    outside its own cell of a ``grid`` x ``grid`` partition -- the spatial counterpart of leave-one-out. Without it
+    the image is its own shot, every token finds itself, and the coarse masks the decoder trains on are a look-up
+    of the query's own mask, far better than any the teacher meets at test time. q (1, ch, h, w); keys, masks and
+    valid as for the block, over the image's h*w tokens -> (1, C, h, w)."""
+    h, w = q.shape[-2:]
+    cells = grid_cells(h, w, grid, q.device)  # (h, w)
+    n = grid * grid
+    outside = (cells.flatten().view(1, -1) != torch.arange(n, device=q.device).view(-1, 1)).to(valid.dtype)
+    per_cell = block(q.expand(n, -1, -1, -1), keys, masks, valid * outside.unsqueeze(1))  # (n, C, h, w)
+    index = cells.view(1, 1, h, w).expand(1, per_cell.shape[1], h, w)
+    return per_cell.gather(0, index)  # each position from the episode that left its own cell out
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:

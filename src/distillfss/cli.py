@@ -138,6 +138,15 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "discarded, and its per-class decoder passes cost time)",
     )
     g.add_argument(
+        "--one-shot-grid",
+        type=int,
+        default=AdaptConfig.one_shot_grid,
+        metavar="N",
+        help="with one support image (K = 1), its own shot in training: split it into N x N cells and let each "
+        "query position attend only to the other cells, so the teacher trains on coarse masks it could have "
+        "predicted (1: the whole image, its own mask within reach; default %(default)s)",
+    )
+    g.add_argument(
         "--max-shots",
         type=int,
         default=AdaptConfig.max_shots,
@@ -365,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "int8"],
         help="int8: static quantization with onnxruntime, calibrated on the model's support images (or "
-        "--calibration); refused if it loses more than 1 mIoU point against fp32 on them",
+        "--calibration); from the fully quantized graph to ones with the stem-side convolutions (or every "
+        "non-convolution operator) in float32, the first plan within 1 mIoU point of fp32 on those images is "
+        "written (its plan in the ONNX metadata); refused if none is",
     )
     p.add_argument(
         "--calibration",

@@ -102,12 +102,16 @@ class AdaptConfig(Serializable):
     # teacher alone skips the paper student's per-class decoder passes: at K = 5 the whole adaptation took about 60 %
     # of the time, with accuracy not distinguishable (README, benchmark).
     fast_teacher_stage: Literal["joint", "teacher"] = "teacher"
+    # K = 1 (one support image, its own shot in training): > 1 splits it into a grid of this many cells per side and
+    # each query token attends only to the cells other than its own (the spatial counterpart of leave-one-out);
+    # 1 = the image attends to itself whole, the query's own mask within reach of every token.
+    one_shot_grid: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         from .errors import UserError
 
-        for name in ("iterations", "view_batch", "fast_iterations"):
+        for name in ("iterations", "view_batch", "fast_iterations", "one_shot_grid"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         for name in ("max_shots", "refine_iterations", "fast_crops"):
