@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -203,42 +204,52 @@ def test_coarse_dropout_zeroes_whole_episode_classes_in_new_tensors_and_only_whe
         assert zeroed.any() if p else not zeroed.any(), p
 
 
-def test_one_support_image_attends_outside_each_positions_own_cell() -> None:
+@pytest.mark.parametrize("symmetry", [0, 3, 6])
+def test_one_support_image_attends_outside_each_positions_own_cell(symmetry: int) -> None:
     """K = 1 with a grid: every query position's coarse mask is a plain softmax over the image's tokens outside its
-    own cell, so it is no look-up of its own mask."""
+    own cell, so it is no look-up of its own mask; for a view of the image (a symmetry of it), a position's cell is
+    that of the image position it shows."""
     g = torch.Generator().manual_seed(0)
     block = MaskAttention(dim=8, heads=2)
     feats = torch.randn(1, 8, 6, 6, generator=g) * 3.0
+    view = adapt_mod.dihedral(feats, symmetry)
     masks = (torch.rand(2, 36, generator=g) > 0.5).float()  # 2 classes over the image's 36 tokens
     valid = torch.ones(1, 2, 36)
     valid[0, 1, :3] = 0  # class 2 may not use three tokens (a class's own restriction is kept)
-    out = adapt_mod._own_cell_excluded(block, feats, block.keys(feats), masks, valid, grid=2)
+    out = adapt_mod._own_cell_excluded(block, view, block.keys(feats), masks, valid, 2, symmetry)
 
-    cells = adapt_mod.grid_cells(6, 6, 2).flatten()
-    assert cells.tolist()[:6] == [0, 0, 0, 1, 1, 1] and cells.tolist()[-6:] == [2, 2, 2, 3, 3, 3]
+    key_cells = adapt_mod.grid_cells(6, 6, 2)
+    assert (
+        key_cells.flatten().tolist()[:6] == [0, 0, 0, 1, 1, 1]
+        and key_cells.flatten().tolist()[-6:] == [2] * 3 + [3] * 3
+    )
+    cells = adapt_mod.dihedral(key_cells, symmetry).flatten()  # the image cell each view position shows
     ref = torch.zeros(1, 2, 36)
     for c in range(4):
-        allowed = valid * (cells != c).float()
-        ref[..., cells == c] = reference_mask_attention(block, feats, feats, masks, allowed.bool()).flatten(2)[
-            ..., cells == c
-        ]
+        allowed = valid * (key_cells.flatten() != c).float()
+        plain = reference_mask_attention(block, view, feats, masks, allowed.bool()).flatten(2)
+        ref[..., cells == c] = plain[..., cells == c]
     assert_close(out.flatten(2), ref, atol=1e-5, rtol=1e-4)
-    whole = block(feats, block.keys(feats), masks, valid).flatten(2)  # the image as its own shot
+    whole = block(view, block.keys(feats), masks, valid).flatten(2)  # the image as its own shot
     assert (whole - out.flatten(2)).abs().amax() > 0.1
 
 
 def test_the_grid_applies_to_one_support_image_only(lite0_64, monkeypatch) -> None:
-    calls: list[int] = []
+    """In the teacher's training and in the labels of the fast student's bank (each support view with its
+    symmetry), at K = 1 only; never with grid 1."""
+    calls: list[tuple[int, int]] = []
     real = adapt_mod._own_cell_excluded
 
-    def spy(block, q, keys, masks, valid, grid):
-        calls.append(grid)
-        return real(block, q, keys, masks, valid, grid)
+    def spy(block, q, keys, masks, valid, grid, symmetry=0):
+        calls.append((grid, symmetry))
+        return real(block, q, keys, masks, valid, grid, symmetry)
 
     monkeypatch.setattr(adapt_mod, "_own_cell_excluded", spy)
     images, labels = _two_class_support()
     for k, grid, used in ((1, 2, True), (1, 1, False), (2, 2, False)):
         calls.clear()
-        cfg = AdaptConfig(method="transfer", iterations=2, one_shot_grid=grid)
+        cfg = AdaptConfig(student="fast", iterations=2, fast_iterations=1, fast_views="flips", one_shot_grid=grid)
         adapt(lite0_64, images[:k], labels[:k], _cfg(2), cfg, progress=False)
-        assert bool(calls) == used and all(c == grid for c in calls), (k, grid)
+        assert bool(calls) == used and all(g == grid for g, _ in calls), (k, grid)
+        if used:  # training (the image itself) and the bank's four flips of it
+            assert {sym for _, sym in calls} == {0, 1, 2, 3}

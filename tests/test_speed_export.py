@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> N
     assert main(["predict", "--model", str(onnx_file), "--engine", "onnx", "--images", images, "--out", str(out)]) == 0
     assert (out / "img00.png").is_file()
     assert main(["export", "--model", str(model), "--out", str(onnx_file)]) == 2  # refuses to overwrite
+
+    scores = {}  # evaluate scores the ONNX graph as it scores the model it came from (same logits within 1e-3)
+    for engine, path in (("torch", model), ("onnx", onnx_file)):
+        report = tmp_path / f"{engine}.json"
+        args = ["evaluate", "--model", str(path), "--engine", engine, "--data", str(binary_dataset)]
+        assert main([*args, "--json", str(report), "--eval-size", "48"]) == 0
+        scores[engine] = json.loads(report.read_text())
+    assert scores["onnx"]["miou"] == pytest.approx(scores["torch"]["miou"], abs=0.5)
+    assert scores["onnx"]["vote_chunk"] is None and scores["onnx"]["n_images"] == scores["torch"]["n_images"]
+    assert main(["evaluate", "--model", str(model), "--engine", "onnx", "--data", str(binary_dataset)]) == 2
 
 
 @pytest.mark.parametrize("model", ["onnx", "onnx-fast"])

@@ -372,18 +372,22 @@ def grid_cells(h: int, w: int, grid: int, device: torch.device | str = "cpu") ->
     return ys.view(-1, 1) * grid + xs.view(1, -1)
 
 
-def _own_cell_excluded(block: nn.Module, q: Tensor, keys: Tensor, masks: Tensor, valid: Tensor, grid: int) -> Tensor:
+def _own_cell_excluded(
+    block: nn.Module, q: Tensor, keys: Tensor, masks: Tensor, valid: Tensor, grid: int, symmetry: int = 0
+) -> Tensor:
     """One support image that is also the query (K = 1): each query token attends only to the image's tokens
     outside its own cell of a ``grid`` x ``grid`` partition -- the spatial counterpart of leave-one-out. Without it
     the image is its own shot, every token finds itself, and the coarse masks the decoder trains on are a look-up
-    of the query's own mask, far better than any the teacher meets at test time. q (1, ch, h, w); keys, masks and
-    valid as for the block, over the image's h*w tokens -> (1, C, h, w)."""
+    of the query's own mask, far better than any the teacher meets at test time. q (1, ch, h, w): the image's
+    features, or those of its ``symmetry``-th view (see ``dihedral``; a query position's cell is then that of the
+    image position it shows); keys, masks and valid as for the block, over the image's h*w tokens -> (1, C, h, w)."""
     h, w = q.shape[-2:]
-    cells = grid_cells(h, w, grid, q.device)  # (h, w)
+    key_cells = grid_cells(h, w, grid, q.device)  # (h, w), the image's own orientation (h == w for a view)
+    cells = dihedral(key_cells, symmetry)  # the cell each query position shows
     n = grid * grid
-    outside = (cells.flatten().view(1, -1) != torch.arange(n, device=q.device).view(-1, 1)).to(valid.dtype)
+    outside = (key_cells.flatten().view(1, -1) != torch.arange(n, device=q.device).view(-1, 1)).to(valid.dtype)
     per_cell = block(q.expand(n, -1, -1, -1), keys, masks, valid * outside.unsqueeze(1))  # (n, C, h, w)
-    index = cells.view(1, 1, h, w).expand(1, per_cell.shape[1], h, w)
+    index = cells.reshape(1, 1, h, w).expand(1, per_cell.shape[1], h, w)
     return per_cell.gather(0, index)  # each position from the episode that left its own cell out
 
 
@@ -481,27 +485,33 @@ def _view_bank(
     unlabeled_views: tuple[int, ...],
     crops: int = 0,
     gen: torch.Generator | None = None,
+    grid: int = 1,
 ) -> ViewBank:
-    """Support views (hard labels, their source image left out of the teacher's shots), then ``crops`` random crops
-    of each support image (see ``random_crops``), then unlabeled views."""
+    """Support views (hard labels, their source image left out of the teacher's shots; with one support image and
+    ``grid`` > 1, each position's own cell of it), then ``crops`` random crops of each support image (see
+    ``random_crops``; with one support image they see it whole), then unlabeled views."""
     device = images.device
     m = len(images)
     sources = [torch.arange(m, device=device)] * len(views)
+    symmetry = [torch.full((m,), k, device=device) for k in views]  # -1: not a symmetry of a support image
     hard = [dihedral(labels, k) for k in views]
     banks = [_encode_views(teacher.backbone, images, views)]
     if crops:
         c_images, c_labels, c_source = random_crops(images, labels, crops, gen, views)
         banks.append(_encode_views(teacher.backbone, c_images, (0,)))
         sources.append(c_source.to(device))
+        symmetry.append(torch.full((len(c_source),), -1, device=device))
         hard.append(c_labels)
     if unlabeled is not None and len(unlabeled):
         banks.append(_encode_views(teacher.backbone, unlabeled, unlabeled_views))
         n_u = len(unlabeled) * len(unlabeled_views)
         sources.append(torch.full((n_u,), -1, device=device))
+        symmetry.append(torch.full((n_u,), -1, device=device))
         hard.append(torch.full((n_u, *labels.shape[1:]), -1, device=device))
     bank = _cat(banks)
     source = torch.cat(sources)
-    coarse, soft, present = _teacher_labels(teacher, support, bank, source)
+    cells = torch.cat(symmetry) if grid > 1 and m == 1 else None
+    coarse, soft, present = _teacher_labels(teacher, support, bank, source, cells, grid)
     return ViewBank(bank, source, torch.cat(hard), coarse, soft, present)
 
 
@@ -610,7 +620,8 @@ def _refine(
     progress: bool,
     record: Callable[[dict], None],
 ) -> Student:
-    bank = _view_bank(teacher, support, images, labels, VIEWS[cfg.views], unlabeled, VIEWS[cfg.unlabeled_views])
+    views, u_views = VIEWS[cfg.views], VIEWS[cfg.unlabeled_views]
+    bank = _view_bank(teacher, support, images, labels, views, unlabeled, u_views, grid=cfg.one_shot_grid)
     new = Student(student.backbone, copy.deepcopy(student.heads), copy.deepcopy(student.decoder))
     params = [p for n, p in new.named_parameters() if n.startswith(("heads.", *TRAINABLE_SETS["A"]))]
     _fit_on_bank(new, params, bank, labels, cfg, cfg.refine_iterations, "refine", False, gen, progress, record)
@@ -631,7 +642,7 @@ def _distill_fast(
     """A fresh fast student distilled from the frozen, adapted teacher on the bank of support views (and unlabeled
     views) under ``cfg.fast_views``; soft labels on every view, since its decoder starts from scratch."""
     views = VIEWS[cfg.fast_views]
-    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views, cfg.fast_crops, gen)
+    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views, cfg.fast_crops, gen, cfg.one_shot_grid)
     fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     _fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
@@ -658,12 +669,19 @@ def distill_fast(
 
 @torch.no_grad()
 def _teacher_labels(
-    teacher: Teacher, support: EncodedSupport, bank: Pyramid, source: Tensor
+    teacher: Teacher,
+    support: EncodedSupport,
+    bank: Pyramid,
+    source: Tensor,
+    symmetry: Tensor | None = None,
+    grid: int = 1,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The frozen teacher on every view of the bank -> (coarse masks per layer (N, C, h, w), merged probabilities
     (N, C+1, S, S) as float16, present (N, C): the classes with shots for that view). A support view (source >= 0)
-    does not see its own source image among the shots (unless it is the only one); an unlabeled view sees every
-    shot, and votes over chunks when a class has more than ``VOTE_CHUNK`` shots, as a predictor does."""
+    does not see its own source image among the shots (unless it is the only one: then, with ``symmetry`` (N,) the
+    view's symmetry of it, -1 for none, each position sees the image outside its own cell of a ``grid`` x ``grid``
+    partition, see ``_own_cell_excluded``); an unlabeled view sees every shot, and votes over chunks when a class
+    has more than ``VOTE_CHUNK`` shots, as a predictor does."""
     was_training = teacher.training
     teacher.eval()
     m = support.shots
@@ -678,6 +696,9 @@ def _teacher_labels(
         valid = ~own if m > 1 else torch.ones_like(own)
         shot_valid = valid.unsqueeze(1) & support.flags.T.unsqueeze(0)  # (B, C, K)
         out = teacher.forward_features(q, support, shot_valid)
+        if symmetry is not None and bool((symmetry[sl] >= 0).any()):
+            coarse_cells = _cells_coarse(teacher, support, q, out.coarse, symmetry[sl], grid)
+            out = teacher.decode(coarse_cells, q, shot_valid.any(dim=2))
         logits = out.logits
         if voting and bool((src < 0).any()):
             u = src < 0
@@ -689,6 +710,25 @@ def _teacher_labels(
         present.append(shot_valid.any(dim=2))
     teacher.train(was_training)
     return [torch.cat(c) for c in zip(*coarse)], torch.cat(soft), torch.cat(present)
+
+
+def _cells_coarse(
+    teacher: Teacher, support: EncodedSupport, q: Pyramid, coarse: list[Tensor], symmetry: Tensor, grid: int
+) -> list[Tensor]:
+    """``coarse`` (per layer, (B, C, h, w)) with each view that is a symmetry of the single support image
+    (``symmetry`` >= 0) recomputed by ``_own_cell_excluded``; new tensors."""
+    keys = teacher.keys(support)
+    valid = support.flags.T.unsqueeze(0)  # (1, C, 1): every class its one shot where the image has it
+    picks = (symmetry >= 0).nonzero().flatten().tolist()
+    out = []
+    for i, (g, layer, c) in enumerate(zip(teacher.groups, q.layers, coarse)):
+        c = c.clone()
+        for j in picks:
+            view = layer[j : j + 1]
+            block, v = teacher.attention[g], support.token_valid(valid, i)
+            c[j] = _own_cell_excluded(block, view, keys[i], support.masks[i], v, grid, int(symmetry[j]))[0]
+        out.append(c)
+    return out
 
 
 def plateau(rows: list[dict], window: int = 10, fraction: float = 0.9, key: str = "loss") -> tuple[int, float]:

@@ -271,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images --batch at a time (bounded memory). A file that cannot be read is skipped and "
         "named at the end (exit status 2); every readable image still gets its prediction.",
     )
-    p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
+    p.add_argument(
+        "--model", required=True, type=Path, help="model folder written by adapt (--engine onnx: .onnx file)"
+    )
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--out", required=True, type=Path, help="folder for <stem>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png colour overlays")
-    p.add_argument(
-        "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
-    )
+    _engine_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument(
         "--batch", type=int, default=8, help="images per forward pass (default %(default)s; memory grows with it)"
@@ -285,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_flags(p)
 
     p = sub.add_parser("evaluate", help="mIoU of a saved model on a dataset split")
-    p.add_argument("--model", required=True, type=Path, help="model folder written by adapt")
+    p.add_argument(
+        "--model", required=True, type=Path, help="model folder written by adapt (--engine onnx: .onnx file)"
+    )
+    _engine_flag(p)
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
@@ -526,6 +529,12 @@ def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
     if not values or min(values) < minimum:
         raise DataError(f"{flag}: expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def _engine_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
+    )
 
 
 def config_from_args(cls: type[S], args: argparse.Namespace) -> S:

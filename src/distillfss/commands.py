@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from .model_io import (
 from .outputs import check_output, output_folder, refuse_unsafe_output
 from .sampling import sample_support
 from .viz import overlay, with_legend
+
+if TYPE_CHECKING:
+    from .export import OnnxPredictor
+    from .predictor import Predictor
 
 log = logging.getLogger("distillfss")
 
@@ -111,18 +116,7 @@ def adapt(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, [args.images, args.model])
     files = image_files(args.images)
-    if args.engine == "onnx":
-        from .export import OnnxPredictor
-
-        if not args.model.is_file():
-            raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
-        predictor = OnnxPredictor(args.model)
-        classes = predictor.classes
-    else:
-        loaded = load_model(
-            args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
-        )
-        predictor, classes = loaded.predictor, loaded.classes
+    predictor, classes, _ = _predictor(args)
     if args.batch < 1:
         raise DataError(f"--batch: expected >= 1, got {args.batch}")
     unreadable: list[str] = []
@@ -153,21 +147,33 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tuple[str, ...], str]:
+    """The model of ``--model`` as a predictor -> (predictor, class names, kind: student / teacher / onnx)."""
+    if args.engine == "onnx":
+        from .export import OnnxPredictor
+
+        if not args.model.is_file():
+            raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
+        predictor = OnnxPredictor(args.model)
+        return predictor, predictor.classes, "onnx"
     loaded = load_model(
         args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
     )
+    return loaded.predictor, loaded.classes, loaded.kind
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    predictor, classes, kind = _predictor(args)
     split = load_split(args.data, args.split)
-    if split.classes != loaded.classes:
-        raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
+    if split.classes != classes:
+        raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(classes)}")
     if args.eval_size < 0:
         raise DataError(f"--eval-size: expected >= 0, got {args.eval_size}")
     per_image: list[dict] | None = [] if args.per_image else None
-    result = evaluate_predictor(loaded.predictor, split, eval_size=args.eval_size or None, per_image=per_image)
-    voting = loaded.predictor.vote_chunk if loaded.predictor.voting else 0
+    result = evaluate_predictor(predictor, split, eval_size=args.eval_size or None, per_image=per_image)
     report = {
         **result.to_json(),
-        "vote_chunk": voting if loaded.kind == "teacher" else None,
+        "vote_chunk": (predictor.vote_chunk if predictor.voting else 0) if kind == "teacher" else None,
         "eval_resolution": args.eval_size or "original",
     }
     text = json.dumps(report, indent=2)

@@ -259,10 +259,14 @@ class OnnxPredictor:
         """(B, 3, S, S) float32 in [0, 1] -> (B, C+1, S, S)."""
         return self.session.run(["logits"], {"images": images.astype(np.float32)})[0]
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        return self.predict_batch([image])[0]
+    def predict(self, image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        return self.predict_batch([image], [size])[0]
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Several images of any sizes in one onnxruntime call -> their label maps, each at its own size."""
+    def predict_batch(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None
+    ) -> list[np.ndarray]:
+        """Several images of any sizes in one onnxruntime call -> their label maps, each at its own size (or
+        ``sizes`` = (h, w) each)."""
         x = torch.stack([image_tensor(im, self.image_size) for im in images]).numpy()
-        return labels_at_sizes(torch.from_numpy(self.logits(x)), [im.shape[:2] for im in images])
+        out = [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
+        return labels_at_sizes(torch.from_numpy(self.logits(x)), out)
