@@ -7,7 +7,8 @@ second stage of two-stage distillation) its coarse masks are constant and are co
 Episodes (one optimizer step = one pass over all episodes, batched into a single forward):
 
 * ``leave_one_out`` (default): every support image is the query once, with all the other images as its shots
-  (a single support image is its own shot).
+  (a single support image is its own shot; with ``cfg.one_shot_grid`` > 1 each of its positions attends only to
+  the image's cells of a grid other than its own, see ``_own_cell_excluded``).
   The original plain builder used a single other image per query (``subsample: 1``); using all others trains the
   teacher in the regime it meets at test time (K shots). With more than ``cfg.max_shots`` others (default 10, the
   paper's chunk size at inference), each episode draws that many of them and attends over their keys only
