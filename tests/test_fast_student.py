@@ -209,3 +209,25 @@ def test_fast_crops_join_the_bank_as_support_views_with_their_source(lite0_64) -
     assert isinstance(a.student, FastStudent)
     with pytest.raises(UserError, match="fast-crops"):
         AdaptConfig(fast_crops=-1)
+
+
+def test_fast_schedule_applies_to_the_fast_students_steps_only(lite0_64, monkeypatch) -> None:
+    import importlib
+
+    adapt_mod = importlib.import_module("distillfss.adapt")
+    seen: set[tuple[str, int]] = set()
+    real = adapt_mod.lr_factor
+
+    def spy(schedule: str, steps: int, step: int) -> float:
+        seen.add((schedule, steps))
+        return real(schedule, steps, step)
+
+    monkeypatch.setattr(adapt_mod, "lr_factor", spy)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, 10:30, 10:30] = 1
+    model = ModelConfig(backbone="efficientnet_lite0", image_size=64, heads=2)
+    cfg = AdaptConfig(student="fast", iterations=2, fast_iterations=3, fast_schedule="cosine")
+    adapt_mod.adapt(lite0_64, images, labels, model, cfg, progress=False)
+    assert seen == {("constant", 2), ("cosine", 3)}  # the teacher's 2 steps keep --schedule
+    assert real("cosine", 200, 0) < 1.0 and real("cosine", 200, 199) < 0.01 < real("cosine", 200, 100)

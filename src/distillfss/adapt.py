@@ -568,7 +568,8 @@ def _fit_on_bank(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.schedule, steps))
+    schedule = cfg.fast_schedule if stage == "fast" else cfg.schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, schedule, steps))
     weights = balanced_weights(labels, bank.present.shape[1]) if cfg.class_weights == "balanced" else None
     model.train()
     order = torch.zeros(0, dtype=torch.long)

@@ -122,6 +122,13 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "%(default)s; use hflip or none where orientation matters, e.g. text or anatomy with a fixed side)",
     )
     g.add_argument(
+        "--fast-schedule",
+        default=AdaptConfig.fast_schedule,
+        choices=["constant", "cosine"],
+        help="the fast student's learning rate over its steps: constant, or cosine (5 %% linear warm-up, then cosine "
+        "decay to 0; default %(default)s)",
+    )
+    g.add_argument(
         "--fast-crops",
         type=int,
         default=AdaptConfig.fast_crops,

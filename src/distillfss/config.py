@@ -96,6 +96,7 @@ class AdaptConfig(Serializable):
     student: Literal["paper", "fast"] = "paper"
     fast_iterations: int = 200
     fast_views: Literal["none", "hflip", "flips", "dihedral"] = "dihedral"
+    fast_schedule: Literal["cosine", "constant"] = "constant"  # the fast student's learning rate over its steps
     fast_crops: int = 0  # plus this many random crops (50-90 % of the side, a random symmetry) of each support image
     # What trains before the fast student's distillation: "teacher" = the teacher alone (TransferFSS), "joint" = the
     # teacher with the paper's student beside it (the original's joint loss; that student is then discarded). The
