@@ -237,6 +237,7 @@ def test_int8_plans_go_from_the_most_quantized_graph_and_the_first_within_the_bo
     assert meta["classes"] == '["background", "x"]'  # the fp32 graph's metadata carried over
 
     out2 = tmp_path / "never.onnx"
+    out2.write_bytes(b"a file the user had")
     with pytest.raises(export.Int8Refused, match="every int8 plan loses more than 0.1 .* the best, 'every operator"):
         export.quantize_int8_checked(fp32, out2, images, labels, ("background", "x"), 0.1)
-    assert not out2.exists()
+    assert out2.read_bytes() == b"a file the user had"  # refused: untouched

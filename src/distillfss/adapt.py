@@ -725,10 +725,9 @@ def _cells_coarse(
     out = []
     for i, (g, layer, c) in enumerate(zip(teacher.groups, q.layers, coarse)):
         c = c.clone()
+        block, v = teacher.attention[g], support.token_valid(valid, i)
         for j in picks:
-            view = layer[j : j + 1]
-            block, v = teacher.attention[g], support.token_valid(valid, i)
-            c[j] = _own_cell_excluded(block, view, keys[i], support.masks[i], v, grid, int(symmetry[j]))[0]
+            c[j] = _own_cell_excluded(block, layer[j : j + 1], keys[i], support.masks[i], v, grid, int(symmetry[j]))[0]
         out.append(c)
     return out
 

@@ -170,22 +170,23 @@ def quantize_int8_checked(
     """Quantize ``fp32`` to int8 so that it loses at most ``max_drop`` mIoU points against fp32 on ``images`` /
     ``labels`` (which also calibrate it): the plans of ``INT8_PLANS`` are tried in order and the first that passes
     is written to ``out``, its choice in the metadata (``int8_plan``, ``int8_fp32_nodes``, ``int8_check``).
-    -> the report {fp32, int8, plan, fp32_nodes, tried: [{plan, miou}, ...]}. Raises ``Int8Refused`` (nothing
-    written) when no plan keeps the accuracy. ``on_try`` sees each try as it ends."""
+    -> the report {fp32, int8, plan, fp32_nodes, tried: [{plan, miou}, ...]}. Raises ``Int8Refused`` (``out`` not
+    touched) when no plan keeps the accuracy. ``on_try`` sees each try as it ends."""
+    import shutil
     import tempfile
 
     ref = onnx_miou(fp32, images, labels, classes)
     tried: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        pre, candidate = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         _preprocess(fp32, pre)
         convs = conv_nodes(pre)
         for plan, n_fp32, op_types in INT8_PLANS:
             if n_fp32 > len(convs):
                 continue
             kept = convs[:n_fp32]
-            _quantize(pre, out, images, kept, op_types)
-            miou = onnx_miou(out, images, labels, classes)
+            _quantize(pre, candidate, images, kept, op_types)
+            miou = onnx_miou(candidate, images, labels, classes)
             tried.append({"plan": plan, "miou": round(miou, 2)})
             if on_try:
                 on_try({"fp32": round(ref, 2), **tried[-1]})
@@ -193,9 +194,9 @@ def quantize_int8_checked(
                 report = {"fp32": round(ref, 2), "int8": round(miou, 2), "plan": plan, "fp32_nodes": kept}
                 meta = {"precision": "int8", "int8_plan": plan, "int8_fp32_nodes": json.dumps(kept)}
                 check = {"fp32_miou": report["fp32"], "int8_miou": report["int8"], "images": len(images)}
-                _set_metadata(out, {**_metadata(fp32), **meta, "int8_check": json.dumps(check)})
+                _set_metadata(candidate, {**_metadata(fp32), **meta, "int8_check": json.dumps(check)})
+                shutil.move(candidate, out)
                 return {**report, "tried": tried}
-    out.unlink(missing_ok=True)
     raise Int8Refused(fp32, ref, max_drop, tried)
 
 
