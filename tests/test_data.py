@@ -137,17 +137,13 @@ def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) 
     odd = tmp_path / "odd"  # an ignore label (255) would count as foreground: refused before anything is written
     shutil.copytree(src, odd)
     first = sorted((odd / "train" / "masks").iterdir())[0]
-    mask = np.asarray(Image.open(first)).copy()
-    mask[0, 0] = 255
-    Image.fromarray(mask).save(first)
-    with pytest.raises(DataError, match=rf"{first.name}: split_by_size needs masks of 0 and 1 only"):
-        split_by_size(odd, tmp_path / "fourth", "x")
-    assert not (tmp_path / "fourth").exists()
-    Image.fromarray(np.asarray(Image.open(first)).clip(0, 1)).save(first)  # the train masks valid again ...
-    last = sorted((odd / "test" / "masks").iterdir())[-1]  # ... and a test mask odd: also refused before writing
-    mask = np.asarray(Image.open(last)).copy()
-    mask[0, 0] = 2
-    Image.fromarray(mask).save(last)
-    with pytest.raises(DataError, match=rf"{last.name}: split_by_size needs masks of 0 and 1 only"):
-        split_by_size(odd, tmp_path / "fifth", "x")
-    assert not (tmp_path / "fifth").exists()
+    last = sorted((odd / "test" / "masks").iterdir())[-1]
+    # a train mask odd; then the train masks valid again and a test mask odd: each refused before writing
+    for path, value, out in ((first, 255, "fourth"), (last, 2, "fifth")):
+        mask = np.asarray(Image.open(path)).copy()
+        mask[0, 0] = value
+        Image.fromarray(mask).save(path)
+        with pytest.raises(DataError, match=rf"{path.name}: split_by_size needs masks of 0 and 1 only"):
+            split_by_size(odd, tmp_path / out, "x")
+        assert not (tmp_path / out).exists()
+        Image.fromarray(mask.clip(0, 1)).save(path)

@@ -697,10 +697,12 @@ def _teacher_labels(
         own = src.view(-1, 1) == torch.arange(m, device=src.device).view(1, -1)  # (B, K)
         valid = ~own if m > 1 else torch.ones_like(own)
         shot_valid = valid.unsqueeze(1) & support.flags.T.unsqueeze(0)  # (B, C, K)
-        out = teacher.forward_features(q, support, shot_valid)
         if symmetry is not None and bool((symmetry[sl] >= 0).any()):
-            coarse_cells = _cells_coarse(teacher, support, q, out.coarse, symmetry[sl], grid)
-            out = teacher.decode(coarse_cells, q, shot_valid.any(dim=2))
+            out = teacher.decode(
+                _cells_coarse(teacher, support, q, shot_valid, symmetry[sl], grid), q, shot_valid.any(2)
+            )
+        else:
+            out = teacher.forward_features(q, support, shot_valid)
         logits = out.logits
         if voting and bool((src < 0).any()):
             u = src < 0
@@ -715,19 +717,22 @@ def _teacher_labels(
 
 
 def _cells_coarse(
-    teacher: Teacher, support: EncodedSupport, q: Pyramid, coarse: list[Tensor], symmetry: Tensor, grid: int
+    teacher: Teacher, support: EncodedSupport, q: Pyramid, shot_valid: Tensor, symmetry: Tensor, grid: int
 ) -> list[Tensor]:
-    """``coarse`` (per layer, (B, C, h, w)) with each view that is a symmetry of the single support image
-    (``symmetry`` >= 0) recomputed by ``_own_cell_excluded``; new tensors."""
-    keys = teacher.keys(support)
-    valid = support.flags.T.unsqueeze(0)  # (1, C, 1): every class its one shot where the image has it
+    """The teacher's coarse masks per layer, (B, C, h, w), for a batch of views (``shot_valid`` (B, C, K)): each
+    view that is a symmetry of the single support image (``symmetry`` >= 0) by ``_own_cell_excluded``, the others
+    by the plain attention."""
     picks = (symmetry >= 0).nonzero().flatten().tolist()
+    rest = symmetry < 0
     out = []
-    for i, (g, layer, c) in enumerate(zip(teacher.groups, q.layers, coarse)):
-        c = c.clone()
-        block, v = teacher.attention[g], support.token_valid(valid, i)
+    for i, (g, layer, feats) in enumerate(zip(teacher.groups, q.layers, support.pyramid.layers)):
+        block, masks = teacher.attention[g], support.masks[i]
+        keys, valid = block.keys(feats), support.token_valid(shot_valid, i)
+        c = layer.new_zeros(len(symmetry), masks.shape[0], *layer.shape[-2:])
+        if bool(rest.any()):
+            c[rest] = block(layer[rest], keys, masks, valid[rest])
         for j in picks:
-            c[j] = _own_cell_excluded(block, layer[j : j + 1], keys[i], support.masks[i], v, grid, int(symmetry[j]))[0]
+            c[j] = _own_cell_excluded(block, layer[j : j + 1], keys, masks, valid[j : j + 1], grid, int(symmetry[j]))[0]
         out.append(c)
     return out
 
