@@ -10,6 +10,7 @@ from distillfss.cli import main
 from distillfss.data import DataError
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
+FAST += ["--fast-iterations", "2"]
 
 
 def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
@@ -20,7 +21,8 @@ def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     cells = {(r["dataset"], r["shots"]) for r in results["rows"]}
     assert cells == {("toy", 1), ("toy", 2)}  # K=9 exceeds the pool and is skipped
-    assert len(results["rows"]) == 2 * 6
+    assert len(results["rows"]) == 2 * 8  # the default methods at K = 1 and 2
+    assert {"distillfss_fast", "distillfss_fast_unlabeled"} <= {r["method"] for r in results["rows"]}
     one, two = (set(next(r for r in results["rows"] if r["shots"] == k)["support"]) for k in (1, 2))
     assert one <= two  # nested support sets
     assert all(r["adapt"]["seed"] == 0 for r in results["rows"] if r["adapt"])

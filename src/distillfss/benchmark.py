@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .config import BENCHMARK_METHODS
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
@@ -53,14 +54,7 @@ class BenchmarkConfig(RunConfig):
     data: tuple[str, ...]  # bundled demo names, the paper's names (under data_root) or dataset folders
     out: Path
     shots: tuple[int, ...] = (1, 2, 5)
-    methods: tuple[str, ...] = (
-        "teacher",
-        "transferfss",
-        "distillfss",
-        "distillfss_unlabeled",
-        "linear_probe",
-        "prototype",
-    )
+    methods: tuple[str, ...] = BENCHMARK_METHODS
     draws: int = 1
     per_class: bool = False
     eval_size: int = 384  # 0: original resolution (WeedMap always native)

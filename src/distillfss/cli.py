@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from .backbones import BACKBONES
 from .config import (
+    BENCHMARK_METHODS,
     DEFAULT_STUDENT,
     DEMO_ADAPT,
     PRESETS,
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="1,2,5", help="comma-separated K values (nested support sets)")
     p.add_argument(
         "--methods",
-        default="teacher,transferfss,distillfss,distillfss_unlabeled,linear_probe,prototype",
+        default=",".join(BENCHMARK_METHODS),
         help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
         "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
         "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "

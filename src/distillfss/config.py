@@ -38,6 +38,19 @@ class ModelConfig(Serializable):
     num_classes: int = 1  # foreground classes
 
 
+# What `distillfss benchmark` runs when --methods names none: the paper's methods, the default fast student (what
+# `adapt` writes), each student also with the train split's unlabeled images, and the two tuned baselines.
+BENCHMARK_METHODS = (
+    "teacher",
+    "transferfss",
+    "distillfss",
+    "distillfss_unlabeled",
+    "distillfss_fast",
+    "distillfss_fast_unlabeled",
+    "linear_probe",
+    "prototype",
+)
+
 # Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
 REFINE_ITERATIONS = 30  # student refinement steps when unlabeled images are given and the run names no number
 
