@@ -15,6 +15,8 @@ from torch.testing import assert_close
 from distillfss.adapt import _episodes, adapt, teacher_targets
 from distillfss.attention import MaskAttention, reference_mask_attention
 from distillfss.config import AdaptConfig, ModelConfig
+from distillfss.errors import UserError
+from distillfss.losses import coarse_mse
 from distillfss.predictor import Predictor
 from distillfss.teacher import build_teacher, encode_support
 
@@ -253,3 +255,78 @@ def test_the_grid_applies_to_one_support_image_only(lite0_64, monkeypatch) -> No
         assert bool(calls) == used and all(g == grid for g, _ in calls), (k, grid)
         if used:  # training (the image itself) and the bank's four flips of it
             assert {sym for _, sym in calls} == {0, 1, 2, 3}
+
+
+# The per-fix ablation (config.LEGACY_STEPS): each switch brings back its step's old behaviour, and on a support
+# set where every image holds every class the class-related ones cannot change anything (the bundled sets).
+
+
+def test_legacy_self_in_softmax_brings_back_the_underflow_the_fix_removed() -> None:
+    torch.manual_seed(0)
+    block = MaskAttention(dim=8, heads=1)
+    support = torch.randn(3, 8, 4, 4) * 0.3
+    support[0] = torch.randn(8, 4, 4) * 10.0  # the query's self-match leads by > 40 nats (test above)
+    query, masks = support[:1].clone(), torch.rand(1, 3 * 16)
+    valid = torch.ones(1, 1, 3 * 16)
+    valid[:, :, :16] = 0  # the query's own image is nobody's shot
+    keys = block.keys(support)
+    ref = reference_mask_attention(block, query, support, masks, valid.bool())
+    assert_close(block(query, keys, masks, valid), ref, atol=1e-5, rtol=1e-4)
+    old = block(query, keys, masks, valid, exclude_unusable=False)
+    assert (old - ref).abs().max() > 0.05  # the ratio alone: numerator and denominator underflow together
+
+
+def test_legacy_shots_without_class_gives_every_class_every_other_image() -> None:
+    flags = torch.tensor([[True, True], [True, False], [True, False]])
+    old, _ = _episodes(AdaptConfig(legacy=("shots_without_class",)), flags, torch.Generator())
+    assert torch.equal(old, (~torch.eye(3, dtype=torch.bool)).unsqueeze(1).expand(-1, 2, -1))
+
+
+def test_legacy_mse_per_pair_weights_episodes_by_their_class_count() -> None:
+    t = [torch.zeros(2, 2, 1, 1)]
+    s = [torch.tensor([[[[1.0]], [[1.0]]], [[[3.0]], [[0.0]]]])]  # episode 0: both classes err 1; episode 1: 9
+    present = torch.tensor([[True, True], [True, False]])
+    assert coarse_mse(t, s, (8,), present).item() == pytest.approx((1 + 9) / 2)  # per episode, then episodes
+    assert coarse_mse(t, s, (8,), present, per_pair=True).item() == pytest.approx((1 + 1 + 9) / 3)
+    everywhere = torch.ones(2, 2, dtype=torch.bool)
+    assert coarse_mse(t, s, (8,), everywhere) == coarse_mse(t, s, (8,), everywhere, per_pair=True)
+
+
+def test_legacy_student_target_is_the_teachers_relabelled_target(lite0_64, monkeypatch) -> None:
+    images, labels = _two_class_support()  # class 2 in image 0 only: hidden from episode 0's teacher target
+    seen: list[torch.Tensor] = []
+    real = adapt_mod.focal_loss
+
+    def spy(logits, target, *args, **kwargs):
+        seen.append(target.clone())
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_mod, "focal_loss", spy)
+    cfg = AdaptConfig(iterations=1, legacy=("student_relabelled",))
+    adapt(lite0_64, images, labels, _cfg(2), cfg, progress=False)
+    teacher_t, student_t = seen
+    assert torch.equal(student_t, teacher_t) and not torch.equal(student_t, labels)
+
+
+def test_class_fixes_change_nothing_when_every_support_image_holds_every_class(lite0_64) -> None:
+    """The bundled sets: every train image holds every class, so only the self-match fix can move their numbers."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, S, S, generator=g)
+    labels = torch.zeros(3, S, S, dtype=torch.long)
+    labels[:, 8:24, 8:24] = 1
+    labels[:, 40:56, 40:56] = 2
+
+    def weights(*legacy: str) -> list[torch.Tensor]:
+        r = adapt(lite0_64, images, labels, _cfg(2), AdaptConfig(iterations=2, legacy=legacy), progress=False)
+        return [*r.teacher.state_dict().values(), *r.student.state_dict().values()]
+
+    base = weights()
+    for step in ("shots_without_class", "student_relabelled", "mse_per_pair"):
+        assert all(torch.equal(a, b) for a, b in zip(base, weights(step))), step
+    assert not all(torch.equal(a, b) for a, b in zip(base, weights("self_in_softmax")))
+
+
+def test_unknown_legacy_step_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="legacy: unknown step.*nope.*shots_without_class"):
+        AdaptConfig(legacy=("nope",))
+    assert AdaptConfig.from_dict(AdaptConfig(legacy=("mse_per_pair",)).to_dict()).legacy == ("mse_per_pair",)

@@ -118,6 +118,8 @@ def _episodes(cfg: AdaptConfig, flags: Tensor, gen: torch.Generator) -> tuple[Te
     """One step's episodes -> (shot_valid (M, C, M) bool: episode t may use shot k for class c, only where shot k
     contains c; queries (M,) long: the support image that is episode t's query)."""
     valid, queries = _episode_shots(cfg, flags, gen)
+    if "shots_without_class" in cfg.legacy:
+        return valid, queries
     return valid & flags.T.unsqueeze(0), queries  # (M, C, M): a shot serves only the classes it contains
 
 
@@ -284,6 +286,8 @@ def _train(
             if capped:  # (M, max_shots): each episode's shots, then validity over those shots only
                 picks = capped_shots(flags.shape[0], cfg.max_shots, gen).to(flags.device)
                 shot_valid, queries = flags[picks].transpose(1, 2), torch.arange(len(picks), device=flags.device)
+                if "shots_without_class" in cfg.legacy:
+                    shot_valid = torch.ones_like(shot_valid)
             else:
                 shot_valid, queries = _episodes(cfg, flags.cpu(), gen)
                 shot_valid, queries = shot_valid.to(flags.device), queries.to(flags.device)
@@ -292,7 +296,9 @@ def _train(
         shot_valid, target, full_target, present, query, picks = episode
         if coarse is None or not reuse:
             with torch.set_grad_enabled(not frozen_attention):
-                coarse = _coarse(teacher, support, query, shot_valid, picks, cfg.one_shot_grid)
+                coarse = _coarse(
+                    teacher, support, query, shot_valid, picks, cfg.one_shot_grid, "self_in_softmax" not in cfg.legacy
+                )
         row: dict = {"step": step + 1, "stage": stage}
         loss = torch.zeros((), device=labels.device)
         with autocast:
@@ -303,8 +309,11 @@ def _train(
                 row["focal_teacher"] = round(f_t.item(), 5)
             if student is not None:
                 s_out = student.forward_features(query)
-                f_s = focal_loss(s_out.logits, full_target, cfg.focal_gamma, weights)  # no support: every class
-                d = coarse_mse(coarse, [c.float() for c in s_out.coarse], teacher.strides, present)
+                s_target = target if "student_relabelled" in cfg.legacy else full_target  # no support: every class
+                f_s = focal_loss(s_out.logits, s_target, cfg.focal_gamma, weights)
+                d = coarse_mse(
+                    coarse, [c.float() for c in s_out.coarse], teacher.strides, present, "mse_per_pair" in cfg.legacy
+                )
                 loss = loss + f_s + cfg.distill_weight * d
                 row["focal_student"] = round(f_s.item(), 5)
                 row["distill"] = round(d.item(), 5)
@@ -345,11 +354,13 @@ def _coarse(
     shot_valid: Tensor,
     picks: Tensor | None,
     grid: int = 1,
+    exclude_unusable: bool = True,
 ) -> list[Tensor]:
     """The teacher's coarse masks per layer for a batch of episodes. ``picks`` None: every episode attends over the
     whole support set (``shot_valid`` (B, C, K)); else (B, n) the shots of each episode, whose keys and masks are
     gathered per episode (``shot_valid`` (B, C, n)), so the cost grows with n, not K. ``grid`` > 1 with a single
-    support image (its own query): see ``_own_cell_excluded``."""
+    support image (its own query): see ``_own_cell_excluded``. ``exclude_unusable`` False keeps the query's own
+    tokens in the softmax (the step before its fix, for the per-fix ablation; see ``attention``)."""
     out = []
     for i, (g, q, feats) in enumerate(zip(teacher.groups, query.layers, support.pyramid.layers)):
         block = teacher.attention[g]
@@ -362,7 +373,7 @@ def _coarse(
         if grid > 1 and support.shots == 1:
             out.append(_own_cell_excluded(block, q, keys, masks, valid, grid))
         else:
-            out.append(block(q, keys, masks, valid))
+            out.append(block(q, keys, masks, valid, exclude_unusable))
     return out
 
 

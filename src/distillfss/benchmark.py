@@ -113,6 +113,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         "device": cfg.device,
         "threads": torch.get_num_threads(),
     }
+    config = json.loads(json.dumps(config))  # as results.json holds it (tuples as lists), so a resume compares equal
     out = cfg.out
     refuse_unsafe_output(out, [root for _, root in datasets])
     results_path = out / "results.json"

@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "
         "_fast_teacheronly, _fast_joint: the fast student, also on the unlabeled train images / on 4 random crops per "
         "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; the suffixes "
-        "_setB, _setC, _two_stage, _nodistill, _coarsedrop on transferfss and distillfss: ablations",
+        "_setB, _setC, _two_stage, _nodistill, _coarsedrop, _old_shots, _old_self, _old_target, _old_mse on "
+        "transferfss and distillfss: ablations (_old_*: one fix of the training step undone)",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")

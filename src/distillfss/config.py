@@ -72,6 +72,15 @@ def model_config(backbone: str, num_classes: int, preset: str = "fast", image_si
     return ModelConfig(backbone=backbone, num_classes=num_classes, **fields)
 
 
+# The adaptation step's fixes, each of which ``AdaptConfig.legacy`` can undo (README, "Each fix on its own"):
+LEGACY_STEPS = (
+    "shots_without_class",  # class c attends to every other support image, also those without c
+    "self_in_softmax",  # the query's own tokens stay in the softmax, removed only by the value/renormaliser ratio
+    "student_relabelled",  # the student's focal loss on the teacher's targets (classes without a shot -> background)
+    "mse_per_pair",  # the distillation MSE averaged over (episode, class) pairs, not per episode first
+)
+
+
 @dataclass(frozen=True)
 class AdaptConfig(Serializable):
     """TransferFSS / DistillFSS training on a support set."""
@@ -120,10 +129,18 @@ class AdaptConfig(Serializable):
     # each query token attends only to the cells other than its own (the spatial counterpart of leave-one-out);
     # 1 = the image attends to itself whole, the query's own mask within reach of every token.
     one_shot_grid: int = 1
+    # The training step as it was before the fixes of the numbers-you-can-trust issue, one switch per fix (names in
+    # LEGACY_STEPS), for the per-fix ablation rows of the benchmark (``transferfss_old_<name>``); never a user's choice.
+    legacy: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         from .errors import UserError
+
+        object.__setattr__(self, "legacy", tuple(self.legacy))  # a list after a JSON round trip
+        unknown = sorted(set(self.legacy) - set(LEGACY_STEPS))
+        if unknown:
+            raise UserError(f"legacy: unknown step(s) {', '.join(unknown)}; choose from {', '.join(LEGACY_STEPS)}")
 
         for name in ("iterations", "view_batch", "fast_iterations", "one_shot_grid"):
             if getattr(self, name) < 1:

@@ -31,6 +31,11 @@ ABLATIONS: dict[str, dict] = {
     "_two_stage": {"mode": "two_stage"},
     "_nodistill": {"distill_weight": 0.0},
     "_coarsedrop": {"coarse_dropout": 0.3},
+    # the training step with one of its fixes undone (config.LEGACY_STEPS): what each fix changed on its own
+    "_old_shots": {"legacy": ("shots_without_class",)},
+    "_old_self": {"legacy": ("self_in_softmax",)},
+    "_old_target": {"legacy": ("student_relabelled",)},
+    "_old_mse": {"legacy": ("mse_per_pair",)},
 }
 # The student refined after adaptation (adapt.refine): on augmented support views only (--views, "flips" when that
 # says none), and on the support images plus the train split's images outside the support set as unlabeled images
