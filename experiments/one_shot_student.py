@@ -44,6 +44,15 @@ def scores(predictor: Predictor, pairs: list) -> dict:
     return {"iou": pct(tp, tp + fp + fn), "precision": pct(tp, tp + fp), "recall": pct(tp, tp + fn)}
 
 
+def test_pairs(test) -> list:
+    """(image, ground truth at 384 x 384) for every test image, as the benchmark scores them."""
+    pairs = []
+    for sample in test.samples:
+        image, mask = load_pair(sample, test.num_classes)
+        pairs.append((image, label_tensor(mask, 384).to(torch.uint8).numpy()))
+    return pairs
+
+
 def main(name: str, shots: int, draws: list[int], steps: list[int]) -> None:
     torch.use_deterministic_algorithms(True)
     _, root = resolve_dataset(name)
@@ -51,10 +60,7 @@ def main(name: str, shots: int, draws: list[int], steps: list[int]) -> None:
     mcfg = model_config("efficientnet_lite2", train.num_classes)
     backbone = build_backbone("efficientnet_lite2", mcfg.image_size)
     folder, _ = resolve_teacher("auto", mcfg)
-    pairs = []
-    for sample in test.samples:
-        image, mask = load_pair(sample, test.num_classes)
-        pairs.append((image, label_tensor(mask, 384).to(torch.uint8).numpy()))
+    pairs = test_pairs(test)
     for draw in draws:
         stems = sample_support([s.stem for s in train.samples], shots, class_sets(train), draw)
         images, labels = load_support_tensors(train, stems, mcfg.image_size)

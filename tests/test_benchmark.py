@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import write_dataset
 
 from distillfss.benchmark import resolve_dataset, table
@@ -176,6 +177,7 @@ def test_benchmark_seeds_and_draws(tmp_path) -> None:
     assert supports[0] != supports[1]  # two different support sets
     assert all(r["adapt"]["seed"] == r["seed"] for r in rows if r["adapt"])
     assert results["config"]["data"] == {"toy": str(data.resolve())} and results["config"]["threads"] >= 1
+    assert all("torch " + torch.__version__ in r["machine"] for r in rows)  # numbers hold on one machine
     text = (out / "table.md").read_text()
     assert "±" in text and "| distillfss | linear_probe |" in text and "| 4 |" in text
     assert main(["benchmark", "--data", str(data), "--draws", "0", "--out", str(tmp_path / "x"), *FAST]) == 2

@@ -195,7 +195,7 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     assert runs == [*first, ("distillfss_unlabeled", 0), *seeded]
     unlabeled = next(r for r in results["rows"] if r["method"] == "distillfss_unlabeled")
     assert unlabeled["unlabeled_images"] == 3 and unlabeled["adapt"]["refine_iterations"] == 2  # 8 train - 5 shots
-    assert results["seeds"] == [0, 1] and results["deterministic"] is True
+    assert results["seeds"] == [0, 1] and results["deterministic"] is True and "torch" in results["machine"]
     for r in results["rows"]:
         assert {
             "dataset",

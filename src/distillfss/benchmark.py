@@ -18,7 +18,7 @@ from .config import BENCHMARK_METHODS
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
-from .outputs import refuse_unsafe_output, timestamp, write_json_atomic
+from .outputs import machine, refuse_unsafe_output, timestamp, write_json_atomic
 from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
 
@@ -129,6 +129,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to reuse it)")
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
+    here = machine()
     backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, torch.device(cfg.device))
     for name, root in datasets:
         train, test = load_split(root, "train"), load_split(root, "test")
@@ -166,6 +167,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                 for stale in logs.parent.glob(f"{logs.stem}_seed*.jsonl"):  # an interrupted cell starts over
                     stale.unlink()
                 rows, _ = run_seeds(cell, seeds, backbones, log_path=logs)
+                rows = [{**r, "machine": here} for r in rows]  # a resumed run may finish on another machine
                 for r in rows:
                     log.info(
                         "[%s] K=%-3d draw %d seed %-4s %-12s mIoU %6.2f",

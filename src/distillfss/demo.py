@@ -33,7 +33,7 @@ from PIL import Image
 from .config import DEMO_ADAPT, REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import resolve_teacher
-from .outputs import check_output, output_folder, timestamp, write_json_atomic
+from .outputs import check_output, machine, output_folder, timestamp, write_json_atomic
 from .predictor import Predictor
 from .protocol import METHODS, RANDOM_START, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std
@@ -126,6 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         results = {
             "created": timestamp(),
             "device": str(device),
+            "machine": machine(),
             "threads": torch.get_num_threads(),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             "seeds": seeds,

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
 
 from .errors import UserError
 
@@ -129,6 +132,19 @@ def _remove(folder: Path, files: set[str]) -> None:
         if p.is_dir() and not any(p.iterdir()):
             p.rmdir()
     (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def machine() -> str:
+    """The processor and torch version a result was computed with. Training rounds differently on another CPU model
+    (other vector kernels), and a few hundred steps carry that to the second digit of an mIoU: the same command
+    gives the same numbers on one machine, not across machines (README, "Same command, same numbers")."""
+    cpu = platform.processor() or platform.machine()
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, torch {torch.__version__}"
 
 
 def timestamp() -> str:
