@@ -208,7 +208,8 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
             "ms_per_image",
         } <= set(r)
         assert r["dataset"] == "nuclei" and r["shots"] == 5 and 0 <= r["miou"] <= 100
-    assert "| nuclei | 5 |" in (out / "report.md").read_text() and " ± " in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| nuclei | 5 |" in report and " ± " in report and "refined for 2 steps" in report  # what it ran
     assert (out / "miou.png").is_file() and len(list((out / "overlays").glob("nuclei_*.png"))) == 3
 
 

@@ -183,6 +183,9 @@ def _report(results: dict, names: list[str], methods: tuple[str, ...]) -> str:
     rows = results["rows"]
     cfg = rows[0]["model"]
     acfg = next(r["adapt"] for r in rows if r["adapt"])
+    # the refined rows record their own steps (the paper's rows, which come first, have none)
+    refine = next((r["adapt"]["refine_iterations"] for r in rows if r["method"] == "distillfss_unlabeled"), None)
+    refine = refine or REFINE_ITERATIONS
     probe = next(r["image_size"] for r in rows if r["method"] == "linear_probe")
     seeds = ", ".join(str(s) for s in results["seeds"])
     lines = [
@@ -202,7 +205,7 @@ def _report(results: dict, names: list[str], methods: tuple[str, ...]) -> str:
         f"support set, at {probe} px; `prototype` = training-free prototype matching (masked average pooling + "
         "cosine), same features and size; both baselines choose their feature levels (the probe also its L2 "
         "strength and class weighting) by cross-validation on the support set. `distillfss_unlabeled` = the "
-        f"student refined for {acfg['refine_iterations'] or REFINE_ITERATIONS} steps on the train images outside "
+        f"student refined for {refine} steps on the train images outside "
         "the support set, used as unlabeled images labelled by the adapted teacher (their masks are never read). "
         "With 8-16 test images per set, differences of a few points are within "
         "the seed-to-seed spread; `distillfss benchmark --seeds ... --draws ...` gives paired intervals.",
