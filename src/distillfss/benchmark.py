@@ -129,7 +129,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to reuse it)")
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
-    here = machine()
+    here = machine(cfg.device)
     backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, torch.device(cfg.device))
     for name, root in datasets:
         train, test = load_split(root, "train"), load_split(root, "test")

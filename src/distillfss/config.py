@@ -72,7 +72,7 @@ def model_config(backbone: str, num_classes: int, preset: str = "fast", image_si
     return ModelConfig(backbone=backbone, num_classes=num_classes, **fields)
 
 
-# The adaptation step's fixes, each of which ``AdaptConfig.legacy`` can undo (README, "Each fix on its own"):
+# The adaptation step's fixes, each of which ``AdaptConfig.legacy`` can undo (README, "Each fix of the adaptation step on its own"):
 LEGACY_STEPS = (
     "shots_without_class",  # class c attends to every other support image, also those without c
     "self_in_softmax",  # the query's own tokens stay in the softmax, removed only by the value/renormaliser ratio

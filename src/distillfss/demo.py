@@ -126,7 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         results = {
             "created": timestamp(),
             "device": str(device),
-            "machine": machine(),
+            "machine": machine(device),
             "threads": torch.get_num_threads(),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             "seeds": seeds,

@@ -134,10 +134,13 @@ def _remove(folder: Path, files: set[str]) -> None:
     (folder / MANIFEST).unlink(missing_ok=True)
 
 
-def machine() -> str:
-    """The processor and torch version a result was computed with. Training rounds differently on another CPU model
-    (other vector kernels), and a few hundred steps carry that to the second digit of an mIoU: the same command
-    gives the same numbers on one machine, not across machines (README, "Same command, same numbers")."""
+def machine(device: torch.device | str = "cpu") -> str:
+    """The processor (the GPU's name on CUDA) and torch version a result was computed with. Training rounds
+    differently on another CPU model (other vector kernels), and a few hundred steps carry that to about a point of
+    mIoU per run: the same command gives the same numbers on one machine, not across machines (README, design
+    notes, "Same input, same answer")."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     with suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
