@@ -53,18 +53,29 @@ def test_pairs(test) -> list:
     return pairs
 
 
-def main(name: str, shots: int, draws: list[int], steps: list[int]) -> None:
+def setup(name: str) -> tuple:
+    """A bundled or converted dataset's train split, the default model config and backbone, the shipped teacher's
+    folder and the scored test pairs (deterministic algorithms on, as the CLI)."""
     torch.use_deterministic_algorithms(True)
     _, root = resolve_dataset(name)
     train, test = load_split(root, "train"), load_split(root, "test")
     mcfg = model_config("efficientnet_lite2", train.num_classes)
     backbone = build_backbone("efficientnet_lite2", mcfg.image_size)
     folder, _ = resolve_teacher("auto", mcfg)
-    pairs = test_pairs(test)
+    return train, mcfg, backbone, folder, test_pairs(test)
+
+
+def support_set(train, shots: int, draw: int, backbone, mcfg) -> tuple:
+    """The benchmark's support draw at K = ``shots`` -> (images, labels, their encoding)."""
+    stems = sample_support([s.stem for s in train.samples], shots, class_sets(train), draw)
+    images, labels = load_support_tensors(train, stems, mcfg.image_size)
+    return images, labels, encode_support(backbone, images, labels, mcfg.num_classes)
+
+
+def main(name: str, shots: int, draws: list[int], steps: list[int]) -> None:
+    train, mcfg, backbone, folder, pairs = setup(name)
     for draw in draws:
-        stems = sample_support([s.stem for s in train.samples], shots, class_sets(train), draw)
-        images, labels = load_support_tensors(train, stems, mcfg.image_size)
-        support = encode_support(backbone, images, labels, mcfg.num_classes)
+        images, labels, support = support_set(train, shots, draw, backbone, mcfg)
         start = load_teacher_weights(folder, backbone, mcfg)
         row: dict = {"dataset": name, "shots": shots, "draw": draw, "seed": 0}
         row["support_foreground_pct"] = round(100 * float((labels == 1).float().mean()), 2)

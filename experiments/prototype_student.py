@@ -26,20 +26,17 @@ import time
 
 import torch
 import torch.nn.functional as F
-from one_shot_student import scores, test_pairs
+from one_shot_student import scores, setup, support_set
 from torch import Tensor, nn
 
 from distillfss.adapt import VIEWS, adapt, seeded
-from distillfss.backbones import Pyramid, build_backbone
-from distillfss.benchmark import resolve_dataset
-from distillfss.config import AdaptConfig, model_config
-from distillfss.data import class_sets, load_support_tensors
-from distillfss.data.folder import IGNORE, load_split
-from distillfss.model_io import load_teacher_weights, resolve_teacher
+from distillfss.backbones import Pyramid
+from distillfss.config import AdaptConfig
+from distillfss.data.folder import IGNORE
+from distillfss.model_io import load_teacher_weights
 from distillfss.predictor import Predictor
-from distillfss.sampling import sample_support
 from distillfss.student import FastStudent, build_fast_student
-from distillfss.teacher import ModelOutput, _skip8, encode_support
+from distillfss.teacher import ModelOutput, _skip8
 
 adapt_mod = importlib.import_module("distillfss.adapt")
 
@@ -92,18 +89,10 @@ def distill(teacher, support, images, labels, cfg: AdaptConfig, prototypes: bool
 
 
 def main(name: str, shots: list[int], draws: list[int], seeds: list[int]) -> None:
-    torch.use_deterministic_algorithms(True)
-    _, root = resolve_dataset(name)
-    train, test = load_split(root, "train"), load_split(root, "test")
-    mcfg = model_config("efficientnet_lite2", train.num_classes)
-    backbone = build_backbone("efficientnet_lite2", mcfg.image_size)
-    folder, _ = resolve_teacher("auto", mcfg)
-    pairs = test_pairs(test)
+    train, mcfg, backbone, folder, pairs = setup(name)
     for k in shots:
         for draw in draws:
-            stems = sample_support([s.stem for s in train.samples], k, class_sets(train), draw)
-            images, labels = load_support_tensors(train, stems, mcfg.image_size)
-            support = encode_support(backbone, images, labels, mcfg.num_classes)
+            images, labels, support = support_set(train, k, draw, backbone, mcfg)
             for seed in seeds:
                 start = load_teacher_weights(folder, backbone, mcfg)
                 cfg = AdaptConfig(method="transfer", seed=seed)

@@ -38,6 +38,20 @@ def _two_class_support() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def _focal_targets(monkeypatch, backbone, images, labels, cfg: AdaptConfig) -> list[torch.Tensor]:
+    """The target of every focal loss one two-class adaptation computes, in order."""
+    seen: list[torch.Tensor] = []
+    real = adapt_mod.focal_loss
+
+    def spy(logits, target, *args, **kwargs):
+        seen.append(target.clone())
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_mod, "focal_loss", spy)
+    adapt(backbone, images, labels, _cfg(2), cfg, progress=False)
+    return seen
+
+
 def test_self_match_far_beyond_every_allowed_match_is_excluded_exactly() -> None:
     """A query that is support shot 0 itself, with a self-match leading by far more than 40 nats, excluded from its
     own keys: the result equals a plain softmax over the allowed shots only."""
@@ -81,16 +95,8 @@ def test_teacher_target_hides_classes_without_shots_and_the_student_sees_full_la
     assert (target[0] == 2).sum() == 0 and (target[0] == 1).sum() == (labels[0] == 1).sum()  # class 2 -> background
     assert torch.equal(target[1:], labels[1:])
 
-    seen: list[torch.Tensor] = []
-    real = adapt_mod.focal_loss
-
-    def spy(logits, target, *args, **kwargs):
-        seen.append(target.clone())
-        return real(logits, target, *args, **kwargs)
-
-    monkeypatch.setattr(adapt_mod, "focal_loss", spy)
-    adapt(lite0_64, images, labels, _cfg(2), AdaptConfig(iterations=1), progress=False)
-    teacher_t, student_t = seen  # one step: the teacher's focal, then the student's
+    # one step: the teacher's focal, then the student's
+    teacher_t, student_t = _focal_targets(monkeypatch, lite0_64, images, labels, AdaptConfig(iterations=1))
     assert torch.equal(teacher_t, target)
     assert torch.equal(student_t, labels)  # the student is trained on the full labels, class 2 included
 
@@ -294,17 +300,8 @@ def test_legacy_mse_per_pair_weights_episodes_by_their_class_count() -> None:
 
 def test_legacy_student_target_is_the_teachers_relabelled_target(lite0_64, monkeypatch) -> None:
     images, labels = _two_class_support()  # class 2 in image 0 only: hidden from episode 0's teacher target
-    seen: list[torch.Tensor] = []
-    real = adapt_mod.focal_loss
-
-    def spy(logits, target, *args, **kwargs):
-        seen.append(target.clone())
-        return real(logits, target, *args, **kwargs)
-
-    monkeypatch.setattr(adapt_mod, "focal_loss", spy)
     cfg = AdaptConfig(iterations=1, legacy=("student_relabelled",))
-    adapt(lite0_64, images, labels, _cfg(2), cfg, progress=False)
-    teacher_t, student_t = seen
+    teacher_t, student_t = _focal_targets(monkeypatch, lite0_64, images, labels, cfg)
     assert torch.equal(student_t, teacher_t) and not torch.equal(student_t, labels)
 
 
