@@ -128,7 +128,14 @@ def test_table_compares_methods_with_paired_intervals() -> None:
 def test_variants_are_compared_with_their_own_plain_method_only() -> None:
     from distillfss.benchmark import comparisons
 
-    methods = ("distillfss", "distillfss_unlabeled", "distillfss_fast", "distillfss_fast_crops")
+    methods = (
+        "distillfss",
+        "distillfss_unlabeled",
+        "distillfss_fast",
+        "distillfss_fast_crops",
+        "distillfss_fast_unlabeled",
+        "distillfss_fast_unlabeled_labelmean",
+    )
     rows = [
         {"dataset": "d", "shots": 5, "draw": draw, "seed": 0, "method": m, "miou": 50.0 + i + draw}
         for draw in range(2)
@@ -140,6 +147,11 @@ def test_variants_are_compared_with_their_own_plain_method_only() -> None:
         ("| distillfss_fast", "distillfss"),
         ("| distillfss_fast_crops", "distillfss"),
         ("| distillfss_fast_crops", "distillfss_fast"),
+        ("| distillfss_fast_unlabeled", "distillfss"),
+        ("| distillfss_fast_unlabeled", "distillfss_fast"),
+        ("| distillfss_fast_unlabeled_labelmean", "distillfss"),
+        ("| distillfss_fast_unlabeled_labelmean", "distillfss_fast"),
+        ("| distillfss_fast_unlabeled_labelmean", "distillfss_fast_unlabeled"),
     }
 
 
@@ -318,6 +330,12 @@ def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
     )
     flagged = rows("flagged", "distillfss_fast", "--fast-teacher-stage", "joint")
     assert flagged["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "joint"
+    # --label-views mean / --fast-ema 0.98, the rest the same
+    variants = rows("variants", "distillfss_fast,distillfss_fast_labelmean,distillfss_fast_ema")
+    plain = variants["distillfss_fast"]["adapt"]
+    assert variants["distillfss_fast_labelmean"]["adapt"] == {**plain, "label_views": "mean"}
+    assert variants["distillfss_fast_ema"]["adapt"] == {**plain, "fast_ema": 0.98}
+    assert variants["distillfss_fast"]["miou"] == both["distillfss_fast"]["miou"]
     assert flagged["distillfss_fast"]["miou"] == both["distillfss_fast_joint"]["miou"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from conftest import write_dataset
 from test_refine import _constant_teacher, _support
 from torch.utils.flop_counter import FlopCounterMode
 
-from distillfss.adapt import _fit_on_bank, _view_bank, adapt, distill_fast
+from distillfss.adapt import VIEWS, _fit_on_bank, _view_bank, adapt, dihedral, distill_fast, undo_dihedral, view_mean
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.errors import UserError
@@ -231,3 +232,77 @@ def test_fast_schedule_applies_to_the_fast_students_steps_only(lite0_64, monkeyp
     adapt_mod.adapt(lite0_64, images, labels, model, cfg, progress=False)
     assert seen == {("constant", 2), ("cosine", 3)}  # the teacher's 2 steps keep --schedule
     assert real("cosine", 200, 0) < 1.0 and real("cosine", 200, 199) < 0.01 < real("cosine", 200, 100)
+
+
+def test_undo_dihedral_inverts_every_symmetry_and_view_mean_keeps_equivariant_labels() -> None:
+    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    for k in range(8):
+        assert torch.equal(undo_dihedral(dihedral(x, k), k), x)
+    views = VIEWS["dihedral"]
+    consistent = torch.cat([dihedral(x, k) for k in views])  # labels that already agree across views
+    assert torch.allclose(view_mean(consistent, views), consistent, atol=1e-6)
+    noisy = consistent + torch.rand(consistent.shape, generator=torch.Generator().manual_seed(1))
+    kept = noisy.clone()
+    mean = view_mean(noisy, views)
+    assert torch.equal(noisy, kept)  # the caller's tensor is left alone
+    per_view = mean.unflatten(0, (len(views), -1))
+    base = undo_dihedral(per_view[0], views[0])
+    for j, k in enumerate(views):  # every view holds the same map, seen under its own symmetry
+        assert torch.allclose(per_view[j], dihedral(base, k), atol=1e-6)
+    assert not torch.allclose(mean, noisy)
+
+
+def test_label_views_mean_makes_the_teachers_labels_agree_across_an_images_views(lite0_64) -> None:
+    """With --label-views mean the soft labels and coarse masks of every view of an image (support or unlabeled)
+    are one map under the view's symmetry; the hard labels and the crops' labels are untouched."""
+    images, labels = _support()
+    teacher = build_teacher(lite0_64, MCFG)
+    support = encode_support(lite0_64, images, labels, 1)
+    unlabeled = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    views, m = VIEWS["hflip"], len(images)
+    args = (teacher, support, images, labels, views, unlabeled, views, 1)
+    own = _view_bank(*args, torch.Generator().manual_seed(0))
+    mean = _view_bank(*args, torch.Generator().manual_seed(0), 1, "mean")
+    assert torch.equal(own.hard, mean.hard) and torch.equal(own.source, mean.source)
+    crops = slice(len(views) * m, len(views) * m + m)
+    assert torch.equal(own.soft[crops], mean.soft[crops])
+    for start, n in ((0, m), (len(own.source) - len(views) * 2, 2)):
+        block = slice(start, start + len(views) * n)
+        for a, b in (
+            (own.soft[block].float(), mean.soft[block].float()),
+            (own.coarse[0][block], mean.coarse[0][block]),
+        ):
+            per_view = b.unflatten(0, (len(views), n))
+            for j, k in enumerate(views):
+                assert torch.allclose(undo_dihedral(per_view[j], k), per_view[0], atol=2e-3)
+            assert not torch.allclose(a, b, atol=1e-3)  # a random teacher disagrees with itself across views
+            assert torch.allclose(a.mean(), b.mean(), atol=1e-3)  # a mean of its labels, not new ones
+    with pytest.raises(SystemExit):
+        main(["adapt", "--label-views", "median", "--data", "x", "--out", "y"])
+
+
+def test_fast_ema_ends_with_the_moving_average_of_the_steps_weights(lite0_64) -> None:
+    """--fast-ema d: the student's weights after n steps are a_n, a_1 = w_1, a_t = d a_(t-1) + (1 - d) w_t, where
+    w_t are the weights the same training (same seed) has after t steps without averaging."""
+    images, labels = _support()
+    support = encode_support(lite0_64, images, labels, 1)
+    bank = _view_bank(build_teacher(lite0_64, MCFG), support, images, labels, (0, 1), None, (0,))
+    start = build_fast_student(lite0_64, 1, S)
+
+    def weights(steps: int, decay: float) -> list[torch.Tensor]:
+        fast = copy.deepcopy(start)
+        params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
+        cfg = AdaptConfig(lr=1e-2, view_batch=2, fast_ema=decay)
+        gen = torch.Generator().manual_seed(0)
+        _fit_on_bank(fast, params, bank, labels, cfg, steps, "fast", True, gen, False, lambda r: None)
+        return [p.detach().clone() for p in params]
+
+    d = 0.6
+    expected = weights(1, 0.0)
+    for t in (2, 3):
+        expected = [d * a + (1 - d) * w for a, w in zip(expected, weights(t, 0.0))]
+    averaged = weights(3, d)
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(averaged, expected))
+    assert not all(torch.allclose(a, w) for a, w in zip(averaged, weights(3, 0.0)))
+    with pytest.raises(UserError, match="fast-ema"):
+        AdaptConfig(fast_ema=1.0)

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .backbones import FrozenBackbone, Pyramid
@@ -415,6 +416,25 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     return x
 
 
+def undo_dihedral(x: Tensor, k: int) -> Tensor:
+    """The inverse of ``dihedral(x, k)``."""
+    if k & 2:
+        x = x.flip(-2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def view_mean(x: Tensor, views: tuple[int, ...]) -> Tensor:
+    """``x`` (len(views) * N, ..., S, S), view-major (the v-th block of N holds ``dihedral(image, views[v])``) -> the
+    same shape, each view replaced by the mean of the image's views mapped back to it; a new tensor."""
+    per_view = x.float().unflatten(0, (len(views), -1))
+    mean = torch.stack([undo_dihedral(per_view[j], k) for j, k in enumerate(views)]).mean(dim=0)
+    return torch.cat([dihedral(mean, k) for k in views]).to(x.dtype)
+
+
 def refine(
     teacher: Teacher,
     student: Student,
@@ -498,10 +518,12 @@ def _view_bank(
     crops: int = 0,
     gen: torch.Generator | None = None,
     grid: int = 1,
+    label_views: str = "view",
 ) -> ViewBank:
     """Support views (hard labels, their source image left out of the teacher's shots; with one support image and
     ``grid`` > 1, each position's own cell of it), then ``crops`` random crops of each support image (see
-    ``random_crops``; with one support image they see it whole), then unlabeled views."""
+    ``random_crops``; with one support image they see it whole), then unlabeled views. ``label_views`` "mean": the
+    teacher's labels of each support or unlabeled view are the mean over that image's views (``view_mean``)."""
     device = images.device
     m = len(images)
     sources = [torch.arange(m, device=device)] * len(views)
@@ -524,6 +546,15 @@ def _view_bank(
     source = torch.cat(sources)
     cells = torch.cat(symmetry) if grid > 1 and m == 1 else None
     coarse, soft, present = _teacher_labels(teacher, support, bank, source, cells, grid)
+    if label_views == "mean":
+        blocks = [(0, views, m)]  # (first index, symmetries, images) of each block of symmetric views
+        if unlabeled is not None and len(unlabeled):
+            blocks.append((len(source) - len(unlabeled) * len(unlabeled_views), unlabeled_views, len(unlabeled)))
+        for start, syms, n in blocks:
+            block = slice(start, start + len(syms) * n)
+            soft[block] = view_mean(soft[block], syms)
+            for c in coarse:
+                c[block] = view_mean(c[block], syms)
     return ViewBank(bank, source, torch.cat(hard), coarse, soft, present)
 
 
@@ -573,7 +604,8 @@ def _fit_on_bank(
     """Train ``params`` of a student on minibatches of the bank: the focal loss on support views' true labels, the
     teacher's soft labels (cross-entropy to its merged probabilities, each pixel weighted by the teacher's
     confidence) on unlabeled views -- and on support views too when ``soft_on_support`` -- and the coarse-map MSE
-    to the teacher on every view. ``labels``: the support labels (class weights)."""
+    to the teacher on every view. ``labels``: the support labels (class weights). With ``cfg.fast_ema`` > 0 the fast
+    stage ends with the moving average of its weights over the steps (decay ``cfg.fast_ema`` per step)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -583,6 +615,9 @@ def _fit_on_bank(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, schedule, steps))
     weights = balanced_weights(labels, bank.present.shape[1]) if cfg.class_weights == "balanced" else None
     model.train()
+    # the fast student's weights averaged over its steps (an exponential moving average) when cfg.fast_ema > 0
+    ema = get_ema_multi_avg_fn(cfg.fast_ema) if stage == "fast" and cfg.fast_ema > 0 else None
+    averaged: list[Tensor] = []
     order = torch.zeros(0, dtype=torch.long)
     n = len(bank.source)
     bar = tqdm(range(steps), desc=f"{stage} (student)", disable=not progress, leave=False)
@@ -612,10 +647,19 @@ def _fit_on_bank(
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            current = [p.detach() for p in params]
+            if averaged:
+                ema(averaged, current, step)
+            else:
+                averaged = [p.clone() for p in current]
         row["distill"] = round(d.item(), 5)
         row["loss"] = round(loss.item(), 5)
         record(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+    with torch.no_grad():
+        for p, a in zip(params, averaged):
+            p.copy_(a)
     for p in params:
         p.requires_grad_(False)
     model.eval()
@@ -655,7 +699,19 @@ def _distill_fast(
     """A fresh fast student distilled from the frozen, adapted teacher on the bank of support views (and unlabeled
     views) under ``cfg.fast_views``; soft labels on every view, since its decoder starts from scratch."""
     views = VIEWS[cfg.fast_views]
-    bank = _view_bank(teacher, support, images, labels, views, unlabeled, views, cfg.fast_crops, gen, cfg.one_shot_grid)
+    bank = _view_bank(
+        teacher,
+        support,
+        images,
+        labels,
+        views,
+        unlabeled,
+        views,
+        cfg.fast_crops,
+        gen,
+        cfg.one_shot_grid,
+        cfg.label_views,
+    )
     fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     _fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)

@@ -19,7 +19,7 @@ from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
 from .outputs import machine, refuse_unsafe_output, timestamp, write_json_atomic
-from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
+from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds, takes_unlabeled
 from .stats import mean_std, paired_comparison
 
 log = logging.getLogger("distillfss")
@@ -73,7 +73,7 @@ class BenchmarkConfig(RunConfig):
         bad = sorted(set(self.methods) - set(ALL_METHODS))
         if bad:
             raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
-        pooled = [m for m in self.methods if m.endswith("_unlabeled")]
+        pooled = [m for m in self.methods if takes_unlabeled(m)]
         if pooled and not self.unlabeled_from_train:
             raise DataError(
                 f"--methods: {', '.join(pooled)} take their unlabeled images from the train split; drop "
@@ -244,19 +244,18 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
 
 def comparisons(rows: list[dict]) -> list[str]:
     """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS (and each
-    DistillFSS variant against plain DistillFSS, each fast-student variant against the plain fast student): the mean
-    paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap interval, and a verdict."""
+    DistillFSS variant against each DistillFSS row its name extends, e.g. a fast-student variant against the plain
+    fast student): the mean paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap
+    interval, and a verdict."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
-    refs = [
-        m
-        for m in ("linear_probe", "prototype", "teacher", "transferfss", "distillfss", "distillfss_fast")
-        if m in methods
-    ]
+    refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss") if m in methods]
     lines = []
     for a in adapted:
-        for b in refs:
-            if b == a or (b.startswith("distillfss") and not a.startswith(f"{b}_")):  # variants against the plain one
+        # a variant also against each DistillFSS row its name extends (distillfss_fast_unlabeled_x: distillfss,
+        # distillfss_fast, distillfss_fast_unlabeled)
+        for b in refs + [m for m in methods if m.startswith("distillfss") and a.startswith(f"{m}_")]:
+            if b == a:
                 continue
             xs, ys, groups = _paired(rows, a, b)
             if not xs:

@@ -138,6 +138,22 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "resized, under one of the --fast-views symmetries; default %(default)s)",
     )
     g.add_argument(
+        "--label-views",
+        default=AdaptConfig.label_views,
+        choices=["view", "mean"],
+        help="the teacher's labels the fast student learns from: each view's own (default), or, with mean, the mean "
+        "of its labels of all the image's --fast-views views, each mapped back (test-time augmentation of the "
+        "teacher's labels; the images are labelled once, no extra cost)",
+    )
+    g.add_argument(
+        "--fast-ema",
+        type=float,
+        default=AdaptConfig.fast_ema,
+        metavar="DECAY",
+        help="keep the fast student's weights averaged over its steps, an exponential moving average with this decay "
+        "per step (e.g. 0.98; default %(default)s: the last step's weights)",
+    )
+    g.add_argument(
         "--fast-teacher-stage",
         default=AdaptConfig.fast_teacher_stage,
         choices=["joint", "teacher"],
@@ -417,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
         "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "
         "_fast_teacheronly, _fast_joint: the fast student, also on the unlabeled train images / on 4 random crops per "
-        "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; the suffixes "
+        "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; "
+        "_fast_labelmean, _fast_unlabeled_labelmean / _fast_ema, _fast_unlabeled_ema: the fast student without and "
+        "with the unlabeled images, with --label-views mean / --fast-ema 0.98 (unless given); the suffixes "
         "_setB, _setC, _two_stage, _nodistill, _coarsedrop, _old_shots, _old_self, _old_target, _old_mse on "
         "transferfss and distillfss: ablations (_old_*: one fix of the training step undone)",
     )

@@ -120,6 +120,13 @@ class AdaptConfig(Serializable):
     fast_views: Literal["none", "hflip", "flips", "dihedral"] = "dihedral"
     fast_schedule: Literal["cosine", "constant"] = "constant"  # the fast student's learning rate over its steps
     fast_crops: int = 0  # plus this many random crops (50-90 % of the side, a random symmetry) of each support image
+    # "mean": the teacher's labels of a view (soft labels and coarse masks) are the mean of its labels of all the
+    # image's views in the bank, each mapped back to the view (test-time augmentation of the pseudo-labels); "view":
+    # each view's own.
+    label_views: Literal["view", "mean"] = "view"
+    # > 0: the fast student ends with the exponential moving average of its weights over its steps, this decay per
+    # step (0.98: about the last 50 steps weigh most); 0: its last step's weights.
+    fast_ema: float = 0.0
     # What trains before the fast student's distillation: "teacher" = the teacher alone (TransferFSS), "joint" = the
     # teacher with the paper's student beside it (the original's joint loss; that student is then discarded). The
     # teacher alone skips the paper student's per-class decoder passes: at K = 5 the whole adaptation took about 60 %
@@ -148,6 +155,8 @@ class AdaptConfig(Serializable):
         for name in ("max_shots", "refine_iterations", "fast_crops"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.fast_ema < 1.0:
+            raise UserError(f"--fast-ema: expected a decay in [0, 1), got {self.fast_ema}")
         if not 0.0 <= self.coarse_dropout < 1.0:
             raise UserError(f"--coarse-dropout: expected a probability in [0, 1), got {self.coarse_dropout}")
         if self.student == "fast" and self.refine_iterations > 0:

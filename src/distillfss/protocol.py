@@ -42,15 +42,27 @@ ABLATIONS: dict[str, dict] = {
 # (their masks are never read; test images are never used).
 # The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
 # those plus the unlabeled train images as above; _teacheronly / _joint distil it from a teacher adapted alone / beside
-# the paper's student, whatever --fast-teacher-stage says.
+# the paper's student, whatever --fast-teacher-stage says; _labelmean: with --label-views mean; _ema: with --fast-ema.
 FAST = (
     "distillfss_fast",
     "distillfss_fast_unlabeled",
     "distillfss_fast_crops",
     "distillfss_fast_teacheronly",
     "distillfss_fast_joint",
+    "distillfss_fast_labelmean",
+    "distillfss_fast_unlabeled_labelmean",
+    "distillfss_fast_ema",
+    "distillfss_fast_unlabeled_ema",
 )
 FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
+FAST_EMA = 0.98  # distillfss_fast_ema, _fast_unlabeled_ema: the weights' moving average when --fast-ema says none
+
+
+def takes_unlabeled(method: str) -> bool:
+    """Whether a benchmark row learns from the train split's images outside the support set as unlabeled images."""
+    return "_unlabeled" in method
+
+
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
 ALL_METHODS = (
     METHODS
@@ -225,7 +237,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
             for name in sorted(refined):
                 t0 = time.perf_counter()
                 pool = None
-                if name.endswith("_unlabeled"):
+                if takes_unlabeled(name):
                     pool = _unlabeled_pool(cell, stems, mcfg.image_size)
                     unlabeled_counts[name] = 0 if pool is None else len(pool)
                     pool = None if pool is None else pool.to(device)
@@ -241,6 +253,10 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                     )
                     if name == "distillfss_fast_crops" and rcfg.fast_crops == 0:
                         rcfg = dataclasses.replace(rcfg, fast_crops=FAST_CROPS)  # the row's point: crops
+                    if name.endswith("_labelmean"):
+                        rcfg = dataclasses.replace(rcfg, label_views="mean")
+                    if name.endswith("_ema") and rcfg.fast_ema == 0:
+                        rcfg = dataclasses.replace(rcfg, fast_ema=FAST_EMA)
                     stage_method = "distill" if fast_stage[name] == "joint" else "transfer"
                     fast_teacher, start_seconds = teachers[stage_method]
                     student, rlog = distill_fast(
