@@ -306,3 +306,14 @@ def test_fast_ema_ends_with_the_moving_average_of_the_steps_weights(lite0_64) ->
     assert not all(torch.allclose(a, w) for a, w in zip(averaged, weights(3, 0.0)))
     with pytest.raises(UserError, match="fast-ema"):
         AdaptConfig(fast_ema=1.0)
+
+
+def test_fast_only_flags_with_the_paper_student_are_a_clear_error(tmp_path: Path, capsys) -> None:
+    data = write_dataset(tmp_path / "d", n_train=3)
+    out = tmp_path / "m"
+    for flags in (["--label-views", "mean"], ["--fast-ema", "0.9"], ["--fast-crops", "2", "--fast-ema", "0.9"]):
+        argv = ["adapt", "--support", str(data), "--shots", "2", "--student", "paper", "--out", str(out), *flags]
+        assert main(argv + SMALL) == 2
+        err = capsys.readouterr().err
+        assert flags[0] in err and "fast student only" in err
+        assert not out.exists()  # nothing written

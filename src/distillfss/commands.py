@@ -20,6 +20,7 @@ from .cli import config_from_args, int_list, model_config, timestamp, write_json
 from .config import REFINE_ITERATIONS, AdaptConfig
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
+from .errors import UserError
 from .evaluate import evaluate_predictor, write_per_image_csv
 from .model_io import (
     LOG,
@@ -61,6 +62,11 @@ def adapt(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
     acfg = config_from_args(AdaptConfig, args)
+    fast_only = {"--fast-crops": acfg.fast_crops > 0, "--label-views": acfg.label_views != "view"}
+    fast_only["--fast-ema"] = acfg.fast_ema > 0
+    named = [flag for flag, given in fast_only.items() if given]
+    if named and (acfg.student != "fast" or acfg.method != "distill"):
+        raise UserError(f"{', '.join(named)}: act on the fast student only; drop them or use --student fast")
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
