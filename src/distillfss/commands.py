@@ -62,8 +62,11 @@ def adapt(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
     acfg = config_from_args(AdaptConfig, args)
-    fast_only = {"--fast-crops": acfg.fast_crops > 0, "--label-views": acfg.label_views != "view"}
-    fast_only["--fast-ema"] = acfg.fast_ema > 0
+    fast_only = {
+        "--fast-crops": acfg.fast_crops > 0,
+        "--label-views": acfg.label_views != "view",
+        "--fast-ema": acfg.fast_ema > 0,
+    }
     named = [flag for flag, given in fast_only.items() if given]
     if named and (acfg.student != "fast" or acfg.method != "distill"):
         raise UserError(f"{', '.join(named)}: act on the fast student only; drop them or use --student fast")
