@@ -471,7 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same flags to resume an interrupted run. Many processes: torchrun --nproc_per_node N "
         "-m distillfss meta-train ... (DistributedDataParallel; gloo on CPU, nccl on GPU).",
     )
-    p.add_argument("--source", required=True, choices=["selfsup", "pascal", "coco"], help="the source domain")
+    p.add_argument(
+        "--source",
+        required=True,
+        choices=["selfsup", "synthetic", "selfsup+synthetic", "pascal", "coco"],
+        help="the source domain (the first three offline: superpixels of photographs, synthetic composites with "
+        "exact masks, or both)",
+    )
     p.add_argument("--data", type=Path, default=None, help="pascal: the VOC2012 folder; coco: the COCO 2014 folder")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed when it holds this run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first and start from step 0")

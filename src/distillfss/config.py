@@ -170,7 +170,7 @@ class AdaptConfig(Serializable):
 class MetaConfig(Serializable):
     """Source-domain training of the teacher. Everything that changes the result is here (and in the checkpoint)."""
 
-    source: Literal["selfsup", "pascal", "coco"] = "selfsup"
+    source: Literal["selfsup", "synthetic", "selfsup+synthetic", "pascal", "coco"] = "selfsup"
     fold: int = 0  # PASCAL-5i / COCO-20i fold held out for validation
     steps: int = 1000  # optimizer steps (may be raised when resuming)
     batch: int = 8  # episodes per step, global over all processes

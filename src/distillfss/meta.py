@@ -432,6 +432,41 @@ def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> N
     save_teacher_checkpoint(out, teacher, model_cfg, meta)
 
 
+def _source_lines(src: dict) -> list[str]:
+    """The model card's description of one source (``describe()``)."""
+    images = [f"- `{n}`: {lic}" for n, lic in src.get("images", {}).items()]
+    if src["name"] == "selfsup":
+        return [
+            "Self-supervised episodes: SLIC superpixel pseudo-masks on two augmented views (crop, scale, flip, "
+            "brightness/contrast) of the same image. Images (scikit-image's bundled data, licences from its "
+            "docstrings), disjoint from every demo and evaluation image:",
+            "",
+            *images,
+            "",
+            f"Training images: {', '.join(src['train_images'])}; validation (held out): {', '.join(src['val_images'])}; "
+            f"{src['views_per_image']} views per image; {src['classes']['train']} training and "
+            f"{src['classes']['val']} validation pseudo-classes.",
+        ]
+    if src["name"] == "synthetic":
+        return [
+            "Synthetic episodes with exact masks: composites of materials (regions of photographs, smooth noise, "
+            "stripes, checks, dots) as blobs or rectangles, one large object or many small instances, on a "
+            "background material, with colour jitter, lighting, blur and noise; a class is a material, an episode "
+            "two composites holding it. Photographs (scikit-image's bundled data), disjoint from every demo and "
+            "evaluation image:",
+            "",
+            *images,
+            "",
+            f"Training photographs: {', '.join(src['train_photos'])}; validation classes' photographs (held out): "
+            f"{', '.join(src['val_photos'])}; {src['items']['train']} training and {src['items']['val']} validation "
+            f"composites; {src['classes']['train']} training and {src['classes']['val']} validation classes.",
+        ]
+    return [
+        f"{src['name']} fold {src['fold']}: training classes {src['train_classes']}, validation classes "
+        f"{src['val_classes']}; images {src['images']}.",
+    ]
+
+
 def _provenance_line(p: dict | None) -> str:
     if not p:
         return "- code commit and package versions: not recorded by the run"
@@ -444,8 +479,10 @@ def _provenance_line(p: dict | None) -> str:
 def recipe(cfg: MetaConfig, model_cfg: ModelConfig, out: str = "OUT") -> str:
     """The command line that reproduces a run (flags that differ from the defaults)."""
     from .config import PRESETS
+    from .data.sources import OFFLINE_SOURCES
 
-    flags = [f"--source {cfg.source}"] + ([] if cfg.source == "selfsup" else ["--data DATA"]) + [f"--out {out}"]
+    offline = cfg.source in OFFLINE_SOURCES
+    flags = [f"--source {cfg.source}"] + ([] if offline else ["--data DATA"]) + [f"--out {out}"]
     defaults = MetaConfig()
     for k, v in cfg.to_dict().items():
         if k != "source" and v != getattr(defaults, k):
@@ -497,25 +534,9 @@ def model_card(out: Path) -> str:
         "## Data",
         "",
     ]
-    if src["name"] == "selfsup":
-        lines += [
-            "Self-supervised episodes: SLIC superpixel pseudo-masks on two augmented views (crop, scale, flip, "
-            "brightness/contrast) of the same image. Images (scikit-image's bundled data, licences from its "
-            "docstrings), disjoint from every demo and evaluation image:",
-            "",
-            *[f"- `{n}`: {lic}" for n, lic in src["images"].items()],
-            "",
-            f"Training images: {', '.join(src['train_images'])}; validation (held out): {', '.join(src['val_images'])}; "
-            f"{src['views_per_image']} views per image; {src['classes']['train']} training and "
-            f"{src['classes']['val']} validation pseudo-classes.",
-        ]
-    else:
-        lines += [
-            f"{src['name']} fold {src['fold']}: training classes {src['train_classes']}, validation classes "
-            f"{src['val_classes']}; images {src['images']}.",
-        ]
+    for part in src.get("parts", [src]):
+        lines += [*_source_lines(part), ""]
     lines += [
-        "",
         "## Recipe",
         "",
         "```",
@@ -539,9 +560,10 @@ def model_card(out: Path) -> str:
         "",
         "## Limits",
         "",
-        "Pseudo-classes are superpixels, not objects: the teacher learns to match regions between views, which "
-        "is what few-shot transfer needs, but it has never seen a semantic class. Measure it on your data: "
-        "`distillfss demo` reports every demo dataset from this teacher and from a random one.",
+        "Offline sources hold no semantic class: superpixels are regions, synthetic classes are materials. The "
+        "teacher learns to match regions between images, which is what few-shot transfer needs, but it has never "
+        "seen an object class. Measure it on your data: `distillfss demo --compare-random` reports every demo "
+        "dataset from this teacher and from a random one.",
         "",
     ]
     return "\n".join(lines)

@@ -228,12 +228,22 @@ class CocoSource(_LabelledSource):
         return out
 
 
-def build_source(name: str, data: Path | str | None, size: int, fold: int = 0, views: int = 24, seed: int = 0):
-    """The meta-training source ``name`` (selfsup | pascal | coco)."""
-    if name == "selfsup":
-        from .selfsup import SelfSupSource, load_source_images
+OFFLINE_SOURCES = ("selfsup", "synthetic", "selfsup+synthetic")  # no download, no --data
 
-        return SelfSupSource(load_source_images(), size, views=views, seed=seed)
+
+def build_source(name: str, data: Path | str | None, size: int, fold: int = 0, views: int = 24, seed: int = 0):
+    """The meta-training source ``name`` (selfsup | synthetic | selfsup+synthetic | pascal | coco)."""
+    if name in OFFLINE_SOURCES:
+        from .selfsup import SelfSupSource, load_source_images
+        from .synthetic import MixedSource, SyntheticSource
+
+        photos = load_source_images()
+        parts = []
+        if "selfsup" in name.split("+"):
+            parts.append(SelfSupSource(photos, size, views=views, seed=seed))
+        if "synthetic" in name.split("+"):
+            parts.append(SyntheticSource(photos, size, seed=seed))
+        return parts[0] if len(parts) == 1 else MixedSource(*parts)
     if data is None:
         raise DataError(f"--source {name} needs --data (the dataset folder, see the README)")
     if not Path(data).is_dir():
@@ -242,4 +252,4 @@ def build_source(name: str, data: Path | str | None, size: int, fold: int = 0, v
         return PascalSource(data, size, fold)
     if name == "coco":
         return CocoSource(data, size, fold)
-    raise DataError(f"unknown source {name!r} (selfsup, pascal or coco)")
+    raise DataError(f"unknown source {name!r} ({', '.join(OFFLINE_SOURCES)}, pascal or coco)")
