@@ -49,11 +49,14 @@ def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:
     assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     keys = {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image"}
-    assert set(r) == keys | {"vote_chunk", "eval_resolution"}
+    assert set(r) == keys | {"vote_chunk", "eval_resolution", "tta"}
     assert r["vote_chunk"] is None and r["eval_resolution"] == "original"  # a student has no support to vote over
+    assert r["tta"] == "none"
     args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--eval-size", "32"]
     assert main([*args, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["eval_resolution"] == 32
+    assert main([*args, "--tta", "flips", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["tta"] == "flips"
     assert r["n_images"] == 3 and set(r["per_class"]) == {"background", "class1", "class2", "class3"}
     assert 0 <= r["miou"] <= 100
 

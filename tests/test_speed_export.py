@@ -103,6 +103,8 @@ def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> N
     assert scores["onnx"]["miou"] == pytest.approx(scores["torch"]["miou"], abs=0.5)
     assert scores["onnx"]["vote_chunk"] is None and scores["onnx"]["n_images"] == scores["torch"]["n_images"]
     assert main(["evaluate", "--model", str(model), "--engine", "onnx", "--data", str(binary_dataset)]) == 2
+    args = ["predict", "--model", str(onnx_file), "--engine", "onnx", "--images", images, "--tta", "hflip"]
+    assert main([*args, "--out", str(tmp_path / "tta")]) == 2 and not (tmp_path / "tta").exists()
 
 
 @pytest.mark.parametrize("model", ["onnx", "onnx-fast"])

@@ -70,6 +70,7 @@ from .config import AdaptConfig, ModelConfig
 from .losses import balanced_weights, coarse_mse, focal_loss
 from .predictor import VOTE_CHUNK
 from .student import FastStudent, Student, build_fast_student, build_student
+from .symmetry import VIEWS, dihedral, undo_dihedral
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,6 @@ TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
     "B": ("decoder.", "attention."),
     "C": ("decoder.conv1", "decoder.conv2", "decoder.conv3", "decoder.mixer", "attention."),
 }
-# Augmented views of the bank: indices into the 8 symmetries of the square (see ``dihedral``); 0 = identity.
-VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "hflip": (0, 1), "flips": (0, 1, 2, 3), "dihedral": tuple(range(8))}
 ENCODE_CHUNK = 16  # images per backbone call when encoding a view bank
 
 
@@ -402,29 +401,6 @@ def _own_cell_excluded(
     per_cell = block(q.expand(n, -1, -1, -1), keys, masks, valid * outside.unsqueeze(1))  # (n, C, h, w)
     index = cells.reshape(1, 1, h, w).expand(1, per_cell.shape[1], h, w)
     return per_cell.gather(0, index)  # each position from the episode that left its own cell out
-
-
-def dihedral(x: Tensor, k: int) -> Tensor:
-    """The k-th (0..7) symmetry of the square on the last two dims: bit 2 transposes, bit 0 flips left-right,
-    bit 1 flips up-down (0 = identity, 3 = rotation by 180 degrees)."""
-    if k & 4:
-        x = x.transpose(-1, -2)
-    if k & 1:
-        x = x.flip(-1)
-    if k & 2:
-        x = x.flip(-2)
-    return x
-
-
-def undo_dihedral(x: Tensor, k: int) -> Tensor:
-    """The inverse of ``dihedral(x, k)``."""
-    if k & 2:
-        x = x.flip(-2)
-    if k & 1:
-        x = x.flip(-1)
-    if k & 4:
-        x = x.transpose(-1, -2)
-    return x
 
 
 def view_mean(x: Tensor, views: tuple[int, ...]) -> Tensor:

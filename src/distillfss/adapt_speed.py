@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapt import adapt, dihedral
+from .adapt import adapt
 from .backbones import build_backbone
 from .config import AdaptConfig, ModelConfig
 from .data import load_split, load_support_tensors
 from .errors import UserError
 from .speed import _peak_rss_mb, device_name, measure_isolated
+from .symmetry import dihedral
 from .teacher import encode_support
 
 DATASET = "nuclei"

@@ -245,7 +245,8 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
 def comparisons(rows: list[dict]) -> list[str]:
     """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS (and each
     DistillFSS variant against each DistillFSS row its name extends, e.g. a fast-student variant against the plain
-    fast student): the mean paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap
+    fast student; a ``_tta`` row also against the baseline with the same test-time augmentation): the mean paired
+    difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap
     interval, and a verdict."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
@@ -254,7 +255,9 @@ def comparisons(rows: list[dict]) -> list[str]:
     for a in adapted:
         # a variant also against each DistillFSS row its name extends (distillfss_fast_unlabeled_x: distillfss,
         # distillfss_fast, distillfss_fast_unlabeled)
-        for b in refs + [m for m in methods if m.startswith("distillfss") and a.startswith(f"{m}_")]:
+        # and a test-time-augmentation row also against the reference with the same augmentation
+        tta = [f"{r}_tta" for r in refs if a.endswith("_tta") and f"{r}_tta" in methods]
+        for b in refs + tta + [m for m in methods if m.startswith("distillfss") and a.startswith(f"{m}_")]:
             if b == a:
                 continue
             xs, ys, groups = _paired(rows, a, b)

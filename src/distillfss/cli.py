@@ -231,6 +231,14 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     _device_flag(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
     _vote_flag(p)
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "hflip", "flips", "dihedral"],
+        help="test-time augmentation: also segment each image's left-right flip, both flips, or all 8 flips/90-degree "
+        "rotations, and average the class probabilities (2, 4 or 8 times the time per image; default none; pick "
+        "what your domain allows)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         "_fast_labelmean, _fast_unlabeled_labelmean / _fast_ema, _fast_unlabeled_ema: the fast student without and "
         "with the unlabeled images, with --label-views mean / --fast-ema 0.98 (unless given); the suffixes "
         "_setB, _setC, _two_stage, _nodistill, _coarsedrop, _old_shots, _old_self, _old_target, _old_mse on "
-        "transferfss and distillfss: ablations (_old_*: one fix of the training step undone)",
+        "transferfss and distillfss: ablations (_old_*: one fix of the training step undone); distillfss_fast_tta, "
+        "distillfss_fast_unlabeled_tta, linear_probe_tta: the model of the row without _tta, evaluated with "
+        "test-time augmentation (--tta flips)",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")

@@ -163,10 +163,17 @@ def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tup
 
         if not args.model.is_file():
             raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
+        if args.tta != "none":
+            raise DataError("--tta runs with --engine torch only (the ONNX predictor segments each image once)")
         predictor = OnnxPredictor(args.model)
         return predictor, predictor.classes, "onnx"
     loaded = load_model(
-        args.model, args.backbone_weights, device=args.device, precision=args.precision, vote_chunk=args.vote_chunk
+        args.model,
+        args.backbone_weights,
+        device=args.device,
+        precision=args.precision,
+        vote_chunk=args.vote_chunk,
+        tta=args.tta,
     )
     return loaded.predictor, loaded.classes, loaded.kind
 
@@ -183,6 +190,7 @@ def evaluate(args: argparse.Namespace) -> int:
     report = {
         **result.to_json(),
         "vote_chunk": (predictor.vote_chunk if predictor.voting else 0) if kind == "teacher" else None,
+        "tta": args.tta,
         "eval_resolution": args.eval_size or "original",
     }
     text = json.dumps(report, indent=2)

@@ -104,9 +104,10 @@ def load_model(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     vote_chunk: int = VOTE_CHUNK,
+    tta: str = "none",
 ) -> LoadedModel:
     """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys.
-    ``vote_chunk``: see :class:`Predictor` (teachers only)."""
+    ``vote_chunk`` (teachers only) and ``tta``: see :class:`Predictor`."""
     folder = Path(folder)
     config = read_config(folder)
     model_cfg = ModelConfig.from_dict(config["model"])
@@ -154,7 +155,7 @@ def load_model(
         model_cfg,
         classes,
         config,
-        Predictor(model, model_cfg.image_size, support, precision, vote_chunk),
+        Predictor(model, model_cfg.image_size, support, precision, vote_chunk, tta),
     )
 
 

@@ -64,12 +64,22 @@ def takes_unlabeled(method: str) -> bool:
 
 
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
+# Test-time augmentation rows: the model of the row named before "_tta", evaluated with ``Predictor(tta=TTA)``
+# (the class probabilities averaged over the image's flips, mapped back); the probe's for a like-for-like comparison.
+TTA = "flips"
+TTA_ROWS = ("distillfss_fast_tta", "distillfss_fast_unlabeled_tta", "linear_probe_tta")
 ALL_METHODS = (
     METHODS
     + RANDOM_START
     + tuple(f"{m}{suffix}" for suffix in ABLATIONS for m in ("transferfss", "distillfss"))
     + REFINED
+    + TTA_ROWS
 )
+
+
+def untta(method: str) -> str:
+    """The row whose model a test-time-augmentation row evaluates (the method itself for any other row)."""
+    return method.removesuffix("_tta") if method in TTA_ROWS else method
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +146,7 @@ class Cell:
         """The methods whose result depends on the adaptation seed (the others are deterministic given the support:
         the baselines, and the teacher before adaptation when it starts from a saved one)."""
         fixed = {"linear_probe", "prototype"} | ({"teacher"} if self.teacher is not None else set())
-        return tuple(m for m in self.methods if m not in fixed)
+        return tuple(m for m in self.methods if untta(m) not in fixed)
 
 
 def run_seeds(
@@ -183,7 +193,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
     seconds: dict[str, float] = {}
     sizes: dict[str, int] = {}
     inits: dict[str, str] = {}  # where each teacher-based method started
-    wanted = set(cell.methods)
+    wanted = {untta(m) for m in cell.methods}  # a _tta row needs its model
 
     plateaus: dict[str, tuple[tuple[int, float], ...]] = {}
     unlabeled_counts: dict[str, int] = {}
@@ -309,6 +319,13 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 predictors[name] = Predictor(model, cell.probe_size)
                 sizes[name] = cell.probe_size
 
+    for method in [m for m in cell.methods if m in TTA_ROWS]:  # the same model, evaluated with test-time augmentation
+        plain, of = predictors[untta(method)], untta(method)
+        predictors[method] = Predictor(plain.model, plain.image_size, plain.support, plain.precision, tta=TTA)
+        for record in (seconds, adapt_cfgs, inits, sizes, settings, plateaus, unlabeled_counts):
+            if of in record:
+                record[method] = record[of]  # type: ignore[index]
+
     rows = []
     for method in cell.methods:
         ev = evaluate_predictor(predictors[method], cell.test, progress=False, eval_size=cell.eval_size)
@@ -329,6 +346,7 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 "image_size": sizes[method],
                 "teacher_init": inits.get(method),
                 "vote_chunk": cell.vote_chunk if method.startswith(("teacher", "transferfss")) else None,
+                "tta": predictors[method].tta,
                 # when the total loss, and the method's own segmentation (focal) loss, reached their plateau
                 "plateau_step": plateaus[method][0][0] if method in plateaus else None,
                 "plateau_seconds": plateaus[method][0][1] if method in plateaus else None,
