@@ -41,6 +41,9 @@ def test_fit_predict_save_load_export_round_trip(tmp_path: Path) -> None:
     assert all(lab.dtype == np.uint8 and lab.max() <= 2 for lab in labels)
     single = seg.predict(images[1])
     assert isinstance(single, np.ndarray) and np.array_equal(single, labels[1])
+    flipped = seg.predict(images[1][:, ::-1].copy(), tta="hflip")  # TTA over a flip: the same labels, flipped
+    assert np.array_equal(flipped, seg.predict(images[1], tta="hflip")[:, ::-1])
+    assert np.array_equal(seg.predict(images[1]), single)  # the plain predictor is unchanged
 
     seg.save(tmp_path / "model")
     again = FewShotSegmenter.load(tmp_path / "model")

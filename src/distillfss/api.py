@@ -158,11 +158,18 @@ class FewShotSegmenter:
 
     # -- inference --------------------------------------------------------------------------------------------
     def predict(
-        self, images: ImageLike | Sequence[ImageLike], model: Literal["student", "teacher"] | None = None
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        model: Literal["student", "teacher"] | None = None,
+        tta: Literal["none", "hflip", "flips", "dihedral"] = "none",
     ) -> np.ndarray | list[np.ndarray]:
         """Label maps (H, W) uint8 at each image's own size: a list for a list, one array for one image.
-        model: 'student' (default when there is one) or 'teacher' (needs its support set)."""
+        model: 'student' (default when there is one) or 'teacher' (needs its support set).
+        tta: test-time augmentation over the image's flips / 8 symmetries (see :class:`Predictor`)."""
         predictor = self._predictor(model or ("student" if self.student is not None else "teacher"))
+        if tta != "none":
+            p = predictor
+            predictor = Predictor(p.model, p.image_size, p.support, p.precision, p.vote_chunk, tta=tta)
         single = isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)  # type: ignore[list-item]
         out: list[np.ndarray] = []
