@@ -55,6 +55,17 @@ def test_tta_averages_the_views_mapped_back() -> None:
 def test_an_unknown_tta_is_refused() -> None:
     with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, dihedral"):
         Predictor(Pointwise(), 16, tta="rot45")
+    with pytest.raises(ValueError, match="tta must be one of"):
+        Predictor(Pointwise(), 16).with_tta("rot45")
+
+
+def test_with_tta_shares_the_model_and_leaves_the_original_alone() -> None:
+    x = torch.rand(1, 3, 8, 8)
+    plain = Predictor(LeftHalf(), 8)
+    twin = plain.with_tta("hflip")
+    assert plain.tta == "none" and twin.tta == "hflip" and twin.model is plain.model
+    torch.testing.assert_close(twin.logits(x), Predictor(LeftHalf(), 8, tta="hflip").logits(x))
+    assert plain.logits(x).softmax(dim=1)[0, 1, 0, 0] > 0.9  # still the plain model's answer
 
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]

@@ -168,8 +168,7 @@ class FewShotSegmenter:
         tta: test-time augmentation over the image's flips / 8 symmetries (see :class:`Predictor`)."""
         predictor = self._predictor(model or ("student" if self.student is not None else "teacher"))
         if tta != "none":
-            p = predictor
-            predictor = Predictor(p.model, p.image_size, p.support, p.precision, p.vote_chunk, tta=tta)
+            predictor = predictor.with_tta(tta)  # the cached predictor (and a teacher's keys) shared, not rebuilt
         single = isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)  # type: ignore[list-item]
         out: list[np.ndarray] = []

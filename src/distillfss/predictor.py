@@ -3,6 +3,8 @@ images of any size, returning labels at the image's own resolution."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,9 +43,7 @@ class Predictor:
             raise ValueError("a teacher needs its support set")
         if vote_chunk < 0:
             raise ValueError(f"vote_chunk must be >= 0, got {vote_chunk}")
-        if tta not in VIEWS:
-            raise ValueError(f"tta must be one of {', '.join(VIEWS)}, got {tta!r}")
-        self.tta = tta
+        self.tta = _checked_tta(tta)
         self.model = model.eval()
         self.image_size = image_size
         self.precision = precision
@@ -51,6 +51,13 @@ class Predictor:
         self.vote_chunk = vote_chunk
         self.voting = support is not None and 0 < vote_chunk < int(support.flags.sum(dim=0).max())
         self._keys = model.keys(support) if isinstance(model, Teacher) and not self.voting else None
+
+    def with_tta(self, tta: str) -> Predictor:
+        """The same model, support and cached keys, predicting with test-time augmentation ``tta``; ``self`` is
+        unchanged."""
+        twin = copy.copy(self)
+        twin.tta = _checked_tta(tta)
+        return twin
 
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
@@ -87,6 +94,12 @@ class Predictor:
         return labels_at_sizes(
             self.logits(x).cpu(), [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
         )
+
+
+def _checked_tta(tta: str) -> str:
+    if tta not in VIEWS:
+        raise ValueError(f"tta must be one of {', '.join(VIEWS)}, got {tta!r}")
+    return tta
 
 
 def labels_at_sizes(logits: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

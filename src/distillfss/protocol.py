@@ -64,7 +64,7 @@ def takes_unlabeled(method: str) -> bool:
 
 
 REFINED = ("distillfss_views", "distillfss_unlabeled", *FAST)
-# Test-time augmentation rows: the model of the row named before "_tta", evaluated with ``Predictor(tta=TTA)``
+# Test-time augmentation rows: the model of the row named before "_tta", evaluated with ``Predictor.with_tta(TTA)``
 # (the class probabilities averaged over the image's flips, mapped back); the probe's for a like-for-like comparison.
 TTA = "flips"
 TTA_ROWS = ("distillfss_fast_tta", "distillfss_fast_unlabeled_tta", "linear_probe_tta")
@@ -320,8 +320,8 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                 sizes[name] = cell.probe_size
 
     for method in [m for m in cell.methods if m in TTA_ROWS]:  # the same model, evaluated with test-time augmentation
-        plain, of = predictors[untta(method)], untta(method)
-        predictors[method] = Predictor(plain.model, plain.image_size, plain.support, plain.precision, tta=TTA)
+        of = untta(method)
+        predictors[method] = predictors[of].with_tta(TTA)
         for record in (seconds, adapt_cfgs, inits, sizes, settings, plateaus, unlabeled_counts):
             if of in record:
                 record[method] = record[of]  # type: ignore[index]
