@@ -13,7 +13,19 @@ from conftest import write_dataset
 from test_refine import _constant_teacher, _support
 from torch.utils.flop_counter import FlopCounterMode
 
-from distillfss.adapt import VIEWS, _fit_on_bank, _view_bank, adapt, dihedral, distill_fast, undo_dihedral, view_mean
+from distillfss.adapt import (
+    VIEWS,
+    _fit_on_bank,
+    _select,
+    _view_bank,
+    adapt,
+    dihedral,
+    distill_fast,
+    probe_labels,
+    undo_dihedral,
+    view_mean,
+)
+from distillfss.baselines import LinearProbe
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.errors import UserError
@@ -311,9 +323,67 @@ def test_fast_ema_ends_with_the_moving_average_of_the_steps_weights(lite0_64) ->
 def test_fast_only_flags_with_the_paper_student_are_a_clear_error(tmp_path: Path, capsys) -> None:
     data = write_dataset(tmp_path / "d", n_train=3)
     out = tmp_path / "m"
-    for flags in (["--label-views", "mean"], ["--fast-ema", "0.9"], ["--fast-crops", "2", "--fast-ema", "0.9"]):
+    for flags in (
+        ["--label-views", "mean"],
+        ["--fast-ema", "0.9"],
+        ["--fast-crops", "2", "--fast-ema", "0.9"],
+        ["--fast-labels", "teacher+probe"],
+    ):
         argv = ["adapt", "--support", str(data), "--shots", "2", "--student", "paper", "--out", str(out), *flags]
         assert main(argv + SMALL) == 2
         err = capsys.readouterr().err
         assert flags[0] in err and "fast student only" in err
         assert not out.exists()  # nothing written
+
+
+def test_probe_labels_come_from_a_probe_that_never_saw_the_views_image(lite0_64) -> None:
+    """--fast-labels teacher+probe: the views of support image i are labelled by a probe fitted on the other support
+    images (the settings the cross-validation chose kept), the unlabeled views by the probe fitted on them all."""
+    images, labels = _support()
+    support = encode_support(lite0_64, images, labels, 1)
+    unlabeled = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    views, m = VIEWS["hflip"], len(images)
+    bank = _view_bank(build_teacher(lite0_64, MCFG), support, images, labels, views, unlabeled, views)
+    kept = labels.clone()
+    soft, settings = probe_labels(lite0_64, bank, labels, views, 1)
+    assert torch.equal(labels, kept)  # the caller's labels are left alone
+    assert soft.shape == (len(bank.source), 2, S, S)
+    assert torch.allclose(soft.sum(dim=1), torch.ones(()), atol=1e-5)
+    assert settings["cv"] == "leave-one-image-out" and settings["grid_size"] > 1
+    fixed = {k: settings[k] for k in ("l2", "levels", "balanced")}
+    full = LinearProbe(lite0_64, 1, **fixed)
+    full.fit_features(_select(bank.pyramid, slice(0, m)), labels)
+    for i in range(m):
+        others = torch.tensor([j for j in range(m) if j != i])
+        probe = LinearProbe(lite0_64, 1, **fixed)
+        probe.fit_features(_select(bank.pyramid, others), labels[others])
+        own = (bank.source == i).nonzero().flatten()
+        expected = probe.forward_features(_select(bank.pyramid, own), (S, S)).softmax(dim=1)
+        assert torch.allclose(soft[own], expected, atol=1e-5)
+        assert not torch.allclose(soft[own], full.forward_features(_select(bank.pyramid, own), (S, S)).softmax(1))
+    unl = (bank.source < 0).nonzero().flatten()
+    expected = full.forward_features(_select(bank.pyramid, unl), (S, S)).softmax(dim=1)
+    assert torch.allclose(soft[unl], expected, atol=1e-5)
+    # one support image: no other to fit on, its views are labelled by the probe fitted on it
+    one = _view_bank(build_teacher(lite0_64, MCFG), support, images[:1], labels[:1], views, None, views)
+    soft1, settings1 = probe_labels(lite0_64, one, labels[:1], views, 1)
+    assert settings1["cv"] == "leave-one-quadrant-out" and soft1.shape[0] == len(views)
+
+
+def test_fast_labels_teacher_and_probe_mix_the_soft_labels_and_record_the_probe(lite0_64) -> None:
+    images, labels = _support()
+    support = encode_support(lite0_64, images, labels, 1)
+    teacher = build_teacher(lite0_64, MCFG)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = AdaptConfig(student="fast", fast_iterations=2, fast_labels="teacher+probe", seed=1)
+    fast, rows = distill_fast(teacher, support, images, labels, cfg, progress=False)
+    again, _ = distill_fast(teacher, support, images, labels, cfg, progress=False)
+    plain, _ = distill_fast(teacher, support, images, labels, replace(cfg, fast_labels="teacher"), progress=False)
+    assert [r["stage"] for r in rows] == ["fast", "fast"] and all("loss" in r for r in rows)  # step rows only
+    assert {"l2", "levels", "balanced", "cv_miou"} <= set(rows[0]["probe"]) and "probe" not in rows[1]
+    assert all(torch.equal(v, state[k]) for k, v in teacher.state_dict().items())  # the teacher is left alone
+    weights = list(fast.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in zip(weights, again.state_dict().values()))  # repeatable
+    assert not all(torch.equal(a, b) for a, b in zip(weights, plain.state_dict().values()))  # other labels
+    with pytest.raises(SystemExit):
+        main(["adapt", "--fast-labels", "probe", "--data", "x", "--out", "y"])

@@ -56,7 +56,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .backbones import FrozenBackbone, Pyramid
+from .baselines import LinearProbe
 from .config import AdaptConfig, ModelConfig
 from .losses import balanced_weights, coarse_mse, focal_loss
 from .predictor import VOTE_CHUNK
@@ -688,10 +689,56 @@ def _distill_fast(
         cfg.one_shot_grid,
         cfg.label_views,
     )
+    if cfg.fast_labels == "teacher+probe":
+        probe_soft, settings = probe_labels(teacher.backbone, bank, labels, views, support.flags.shape[1])
+        bank = replace(bank, soft=((bank.soft.float() + probe_soft) / 2).half())
+        record = _first_row_with(record, {"probe": settings})
     fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     _fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
     return fast
+
+
+def _first_row_with(record: Callable[[dict], None], extra: dict) -> Callable[[dict], None]:
+    """``record`` that adds ``extra`` to the first row it is given (every row stays a step's row)."""
+    pending = [extra]
+
+    def wrapped(row: dict) -> None:
+        record({**row, **pending.pop()} if pending else row)
+
+    return wrapped
+
+
+@torch.no_grad()
+def probe_labels(
+    backbone: FrozenBackbone, bank: ViewBank, labels: Tensor, views: tuple[int, ...], num_classes: int
+) -> tuple[Tensor, dict]:
+    """A linear probe's class probabilities on every view of the bank -> ((N, C+1, S, S) float32, the probe's
+    settings). The probe is the ``linear_probe`` baseline (feature levels, L2 strength and class weighting chosen by
+    cross-validation on the support set), fitted on the support images' own views (the first ``m`` of the bank, at
+    the model's size). A view of support image i (a symmetry or a crop of it) is labelled by a probe fitted without
+    image i, the chosen settings kept -- no support view's label comes from a model that saw its mask, as the
+    teacher's labels leave the view's own image out of the shots; an unlabeled view by the probe fitted on them all.
+    With a single support image there is no other to fit on: its views are labelled by the probe fitted on it."""
+    if views[0] != 0:
+        raise ValueError(f"the bank's first views must be the support images themselves, got symmetries {views}")
+    m = len(labels)
+    full = LinearProbe(backbone, num_classes).to(labels.device)
+    full.fit_features(_select(bank.pyramid, slice(0, m)), labels)
+    fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
+    probes = {-1: full}
+    for i in range(m):
+        keep = torch.tensor([j for j in range(m) if j != i], device=labels.device)
+        probes[i] = full
+        if m > 1:
+            probes[i] = LinearProbe(backbone, num_classes, **fixed).to(labels.device)
+            probes[i].fit_features(_select(bank.pyramid, keep), labels[keep])
+    size = tuple(labels.shape[-2:])
+    out = torch.empty(len(bank.source), num_classes + 1, *size, device=labels.device)
+    for source, probe in probes.items():
+        for chunk in (bank.source == source).nonzero().flatten().split(ENCODE_CHUNK):
+            out[chunk] = probe.forward_features(_select(bank.pyramid, chunk), size).float().softmax(dim=1)
+    return out, full.settings
 
 
 def distill_fast(

@@ -141,16 +141,24 @@ class LinearProbe(nn.Module):
         self.register_buffer("std", torch.zeros(0))
 
     def forward(self, images: Tensor) -> Tensor:
-        f = probe_features(self.backbone(images), self.strides, self.settings["levels"])
+        return self.forward_features(self.backbone(images), tuple(images.shape[-2:]))
+
+    def forward_features(self, pyramid: Pyramid, size: tuple[int, int]) -> Tensor:
+        """The backbone's features of (B, 3, H, W) images -> (B, C+1, H, W) logits, ``size`` = (H, W)."""
+        f = probe_features(pyramid, self.strides, self.settings["levels"])
         f = (f - self.mean[:, None, None]) / self.std[:, None, None]
         logits = torch.einsum("bdhw,cd->bchw", f, self.weight) + self.bias[:, None, None]
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def fit(self, images: Tensor, labels: Tensor, max_iter: int = 100) -> None:
         """images: (K, 3, S, S); labels: (K, S, S) long with 255 = ignore."""
+        self.fit_features(self.backbone(images), labels, max_iter)
+
+    @torch.no_grad()
+    def fit_features(self, pyramid: Pyramid, labels: Tensor, max_iter: int = 100) -> None:
+        """As ``fit``, from the backbone's features of the support images (already encoded)."""
         n_out = self.num_classes + 1
-        pyramid = self.backbone(images)
         feats = {lv: probe_features(pyramid, self.strides, lv) for lv in self.grid["levels"]}
         grid = list(itertools.product(self.grid["levels"], self.grid["l2"], self.grid["balanced"]))
         settings: dict[str, Any] = {"l2": grid[0][1], "levels": grid[0][0], "balanced": grid[0][2], "cv": "none"}

@@ -127,6 +127,10 @@ class AdaptConfig(Serializable):
     # > 0: the fast student ends with the exponential moving average of its weights over its steps, this decay per
     # step (0.98: about the last 50 steps weigh most); 0: its last step's weights.
     fast_ema: float = 0.0
+    # The soft labels the fast student learns from: "teacher" = the adapted teacher's; "teacher+probe" = the mean of
+    # the teacher's and a linear probe's class probabilities (the probe tuned on the support set by cross-validation
+    # as the ``linear_probe`` baseline, at the model's size; a support view's from a probe fitted without its image).
+    fast_labels: Literal["teacher", "teacher+probe"] = "teacher"
     # What trains before the fast student's distillation: "teacher" = the teacher alone (TransferFSS), "joint" = the
     # teacher with the paper's student beside it (the original's joint loss; that student is then discarded). The
     # teacher alone skips the paper student's per-class decoder passes: at K = 5 the whole adaptation took about 60 %
