@@ -331,12 +331,17 @@ def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
     assert flagged["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "joint"
     # --label-views mean / --fast-ema 0.98, the rest the same
     variants = rows(
-        "variants", "distillfss_fast,distillfss_fast_labelmean,distillfss_fast_ema,distillfss_fast_probelabels"
+        "variants",
+        "distillfss_fast,distillfss_fast_labelmean,distillfss_fast_ema,distillfss_fast_probelabels,"
+        "distillfss_fast_teacherlabels",
     )
     plain = variants["distillfss_fast"]["adapt"]
     assert variants["distillfss_fast_labelmean"]["adapt"] == {**plain, "label_views": "mean"}
     assert variants["distillfss_fast_ema"]["adapt"] == {**plain, "fast_ema": 0.98}
-    assert variants["distillfss_fast_probelabels"]["adapt"] == {**plain, "fast_labels": "teacher+probe"}
+    assert plain["fast_labels"] == "teacher+probe"  # the default
+    assert variants["distillfss_fast_probelabels"]["adapt"] == plain
+    assert variants["distillfss_fast_probelabels"]["miou"] == variants["distillfss_fast"]["miou"]
+    assert variants["distillfss_fast_teacherlabels"]["adapt"] == {**plain, "fast_labels": "teacher"}
     assert variants["distillfss_fast"]["miou"] == both["distillfss_fast"]["miou"]
     assert flagged["distillfss_fast"]["miou"] == both["distillfss_fast_joint"]["miou"]
 

@@ -327,7 +327,7 @@ def test_fast_only_flags_with_the_paper_student_are_a_clear_error(tmp_path: Path
         ["--label-views", "mean"],
         ["--fast-ema", "0.9"],
         ["--fast-crops", "2", "--fast-ema", "0.9"],
-        ["--fast-labels", "teacher+probe"],
+        ["--fast-labels", "teacher"],
     ):
         argv = ["adapt", "--support", str(data), "--shots", "2", "--student", "paper", "--out", str(out), *flags]
         assert main(argv + SMALL) == 2

@@ -149,9 +149,9 @@ def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> No
         "--fast-labels",
         default=AdaptConfig.fast_labels,
         choices=["teacher", "teacher+probe"],
-        help="the soft labels the fast student learns from: the adapted teacher's (default), or the mean of the "
-        "teacher's and a linear probe's, the probe tuned on the support set by cross-validation (a support image's "
-        "views labelled by a probe fitted without it; about 10 s more at K = 5)",
+        help="the soft labels the fast student learns from: the mean of the adapted teacher's and a linear probe's, "
+        "the probe tuned on the support set by cross-validation (a support image's views labelled by a probe fitted "
+        "without it; about 10-20 s more at K = 5), or the teacher's alone (default %(default)s)",
     )
     g.add_argument(
         "--fast-ema",
@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; "
         "_fast_labelmean, _fast_unlabeled_labelmean / _fast_ema, _fast_unlabeled_ema: the fast student without and "
         "with the unlabeled images, with --label-views mean / --fast-ema 0.98 (unless given); "
-        "_fast_probelabels, _fast_unlabeled_probelabels: with --fast-labels teacher+probe; the suffixes "
+        "_fast_probelabels, _fast_unlabeled_probelabels / _fast_teacherlabels, _fast_unlabeled_teacherlabels: with "
+        "--fast-labels teacher+probe / teacher; the suffixes "
         "_setB, _setC, _two_stage, _nodistill, _coarsedrop, _old_shots, _old_self, _old_target, _old_mse on "
         "transferfss and distillfss: ablations (_old_*: one fix of the training step undone); distillfss_fast_tta, "
         "distillfss_fast_unlabeled_tta, linear_probe_tta: the model of the row without _tta, evaluated with "

@@ -66,7 +66,7 @@ def adapt(args: argparse.Namespace) -> int:
         "--fast-crops": acfg.fast_crops > 0,
         "--label-views": acfg.label_views != "view",
         "--fast-ema": acfg.fast_ema > 0,
-        "--fast-labels": acfg.fast_labels != "teacher",
+        "--fast-labels": acfg.fast_labels != AdaptConfig.fast_labels,
     }
     named = [flag for flag, given in fast_only.items() if given]
     if named and (acfg.student != "fast" or acfg.method != "distill"):

@@ -43,7 +43,7 @@ ABLATIONS: dict[str, dict] = {
 # The fast student (--student fast) distilled from the same adapted teacher: on augmented support views, and on
 # those plus the unlabeled train images as above; _teacheronly / _joint distil it from a teacher adapted alone / beside
 # the paper's student, whatever --fast-teacher-stage says; _labelmean: with --label-views mean; _ema: with --fast-ema;
-# _probelabels: with --fast-labels teacher+probe.
+# _probelabels / _teacherlabels: with --fast-labels teacher+probe / teacher.
 FAST = (
     "distillfss_fast",
     "distillfss_fast_unlabeled",
@@ -56,6 +56,8 @@ FAST = (
     "distillfss_fast_unlabeled_ema",
     "distillfss_fast_probelabels",
     "distillfss_fast_unlabeled_probelabels",
+    "distillfss_fast_teacherlabels",
+    "distillfss_fast_unlabeled_teacherlabels",
 )
 FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
 FAST_EMA = 0.98  # distillfss_fast_ema, _fast_unlabeled_ema: the weights' moving average when --fast-ema says none
@@ -272,6 +274,8 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                         rcfg = dataclasses.replace(rcfg, fast_ema=FAST_EMA)
                     if name.endswith("_probelabels"):
                         rcfg = dataclasses.replace(rcfg, fast_labels="teacher+probe")
+                    if name.endswith("_teacherlabels"):
+                        rcfg = dataclasses.replace(rcfg, fast_labels="teacher")
                     stage_method = "distill" if fast_stage[name] == "joint" else "transfer"
                     fast_teacher, start_seconds = teachers[stage_method]
                     student, rlog = distill_fast(
