@@ -717,8 +717,9 @@ def probe_labels(
     settings). The probe is the ``linear_probe`` baseline (feature levels, L2 strength and class weighting chosen by
     cross-validation on the support set), fitted on the support images' own views (the first ``m`` of the bank, at
     the model's size). A view of support image i (a symmetry or a crop of it) is labelled by a probe fitted without
-    image i, the chosen settings kept -- no support view's label comes from a model that saw its mask, as the
-    teacher's labels leave the view's own image out of the shots; an unlabeled view by the probe fitted on them all.
+    image i, the settings chosen on all of them kept -- no support view's label comes from weights fitted to its
+    mask, as the teacher's labels leave the view's own image out of the shots; an unlabeled view by the probe fitted
+    on them all.
     With a single support image there is no other to fit on: its views are labelled by the probe fitted on it."""
     if views[0] != 0:
         raise ValueError(f"the bank's first views must be the support images themselves, got symmetries {views}")
@@ -726,13 +727,11 @@ def probe_labels(
     full = LinearProbe(backbone, num_classes).to(labels.device)
     full.fit_features(_select(bank.pyramid, slice(0, m)), labels)
     fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
-    probes = {-1: full}
-    for i in range(m):
+    probes = {-1: full} | {i: full for i in range(m)}
+    for i in range(m if m > 1 else 0):
         keep = torch.tensor([j for j in range(m) if j != i], device=labels.device)
-        probes[i] = full
-        if m > 1:
-            probes[i] = LinearProbe(backbone, num_classes, **fixed).to(labels.device)
-            probes[i].fit_features(_select(bank.pyramid, keep), labels[keep])
+        probes[i] = LinearProbe(backbone, num_classes, **fixed).to(labels.device)
+        probes[i].fit_features(_select(bank.pyramid, keep), labels[keep])
     size = tuple(labels.shape[-2:])
     out = torch.empty(len(bank.source), num_classes + 1, *size, device=labels.device)
     for source, probe in probes.items():
