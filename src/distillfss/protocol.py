@@ -61,6 +61,12 @@ FAST = (
 )
 FAST_CROPS = 4  # distillfss_fast_crops: random crops per support image when --fast-crops says none
 FAST_EMA = 0.98  # distillfss_fast_ema, _fast_unlabeled_ema: the weights' moving average when --fast-ema says none
+# What a fast-student row's suffix sets, whatever the flags say.
+FAST_SUFFIXES: dict[str, dict] = {
+    "_labelmean": {"label_views": "mean"},
+    "_probelabels": {"fast_labels": "teacher+probe"},
+    "_teacherlabels": {"fast_labels": "teacher"},
+}
 
 
 def takes_unlabeled(method: str) -> bool:
@@ -268,14 +274,11 @@ def run_cell(cell: Cell, backbones: BackboneCache, log_path: Path | None = None)
                     )
                     if name == "distillfss_fast_crops" and rcfg.fast_crops == 0:
                         rcfg = dataclasses.replace(rcfg, fast_crops=FAST_CROPS)  # the row's point: crops
-                    if name.endswith("_labelmean"):
-                        rcfg = dataclasses.replace(rcfg, label_views="mean")
                     if name.endswith("_ema") and rcfg.fast_ema == 0:
                         rcfg = dataclasses.replace(rcfg, fast_ema=FAST_EMA)
-                    if name.endswith("_probelabels"):
-                        rcfg = dataclasses.replace(rcfg, fast_labels="teacher+probe")
-                    if name.endswith("_teacherlabels"):
-                        rcfg = dataclasses.replace(rcfg, fast_labels="teacher")
+                    for suffix, change in FAST_SUFFIXES.items():
+                        if name.endswith(suffix):
+                            rcfg = dataclasses.replace(rcfg, **change)
                     stage_method = "distill" if fast_stage[name] == "joint" else "transfer"
                     fast_teacher, start_seconds = teachers[stage_method]
                     student, rlog = distill_fast(
