@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint results
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -22,3 +22,6 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
+
+results: $(STAMP)
+	$(PY) -m distillfss.report

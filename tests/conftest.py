@@ -12,6 +12,9 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
+# `--config` for the CLI tests: the fast student's 200 steps cut to 2 (a file, as a user would pass the field)
+SMALL_CONFIG = Path(__file__).parent / "small_adapt.yaml"
+
 
 def write_dataset(
     root: Path,

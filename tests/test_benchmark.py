@@ -4,16 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import write_dataset
+from conftest import SMALL_CONFIG, write_dataset
 
 from distillfss.benchmark import resolve_dataset, table
 from distillfss.cli import main
 from distillfss.data import DataError
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
-FAST += ["--fast-iterations", "2"]
+FAST += ["--config", str(SMALL_CONFIG)]
 
 
+@pytest.mark.slow
 def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=2)
     out = tmp_path / "bench"
@@ -80,13 +81,14 @@ def test_paper_names_resolve_to_converted_copies(tmp_path) -> None:
 
 def test_ablations_are_rows_of_one_table(tmp_path) -> None:
     data = write_dataset(tmp_path / "toy", n_train=3, n_test=1)
-    methods = "distillfss,distillfss_setB,distillfss_nodistill,transferfss_two_stage"
+    methods = "distillfss,distillfss_setB,distillfss_nodistill,distillfss_two_stage"
     args = ["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "b"), "--methods", methods]
     assert main([*args, *FAST]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "b/results.json").read_text())["rows"]}
     assert rows["distillfss"]["adapt"]["trainable"] == "A" and rows["distillfss_setB"]["adapt"]["trainable"] == "B"
     assert rows["distillfss_nodistill"]["adapt"]["distill_weight"] == 0.0
-    assert rows["transferfss_two_stage"]["adapt"]["mode"] == "two_stage"
+    assert rows["distillfss_two_stage"]["adapt"]["mode"] == "two_stage"
+    assert all(rows[m]["adapt"]["student"] == "paper" for m in rows)  # the paper's ablations are of its student
     assert "| distillfss_setB |" in (tmp_path / "b/table.md").read_text()
 
 
@@ -132,9 +134,8 @@ def test_variants_are_compared_with_their_own_plain_method_only() -> None:
         "distillfss",
         "distillfss_unlabeled",
         "distillfss_fast",
-        "distillfss_fast_crops",
         "distillfss_fast_unlabeled",
-        "distillfss_fast_unlabeled_labelmean",
+        "distillfss_setB",
     )
     rows = [
         {"dataset": "d", "shots": 5, "draw": draw, "seed": 0, "method": m, "miou": 50.0 + i + draw}
@@ -145,13 +146,9 @@ def test_variants_are_compared_with_their_own_plain_method_only() -> None:
     assert pairs == {
         ("| distillfss_unlabeled", "distillfss"),
         ("| distillfss_fast", "distillfss"),
-        ("| distillfss_fast_crops", "distillfss"),
-        ("| distillfss_fast_crops", "distillfss_fast"),
         ("| distillfss_fast_unlabeled", "distillfss"),
         ("| distillfss_fast_unlabeled", "distillfss_fast"),
-        ("| distillfss_fast_unlabeled_labelmean", "distillfss"),
-        ("| distillfss_fast_unlabeled_labelmean", "distillfss_fast"),
-        ("| distillfss_fast_unlabeled_labelmean", "distillfss_fast_unlabeled"),
+        ("| distillfss_setB", "distillfss"),
     }
 
 
@@ -195,6 +192,7 @@ def test_benchmark_seeds_and_draws(tmp_path) -> None:
     assert main(["benchmark", "--data", str(data), "--draws", "0", "--out", str(tmp_path / "x"), *FAST]) == 2
 
 
+@pytest.mark.slow
 def test_a_cell_gives_the_same_rows_alone_and_after_another_cell(tmp_path) -> None:
     import torch
 
@@ -224,16 +222,13 @@ def test_a_cell_gives_the_same_rows_alone_and_after_another_cell(tmp_path) -> No
 
 def test_refined_rows_use_the_train_pool_outside_the_support(tmp_path) -> None:
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
-    methods = "distillfss,distillfss_views,distillfss_unlabeled,linear_probe,prototype"
+    methods = "distillfss,distillfss_unlabeled,linear_probe,prototype"
     args = ["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "b"), "--methods", methods]
-    assert main([*args, "--refine-iterations", "2", *FAST]) == 0
+    assert main([*args, *FAST]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "b/results.json").read_text())["rows"]}
     assert rows["distillfss_unlabeled"]["unlabeled_images"] == 3  # 5 train images - 2 support, never the test one
-    assert (
-        rows["distillfss_views"]["unlabeled_images"] is None and rows["distillfss_views"]["adapt"]["views"] == "flips"
-    )
     assert rows["distillfss"]["adapt"]["refine_iterations"] == 0  # the paper's student is not refined
-    assert rows["distillfss_views"]["adapt"]["refine_iterations"] == 2
+    assert rows["distillfss_unlabeled"]["adapt"]["refine_iterations"] == 30  # the default with unlabeled images
     assert rows["distillfss_unlabeled"]["adapt_seconds"] >= rows["distillfss"]["adapt_seconds"]
     assert set(rows["linear_probe"]["baseline_settings"]) >= {"l2", "levels", "balanced", "cv"}
     assert rows["linear_probe"]["baseline_settings"]["cv"] == "leave-one-image-out"
@@ -282,7 +277,7 @@ def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -
 
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
     methods = ("distillfss", "distillfss_fast", "distillfss_fast_unlabeled")
-    flags = ["--methods", ",".join(methods), "--fast-iterations", "2", *FAST]
+    flags = ["--methods", ",".join(methods), *FAST]
     assert main(["benchmark", "--data", str(data), "--shots", "2", "--out", str(tmp_path / "cli"), *flags]) == 0
     cfg = BenchmarkConfig(
         data=(str(data),),
@@ -303,47 +298,48 @@ def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -
     )
 
 
-def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
-    """distillfss_fast follows --fast-teacher-stage (default: the teacher alone, a transfer adaptation -- when no
-    row needs the joint stage, the TransferFSS row's own); distillfss_fast_joint / _teacheronly name their stage;
-    adding a row leaves the others' numbers unchanged."""
+def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
+    """One pipeline: the distillfss_fast row at seed s has the weights `distillfss adapt --seed s` saves and
+    FewShotSegmenter.fit gives on the same support set; transferfss is its teacher (one adaptation)."""
+    from safetensors.torch import load_file
+
+    from distillfss import FewShotSegmenter
+    from distillfss.config import AdaptConfig, model_config
+    from distillfss.data import load_split
+    from distillfss.model_io import own_state
+    from distillfss.protocol import BackboneCache, Cell, run_seeds
+
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
-    flags = ["--data", str(data), "--shots", "2", "--fast-iterations", "2", *FAST]
-
-    def rows(name: str, methods: str, *extra: str) -> dict[str, dict]:
-        assert main(["benchmark", *flags, "--methods", methods, "--out", str(tmp_path / name), *extra]) == 0
-        return {r["method"]: r for r in json.loads((tmp_path / name / "results.json").read_text())["rows"]}
-
-    both = rows("both", "distillfss,distillfss_fast,distillfss_fast_joint")
-    assert both["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "teacher"
-    assert both["distillfss_fast_joint"]["adapt"]["fast_teacher_stage"] == "joint"
-    assert (tmp_path / "both" / "train_log_toy_2shot_draw0_seed0_teacheronly.jsonl").is_file()  # its own log
-    alone = rows("alone", "distillfss,distillfss_fast_joint")
-    assert [alone[m]["miou"] for m in alone] == [both[m]["miou"] for m in alone]
-    solo = rows("solo", "transferfss,distillfss_fast,distillfss_fast_teacheronly")
-    assert solo["transferfss"]["adapt"]["method"] == "transfer"  # one adaptation serves all three rows
+    small = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--iterations",
+        "1",
+        "--config",
+        str(SMALL_CONFIG),
+    ]
     assert (
-        solo["distillfss_fast"]["miou"]
-        == solo["distillfss_fast_teacheronly"]["miou"]
-        == both["distillfss_fast"]["miou"]
+        main(["adapt", "--support", str(data), "--shots", "3", "--seed", "2", "--out", str(tmp_path / "m"), *small])
+        == 0
     )
-    flagged = rows("flagged", "distillfss_fast", "--fast-teacher-stage", "joint")
-    assert flagged["distillfss_fast"]["adapt"]["fast_teacher_stage"] == "joint"
-    # --label-views mean / --fast-ema 0.98, the rest the same
-    variants = rows(
-        "variants",
-        "distillfss_fast,distillfss_fast_labelmean,distillfss_fast_ema,distillfss_fast_probelabels,"
-        "distillfss_fast_teacherlabels",
-    )
-    plain = variants["distillfss_fast"]["adapt"]
-    assert variants["distillfss_fast_labelmean"]["adapt"] == {**plain, "label_views": "mean"}
-    assert variants["distillfss_fast_ema"]["adapt"] == {**plain, "fast_ema": 0.98}
-    assert plain["fast_labels"] == "teacher+probe"  # the default
-    assert variants["distillfss_fast_probelabels"]["adapt"] == plain
-    assert variants["distillfss_fast_probelabels"]["miou"] == variants["distillfss_fast"]["miou"]
-    assert variants["distillfss_fast_teacherlabels"]["adapt"] == {**plain, "fast_labels": "teacher"}
-    assert variants["distillfss_fast"]["miou"] == both["distillfss_fast"]["miou"]
-    assert flagged["distillfss_fast"]["miou"] == both["distillfss_fast_joint"]["miou"]
+    saved = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "m" / "model.safetensors").items()}
+    stems = json.loads((tmp_path / "m" / "config.json").read_text())["support"]["stems"]
+
+    acfg = AdaptConfig(iterations=1, fast_iterations=2)
+    mcfg = model_config("efficientnet_lite0", 1, image_size=64)
+    train, test = load_split(data, "train"), load_split(data, "test")
+    cell = Cell("toy", train, test, 3, mcfg, acfg, 64, ("transferfss", "distillfss_fast"))
+    rows, predictors = run_seeds(cell, [2], BackboneCache("efficientnet_lite0", None, torch.device("cpu")))
+    assert rows[0]["support"] == stems and rows[1]["adapt"] == {**acfg.to_dict(), "seed": 2}
+    bench = own_state(predictors["distillfss_fast"].model)
+    assert set(bench) == set(saved) and all(torch.equal(bench[k], saved[k]) for k in saved)
+
+    seg = FewShotSegmenter("efficientnet_lite0", image_size=64, iterations=1, fast_iterations=2, seed=2)
+    seg.fit([data / "train/images" / f"{s}.png" for s in stems], [data / "train/masks" / f"{s}.png" for s in stems])
+    api = own_state(seg.student)
+    assert all(torch.equal(api[k], saved[k]) for k in saved)
 
 
 @pytest.mark.parametrize(
@@ -352,7 +348,6 @@ def test_fast_rows_distil_from_the_teacher_stage_they_name(tmp_path) -> None:
         ({"methods": ("distillfss_turbo",)}, "unknown"),
         ({"draws": 0}, "--draws"),
         ({"shots": ()}, "--shots"),
-        ({"methods": ("distillfss_fast_unlabeled",), "unlabeled_from_train": False}, "no-unlabeled-from-train"),
     ],
 )
 def test_benchmark_config_rejects_bad_values(tmp_path, change, message) -> None:
@@ -362,6 +357,7 @@ def test_benchmark_config_rejects_bad_values(tmp_path, change, message) -> None:
         BenchmarkConfig(data=("nuclei",), out=tmp_path / "b", **change)
 
 
+@pytest.mark.slow
 def test_library_entry_points_do_not_import_the_cli() -> None:
     import subprocess
     import sys

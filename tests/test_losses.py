@@ -52,7 +52,7 @@ def test_coarse_mse_averages_classes_within_an_episode_then_episodes() -> None:
 
 
 def test_plateau_is_where_the_loss_settles_for_good() -> None:
-    from distillfss.adapt import plateau
+    from distillfss.transfer import plateau
 
     losses = [1.0] * 10 + [0.1] * 40
     rows = [{"step": i + 1, "loss": v, "seconds": 0.5 * (i + 1)} for i, v in enumerate(losses)]

@@ -99,6 +99,7 @@ def test_checkpoint_starts_adaptation_but_is_not_a_predictor(tmp_path: Path, lit
         load_teacher_weights(tmp_path / "ckpt", lite0_64, wrong)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     single = tiny_run(tmp_path / "single", **DDP_SETTINGS)
     worker = Path(__file__).parent / "ddp_worker.py"
@@ -195,4 +196,4 @@ def test_benchmark_from_a_meta_trained_teacher_against_a_random_one(tmp_path: Pa
     assert rows["distillfss_random"]["teacher_init"] == rows["teacher_random"]["teacher_init"] == "random"
     assert 1 <= rows["distillfss"]["plateau_step"] <= 3 and rows["distillfss_random"]["plateau_seconds"] >= 0
     assert rows["teacher"]["plateau_step"] is None
-    assert (tmp_path / "b/train_log_toy_2shot_draw0_seed0_random.jsonl").is_file()
+    assert list((tmp_path / "b").glob("train_log_toy_2shot_draw0_seed0_*random.jsonl"))  # the random start's log

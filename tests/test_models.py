@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distillfss.adapt import TRAINABLE_SETS, adapt, trainable_parameters
+from distillfss.adapt import adapt
 from distillfss.attention import MaskAttention, reference_mask_attention
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.decoder import NEG, merge_one_vs_all
 from distillfss.student import ConvDist, build_student
 from distillfss.teacher import build_teacher, encode_support
+from distillfss.transfer import TRAINABLE_SETS, trainable_parameters
 
 S = 64
 
@@ -126,7 +127,13 @@ def test_training_step_touches_only_trainable_parts(lite0_64, which: str) -> Non
     teacher = build_teacher(lite0_64, cfg)
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     result = adapt(
-        lite0_64, images, labels, cfg, AdaptConfig(iterations=1, trainable=which), teacher=teacher, progress=False
+        lite0_64,
+        images,
+        labels,
+        cfg,
+        AdaptConfig(student="paper", iterations=1, trainable=which),
+        teacher=teacher,
+        progress=False,
     )
     trained = result.teacher
     assert trained is not teacher and trained.backbone is lite0_64  # a copy, sharing the frozen backbone
@@ -147,7 +154,10 @@ def test_training_step_touches_only_trainable_parts(lite0_64, which: str) -> Non
 def test_adaptation_is_reproducible(lite0_64) -> None:
     images, labels = _support(3, 1)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
-    runs = [adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=2, seed=3), progress=False) for _ in range(2)]
+    runs = [
+        adapt(lite0_64, images, labels, cfg, AdaptConfig(student="paper", iterations=2, seed=3), progress=False)
+        for _ in range(2)
+    ]
     assert [r["loss"] for r in runs[0].log] == [r["loss"] for r in runs[1].log]
     x = torch.rand(1, 3, S, S)
     assert_close(runs[0].student(x).logits, runs[1].student(x).logits)
@@ -157,7 +167,7 @@ def test_adaptation_is_reproducible(lite0_64) -> None:
 def test_modes_and_episode_builders_train(lite0_64, mode: str, episodes: str) -> None:
     images, labels = _support(4, 2)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=2)
-    acfg = AdaptConfig(iterations=2, mode=mode, episodes=episodes, trainable="B")
+    acfg = AdaptConfig(student="paper", iterations=2, mode=mode, episodes=episodes, trainable="B")
     result = adapt(lite0_64, images, labels, cfg, acfg, progress=False)
     stages = [r["stage"] for r in result.log]
     assert stages == (["teacher"] * 2 + ["student"] * 2 if mode == "two_stage" else ["joint"] * 2)
@@ -166,19 +176,9 @@ def test_modes_and_episode_builders_train(lite0_64, mode: str, episodes: str) ->
 
 def test_configs_round_trip_and_ignore_unknown_keys() -> None:
     m = ModelConfig(image_size=96, heads=4, num_classes=3)
-    a = AdaptConfig(iterations=7, mode="two_stage", seed=5)
+    a = AdaptConfig(student="paper", iterations=7, mode="two_stage", seed=5)
     assert ModelConfig.from_dict({**m.to_dict(), "future_field": 1}) == m
     assert AdaptConfig.from_dict(a.to_dict()) == a
-
-
-def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
-    from distillfss.adapt import lr_factor
-
-    f = [lr_factor("cosine", 100, s) for s in range(100)]
-    assert f[0] < f[4] == 1.0  # 5 warm-up steps
-    assert all(a >= b for a, b in zip(f[4:], f[5:]))
-    assert f[-1] < 0.01
-    assert lr_factor("constant", 100, 50) == 1.0
 
 
 @pytest.mark.parametrize("method", ["distill", "transfer"])
@@ -187,7 +187,9 @@ def test_save_load_gives_identical_predictions(tmp_path, lite0_64, method: str) 
 
     images, labels = _support(3, 2)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=2)
-    result = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=2, method=method), progress=False)
+    result = adapt(
+        lite0_64, images, labels, cfg, AdaptConfig(student="paper", iterations=2, method=method), progress=False
+    )
     model = result.student if method == "distill" else result.teacher
     save_model(tmp_path, model, cfg, ("background", "a", "b"), {}, support=(images, labels))
     loaded = load_model(tmp_path, backbone=lite0_64)
@@ -204,7 +206,7 @@ def test_bf16_inference_agrees_with_fp32(lite0_64) -> None:
 
     images, labels = _support(3, 1)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
-    student = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3), progress=False).student
+    student = adapt(lite0_64, images, labels, cfg, AdaptConfig(student="paper", iterations=3), progress=False).student
     x = torch.rand(2, 3, S, S)
     fp32 = Predictor(student, S).logits(x)
     fast = Predictor(student, S, precision="bf16").logits(x)
@@ -235,5 +237,5 @@ def test_voting_with_one_chunk_equals_the_plain_teacher(lite0_64) -> None:
 def test_one_shot_adaptation_learns_from_its_single_image(lite0_64) -> None:
     images, labels = _support(1, 1)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
-    result = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3), progress=False)
+    result = adapt(lite0_64, images, labels, cfg, AdaptConfig(student="paper", iterations=3), progress=False)
     assert all(r["focal_teacher"] > 0 for r in result.log)  # the image is not reduced to all-background

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from conftest import SMALL_CONFIG, write_dataset
 
-from distillfss.cli import main, write_json
+from distillfss.cli import main
 from distillfss.outputs import MANIFEST, OutputError, check_output, output_folder
+from distillfss.outputs import write_json_atomic as write_json
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,16 @@ def multiclass_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, multiclass_dataset):
     out = tmp_path_factory.mktemp("models") / "model"
-    fast = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1", "--fast-iterations", "2"]
+    fast = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--iterations",
+        "1",
+        "--config",
+        str(SMALL_CONFIG),
+    ]
     assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "3", *fast]) == 0
     return out
 

@@ -9,12 +9,15 @@ import pytest
 import torch
 from conftest import write_dataset
 
-from distillfss.adapt import VIEWS, _teacher_labels, adapt, dihedral, refine
+from distillfss.adapt import adapt
 from distillfss.backbones import Pyramid
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.data import DataError, load_unlabeled
+from distillfss.refine import refine
+from distillfss.symmetry import VIEWS, dihedral
 from distillfss.teacher import ModelOutput, Teacher, encode_support
+from distillfss.views import encode_views, teacher_labels
 
 S = 64
 MCFG = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2)
@@ -66,7 +69,7 @@ def test_pseudo_labels_come_from_the_adapted_teacher(lite0_64) -> None:
     teacher = _constant_teacher(lite0_64)
     bank = lite0_64(torch.rand(5, 3, S, S))
     source = torch.tensor([0, 1, -1, -1, -1])
-    coarse, soft, present = _teacher_labels(teacher, support, bank, source)
+    coarse, soft, present = teacher_labels(teacher, support, bank, source)
     assert teacher.calls == [5]
     expected = torch.sigmoid(torch.tensor(4.0)).half()  # softmax over (0, 4)
     assert torch.allclose(soft[:, 1].float(), expected.float(), atol=1e-3)
@@ -79,14 +82,16 @@ def test_refined_student_learns_the_teachers_labels_on_unlabeled_images(lite0_64
     refined student predicts more foreground on unlabeled images than the student it started from."""
     images, labels = _support()
     support = encode_support(lite0_64, images, labels, 1)
-    cfg = AdaptConfig(iterations=2, refine_iterations=0, seed=0)
+    cfg = AdaptConfig(student="paper", iterations=2, seed=0)
     result = adapt(lite0_64, images, labels, MCFG, cfg, progress=False, support=support)
     teacher = _constant_teacher(lite0_64)
     teacher.load_state_dict(result.teacher.state_dict())
     unlabeled = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(1))
-    rcfg = AdaptConfig(refine_iterations=30, views="none", unlabeled_views="none", view_batch=4, lr=3e-3, seed=0)
+    rcfg = AdaptConfig(student="paper", refine_iterations=30, views="none", view_batch=4, lr=3e-3, seed=0)
     before = {k: v.clone() for k, v in result.student.state_dict().items()}
-    refined, log = refine(teacher, result.student, support, images, labels, rcfg, unlabeled, progress=False)
+    log: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    refined = refine(teacher, result.student, support, images, labels, rcfg, unlabeled, gen, False, log.append)
     assert teacher.calls == [3 + 4]  # the support views and every unlabeled view, labelled once
     assert all(torch.equal(v, result.student.state_dict()[k]) for k, v in before.items())  # caller's untouched
     assert refined is not result.student and refined.decoder is not result.teacher.decoder
@@ -99,7 +104,7 @@ def test_refined_student_learns_the_teachers_labels_on_unlabeled_images(lite0_64
 
 def test_refinement_is_reproducible_from_the_seed(lite0_64) -> None:
     images, labels = _support()
-    cfg = AdaptConfig(iterations=2, refine_iterations=3, seed=4)
+    cfg = AdaptConfig(student="paper", iterations=2, refine_iterations=3, seed=4)
     unlabeled = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(1))
     a = adapt(lite0_64, images, labels, MCFG, cfg, progress=False, unlabeled=unlabeled)
     torch.manual_seed(123)  # the process's random state must not matter
@@ -133,7 +138,8 @@ def test_adapt_with_unlabeled_images(tmp_path) -> None:
         (pool / f"u{i}.png").write_bytes((data / "test/images/img00.png").read_bytes())
     out = tmp_path / "m"
     args = ["adapt", "--support", str(data), "--shots", "2", "--out", str(out), "--unlabeled", str(pool)]
-    assert main([*args, "--student", "paper", "--refine-iterations", "2", *FAST]) == 0
+    (tmp_path / "c.json").write_text('{"student": "paper", "refine_iterations": 2}')
+    assert main([*args, "--config", str(tmp_path / "c.json"), *FAST]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["unlabeled"]["images"] == ["u0.png", "u1.png", "u2.png"]
     assert config["adapt"]["refine_iterations"] == 2
@@ -144,9 +150,9 @@ def test_adapt_with_unlabeled_images(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("setup", "extra", "message"),
     [
-        ("bad_image", ["--refine-iterations", "2"], "bad.png: not a readable image"),
-        ("empty", ["--refine-iterations", "2"], "no unlabeled images"),
-        ("ok", ["--refine-iterations", "0"], "--refine-iterations N"),
+        ("bad_image", 2, "bad.png: not a readable image"),
+        ("empty", 2, "no unlabeled images"),
+        ("ok", 0, "refine_iterations >= 1"),
     ],
 )
 def test_bad_unlabeled_input_is_one_line_and_writes_nothing(tmp_path, capsys, setup, extra, message) -> None:
@@ -159,7 +165,8 @@ def test_bad_unlabeled_input_is_one_line_and_writes_nothing(tmp_path, capsys, se
         (pool / "bad.png").write_bytes(b"\x89PNG truncated")
     out = tmp_path / "m"
     args = ["adapt", "--support", str(data), "--shots", "2", "--out", str(out), "--unlabeled", str(pool)]
-    assert main([*args, "--student", "paper", *extra, *FAST]) == 2
+    (tmp_path / "c.json").write_text(f'{{"student": "paper", "refine_iterations": {extra}}}')
+    assert main([*args, "--config", str(tmp_path / "c.json"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
@@ -172,10 +179,9 @@ def test_load_unlabeled_refuses_a_folder_without_images(tmp_path) -> None:
 
 
 def test_bank_pyramid_is_view_major(lite0_64) -> None:
-    from distillfss.adapt import _encode_views
 
     x = torch.rand(2, 3, S, S)
-    bank = _encode_views(lite0_64, x, (0, 1))
+    bank = encode_views(lite0_64, x, (0, 1))
     assert isinstance(bank, Pyramid) and bank.skip4.shape[0] == 4
     with torch.no_grad():
         flipped = lite0_64(dihedral(x, 1).contiguous(memory_format=torch.channels_last))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from distillfss.adapt import adapt
@@ -23,6 +24,7 @@ def test_the_default_start_is_the_shipped_teacher_with_the_checksum_of_its_card(
     assert sha256_file(folder / WEIGHTS) == documented
 
 
+@pytest.mark.slow
 def test_adapting_from_the_shipped_teacher_on_a_tiny_support_set() -> None:
     cfg = ModelConfig(num_classes=1)
     folder, _ = resolve_teacher("auto", cfg)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distillfss.adapt import _coarse, adapt, capped_shots
+from distillfss.adapt import adapt
 from distillfss.attention import _sdpa, query_rows
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.errors import UserError
 from distillfss.teacher import build_teacher, encode_support
+from distillfss.transfer import capped_shots, coarse_masks
 
 S = 64
 attention_mod = importlib.import_module("distillfss.attention")
@@ -49,8 +50,8 @@ def test_gathered_episode_keys_equal_attention_over_the_whole_support_restricted
     full = torch.zeros(7, 1, 7, dtype=torch.bool)
     full[torch.arange(7).view(-1, 1), :, picks] = shot_valid.transpose(1, 2)
     with torch.no_grad():
-        gathered = _coarse(teacher, support, support.pyramid, shot_valid, picks)
-        masked = _coarse(teacher, support, support.pyramid, full, None)
+        gathered = coarse_masks(teacher, support, support.pyramid, shot_valid, picks)
+        masked = coarse_masks(teacher, support, support.pyramid, full, None)
     for a, b in zip(gathered, masked):
         assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -58,19 +59,21 @@ def test_gathered_episode_keys_equal_attention_over_the_whole_support_restricted
 def test_adapt_with_capped_shots_is_deterministic_and_records_the_cap(lite0_64) -> None:
     images, labels = _support(6)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
-    acfg = AdaptConfig(iterations=2, max_shots=2, trainable="C")
+    acfg = AdaptConfig(student="paper", iterations=2, max_shots=2, trainable="C")
     a = adapt(lite0_64, images, labels, cfg, acfg, progress=False)
     b = adapt(lite0_64, images, labels, cfg, acfg, progress=False)
     for (name, p), q in zip(a.student.state_dict().items(), b.student.state_dict().values()):
         assert torch.equal(p, q), name
     assert acfg.to_dict()["max_shots"] == 2
-    uncapped = adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=2, trainable="C"), progress=False)
+    uncapped = adapt(
+        lite0_64, images, labels, cfg, AdaptConfig(student="paper", iterations=2, trainable="C"), progress=False
+    )
     assert not torch.equal(a.teacher.decoder.mixer1[0].weight, uncapped.teacher.decoder.mixer1[0].weight)
 
 
 @pytest.mark.parametrize(("field", "value"), [("max_shots", -1), ("iterations", 0), ("view_batch", 0)])
 def test_bad_schedule_values_are_user_errors(field: str, value: int) -> None:
-    with pytest.raises(UserError, match=f"--{field.replace('_', '-')}"):
+    with pytest.raises(UserError, match=field):
         AdaptConfig(**{field: value})
 
 
@@ -95,16 +98,24 @@ def test_attention_with_dropout_splits_queries_to_bound_memory_and_stays_exact(m
 def test_capped_episodes_are_drawn_once_for_a_frozen_attention_and_each_step_for_a_trained_one(
     lite0_64, monkeypatch, trainable: str, attention_runs: int
 ) -> None:
-    adapt_mod = importlib.import_module("distillfss.adapt")
+    transfer_mod = importlib.import_module("distillfss.transfer")
     calls = []
-    real = adapt_mod._coarse
-    monkeypatch.setattr(adapt_mod, "_coarse", lambda *a: calls.append(a[4]) or real(*a))
+    real = transfer_mod.coarse_masks
+    monkeypatch.setattr(transfer_mod, "coarse_masks", lambda *a: calls.append(a[4]) or real(*a))
     images, labels = _support(6)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)
-    adapt(lite0_64, images, labels, cfg, AdaptConfig(iterations=3, max_shots=2, trainable=trainable), progress=False)
+    adapt(
+        lite0_64,
+        images,
+        labels,
+        cfg,
+        AdaptConfig(student="paper", iterations=3, max_shots=2, trainable=trainable),
+        progress=False,
+    )
     assert len(calls) == attention_runs and all(c.shape == (6, 2) for c in calls)
 
 
+@pytest.mark.slow
 def test_speed_adapt_writes_a_table_of_step_times(tmp_path) -> None:
     from distillfss.cli import main
 

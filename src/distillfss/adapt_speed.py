@@ -68,7 +68,7 @@ def measure_adapt(job: AdaptSpeedJob) -> dict:
     with torch.no_grad():
         support = encode_support(backbone, images, labels, 1)
     encode_s = time.perf_counter() - t0
-    acfg = AdaptConfig(iterations=job.steps, trainable=job.trainable, max_shots=job.max_shots)  # type: ignore[arg-type]
+    acfg = AdaptConfig(student="paper", iterations=job.steps, trainable=job.trainable, max_shots=job.max_shots)  # type: ignore[arg-type]
     result = adapt(backbone, images, labels, cfg, acfg, progress=False, support=support)
     stamps = [0.0] + [r["seconds"] for r in result.log]
     steps = [b - a for a, b in zip(stamps, stamps[1:])]

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapt import adapt, seeded
+from .adapt import adapt
 from .backbones import FrozenBackbone, build_backbone
-from .config import DEFAULT_STUDENT, REFINE_ITERATIONS, AdaptConfig, ModelConfig, model_config
+from .config import AdaptConfig, ModelConfig, model_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
 from .data.tensors import check_support_labels, image_tensor, label_tensor
 from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
@@ -38,6 +38,7 @@ from .outputs import output_folder, timestamp
 from .predictor import Predictor
 from .student import FastStudent, Student
 from .teacher import Teacher, build_teacher, encode_support
+from .transfer import seeded
 
 log = logging.getLogger("distillfss")
 
@@ -60,14 +61,16 @@ class FewShotSegmenter:
     ) -> None:
         """teacher: the starting teacher ('auto': the shipped meta-trained one when it fits, 'random', or a
         folder). adapt_options: any :class:`AdaptConfig` field (``iterations``, ``seed``, ``student``...); the
-        defaults are ``distillfss adapt``'s (the fast student; ``student="paper"`` for the paper's)."""
+        defaults are ``distillfss adapt``'s (the fast student; ``student="paper"`` for the paper's). Checked here,
+        as the CLI checks its flags."""
         unknown = sorted(set(adapt_options) - {f.name for f in dataclasses.fields(AdaptConfig)})
         if unknown:
             raise TypeError(f"unknown adaptation option(s) {unknown}; see distillfss.AdaptConfig")
+        AdaptConfig(**adapt_options)
         self.backbone_name, self.preset, self.image_size = backbone, preset, image_size
         self.teacher_spec, self.backbone_weights = str(teacher), backbone_weights
         self.device = torch.device(device)
-        self.adapt_options = {"student": DEFAULT_STUDENT, **adapt_options}
+        self.adapt_options = dict(adapt_options)
         self.classes: tuple[str, ...] = ()
         self.model_cfg: ModelConfig | None = None
         self.student: Student | FastStudent | None = None
@@ -92,20 +95,14 @@ class FewShotSegmenter:
 
         classes: the foreground class names (label 1, 2, ...); default ``class1..classC`` from the largest label.
         unlabeled: images of the same domain without masks (a list, or a folder): the student then learns from
-        them with the adapted teacher's labels (the paper student in ``refine_iterations`` steps, default 30; the
-        fast student, ``student="fast"``, in its own distillation).
+        them with the adapted teacher's labels.
         on_step: called with each step's log row (``step``, ``loss``, ...); an exception it raises stops the fit.
         """
         classes = self._classes(masks, classes)
         self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
         x, y = self._support_tensors(images, masks, classes)
-        options = dict(self.adapt_options)
-        u = None
-        if unlabeled is not None:
-            if options["student"] == "paper":
-                options.setdefault("refine_iterations", REFINE_ITERATIONS)
-            u = self._unlabeled(unlabeled)
-        cfg = AdaptConfig.from_dict({**options, "method": "distill"})
+        cfg = AdaptConfig(**self.adapt_options)
+        u = None if unlabeled is None else self._unlabeled(unlabeled)
         backbone = self._get_backbone()
         start, label = resolve_teacher(self.teacher_spec, self.model_cfg)
         teacher = load_teacher_weights(start, backbone, self.model_cfg) if start is not None else None
@@ -120,6 +117,7 @@ class FewShotSegmenter:
             on_step=on_step,
             unlabeled=None if u is None else u.to(self.device),
         )
+        cfg = result.config
         self.classes, self.teacher, self.student = ("background", *classes), result.teacher, result.student
         self._support, self._predictors = (x, y), {}
         self.meta = {
@@ -161,14 +159,11 @@ class FewShotSegmenter:
         self,
         images: ImageLike | Sequence[ImageLike],
         model: Literal["student", "teacher"] | None = None,
-        tta: Literal["none", "hflip", "flips", "dihedral"] = "none",
     ) -> np.ndarray | list[np.ndarray]:
         """Label maps (H, W) uint8 at each image's own size: a list for a list, one array for one image.
         model: 'student' (default when there is one) or 'teacher' (needs its support set).
-        tta: test-time augmentation over the image's flips / 8 symmetries (see :class:`Predictor`)."""
+        """
         predictor = self._predictor(model or ("student" if self.student is not None else "teacher"))
-        if tta != "none":
-            predictor = predictor.with_tta(tta)  # the cached predictor (and a teacher's keys) shared, not rebuilt
         single = isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)  # type: ignore[list-item]
         out: list[np.ndarray] = []

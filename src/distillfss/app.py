@@ -228,11 +228,9 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                 raise Cancelled("adaptation cancelled")
 
         seg = FewShotSegmenter(**{**segmenter_options, "iterations": int(n_steps)})
-        options = seg.adapt_options
+        cfg = AdaptConfig(**seg.adapt_options)
         # the fast student's distillation steps follow the teacher's (their log restarts at step 1)
-        total = int(n_steps) + (
-            options.get("fast_iterations", AdaptConfig.fast_iterations) if options["student"] == "fast" else 0
-        )
+        total = int(n_steps) + (cfg.fast_iterations if cfg.student == "fast" else 0)
 
         def work() -> None:
             try:

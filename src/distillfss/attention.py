@@ -83,9 +83,7 @@ class MaskAttention(nn.Module):
         n, heads, hw, d = k.shape
         return k.view(n // shots, shots, heads, hw, d).transpose(1, 2).flatten(2, 3)
 
-    def forward(
-        self, query: Tensor, keys: Tensor, masks: Tensor, valid: Tensor, exclude_unusable: bool = True
-    ) -> Tensor:
+    def forward(self, query: Tensor, keys: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
         """Coarse masks of every class for a batch of queries.
 
         Args:
@@ -95,8 +93,6 @@ class MaskAttention(nn.Module):
             masks: support mask values per class at this resolution, (C_cls, Ns) in [0, 1]; or per query
                 (B, C_cls, Ns).
             valid: which shots each query may use for each class, (B, C_cls, Ns) in {0, 1}.
-            exclude_unusable: remove the tokens no class may use from the softmax (False: only through the ratio,
-                the training step before its fix; kept for the per-fix ablation).
 
         Returns:
             (B, C_cls, h, w) coarse masks in [0, 1]; 0 for a class with no valid shot.
@@ -106,7 +102,7 @@ class MaskAttention(nn.Module):
         q = self._tokens(query, self.q_proj)  # (B, heads, hw, d_k)
         k = keys if keys.dim() == 4 else keys.unsqueeze(0).expand(b, -1, -1, -1)  # (B, heads, Ns, d_k)
         num = valid * (masks if masks.dim() == 3 else masks.unsqueeze(0))  # (B, C_cls, Ns)
-        allowed = key_mask(valid) if exclude_unusable else None  # (B, 1, 1, Ns) or None: every token takes part
+        allowed = key_mask(valid)  # (B, 1, 1, Ns): tokens no class may use (the query's own image) leave the softmax
         p = self.attn_dropout if self.training else 0.0
         if p > 0:
             # Dropout must hit the numerator only: the renormaliser is the dropout-free softmax mass.

@@ -19,7 +19,7 @@ from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
 from .outputs import machine, refuse_unsafe_output, timestamp, write_json_atomic
-from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds, takes_unlabeled
+from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
 
 log = logging.getLogger("distillfss")
@@ -59,7 +59,6 @@ class BenchmarkConfig(RunConfig):
     per_class: bool = False
     eval_size: int = 384  # 0: original resolution (WeedMap always native)
     data_root: Path = Path("datasets")
-    unlabeled_from_train: bool = True
     max_unlabeled: int = 64
 
     def __post_init__(self) -> None:
@@ -73,12 +72,6 @@ class BenchmarkConfig(RunConfig):
         bad = sorted(set(self.methods) - set(ALL_METHODS))
         if bad:
             raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
-        pooled = [m for m in self.methods if takes_unlabeled(m)]
-        if pooled and not self.unlabeled_from_train:
-            raise DataError(
-                f"--methods: {', '.join(pooled)} take their unlabeled images from the train split; drop "
-                "--no-unlabeled-from-train or the method"
-            )
         if self.max_unlabeled < 1:
             raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
 
@@ -244,20 +237,17 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
 
 def comparisons(rows: list[dict]) -> list[str]:
     """Every adapted method against each simple baseline, the teacher before adaptation and TransferFSS (and each
-    DistillFSS variant against each DistillFSS row its name extends, e.g. a fast-student variant against the plain
-    fast student; a ``_tta`` row also against the baseline with the same test-time augmentation): the mean paired
-    difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap
+    DistillFSS variant against each DistillFSS row its name extends, e.g. distillfss_fast_unlabeled against
+    distillfss_fast): the mean paired difference over runs (dataset x K x draw x seed), its 95 % paired-bootstrap
     interval, and a verdict."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     adapted = [m for m in methods if m.startswith(("transferfss", "distillfss"))]
     refs = [m for m in ("linear_probe", "prototype", "teacher", "transferfss") if m in methods]
     lines = []
     for a in adapted:
-        # a variant also against each DistillFSS row its name extends (distillfss_fast_unlabeled_x: distillfss,
-        # distillfss_fast, distillfss_fast_unlabeled)
-        # and a test-time-augmentation row also against the reference with the same augmentation
-        tta = [f"{r}_tta" for r in refs if a.endswith("_tta") and f"{r}_tta" in methods]
-        for b in refs + tta + [m for m in methods if m.startswith("distillfss") and a.startswith(f"{m}_")]:
+        # a variant also against each DistillFSS row its name extends (distillfss_fast_unlabeled: distillfss,
+        # distillfss_fast)
+        for b in refs + [m for m in methods if m.startswith("distillfss") and a.startswith(f"{m}_")]:
             if b == a:
                 continue
             xs, ys, groups = _paired(rows, a, b)

@@ -11,28 +11,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from .backbones import BACKBONES
-from .config import (
-    BENCHMARK_METHODS,
-    DEFAULT_STUDENT,
-    DEMO_ADAPT,
-    PRESETS,
-    REFINE_ITERATIONS,
-    AdaptConfig,
-    MetaConfig,
-    ModelConfig,
-    Serializable,
-)
-from .config import model_config as preset_config
-from .data import DataError
+from .config import BENCHMARK_METHODS, PRESETS, AdaptConfig, MetaConfig
 from .errors import UserError
-from .outputs import timestamp  # noqa: F401 - re-exported for the command modules
 
 log = logging.getLogger("distillfss")
-
-S = TypeVar("S", bound=Serializable)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -55,138 +39,42 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=None, help="working resolution (overrides the preset)")
 
 
-def _training_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> None:
-    """The TransferFSS / DistillFSS schedule flags shared by adapt, demo and benchmark."""
+def _adapt_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> argparse._ArgumentGroup:
+    """The adaptation flags adapt, demo and benchmark share; every other AdaptConfig field through --config."""
     g = p.add_argument_group(title)
     g.add_argument(
-        "--iterations", type=int, default=AdaptConfig.iterations, help="optimizer steps (default %(default)s)"
-    )
-    g.add_argument("--mode", default="joint", choices=["joint", "two_stage"], help="joint (the original) or two-stage")
-    g.add_argument(
-        "--trainable",
-        default=AdaptConfig.trainable,
-        choices=["A", "B", "C"],
-        help="teacher modules that train: A mappers+mixers, B everything but the backbone, C A+attention",
-    )
-    g.add_argument("--lr", type=float, default=AdaptConfig.lr, help="AdamW learning rate")
-    g.add_argument(
-        "--schedule", default=AdaptConfig.schedule, choices=["cosine", "constant"], help="learning-rate schedule"
-    )
-    g.add_argument(
-        "--distill-weight", type=float, default=AdaptConfig.distill_weight, help="weight of the MSE (0: ablation)"
-    )
-    g.add_argument(
-        "--coarse-dropout",
-        type=float,
-        default=AdaptConfig.coarse_dropout,
-        metavar="P",
-        help="training only: zero the coarse masks the teacher's decoder sees for an (episode, class) with "
-        "probability P, so it also learns from the query's own features (default %(default)s)",
-    )
-    g.add_argument(
-        "--class-weights",
-        default=AdaptConfig.class_weights,
-        choices=["none", "balanced"],
-        help="focal-loss class weights: balanced (frequency^-0.5 over the support pixels; default) or none (the original)",
-    )
-    g.add_argument(
-        "--precision",
-        default=AdaptConfig.precision,
-        choices=["bf16", "fp32"],
-        help="bf16: autocast the decoder/heads (faster on CPUs with fast bf16 kernels, slower on others)",
-    )
-    g.add_argument(
-        "--refine-iterations",
-        type=int,
+        "--student",
         default=None,
-        help="student refinement steps after adaptation, on augmented support views and unlabeled images labelled "
-        f"by the adapted teacher (0: off; default {REFINE_ITERATIONS} with unlabeled images, else 0)",
+        choices=["fast", "paper"],
+        help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the adapted "
+        "teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student",
+    )
+    g.add_argument(
+        "--iterations", type=int, default=None, help=f"teacher optimizer steps (default {AdaptConfig.iterations})"
     )
     g.add_argument(
         "--views",
-        default=AdaptConfig.views,
+        default=None,
         choices=["none", "hflip", "flips", "dihedral"],
-        help="augmented copies of each support and unlabeled image in the refinement bank: none, left-right flip, "
-        "both flips, or all 8 flips/90-degree rotations (default %(default)s; pick what your domain allows)",
+        help="the symmetries your domain has: each support and unlabeled image's copies the student learns from "
+        f"(default {AdaptConfig.views}: flips and 90-degree rotations; hflip or none where orientation matters)",
     )
     g.add_argument(
-        "--fast-iterations",
-        type=int,
-        default=AdaptConfig.fast_iterations,
-        help="the fast student's distillation steps (minibatches of views; default %(default)s)",
+        "--precision",
+        default=None,
+        choices=["bf16", "fp32"],
+        help="bf16: autocast the decoder and heads (faster on CPUs with fast bf16 kernels, slower on others; "
+        f"default {AdaptConfig.precision})",
     )
     g.add_argument(
-        "--fast-views",
-        default=AdaptConfig.fast_views,
-        choices=["none", "hflip", "flips", "dihedral"],
-        help="augmented copies of each support and unlabeled image the fast student learns from (default "
-        "%(default)s; use hflip or none where orientation matters, e.g. text or anatomy with a fixed side)",
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a JSON or YAML file of AdaptConfig fields (the paper's knobs: trainable, mode, distill_weight, "
+        "fast_iterations, max_shots, lr, ...; see the README); flags given on the command line win",
     )
-    g.add_argument(
-        "--fast-schedule",
-        default=AdaptConfig.fast_schedule,
-        choices=["constant", "cosine"],
-        help="the fast student's learning rate over its steps: constant, or cosine (5 %% linear warm-up, then cosine "
-        "decay to 0; default %(default)s)",
-    )
-    g.add_argument(
-        "--fast-crops",
-        type=int,
-        default=AdaptConfig.fast_crops,
-        metavar="N",
-        help="also N random crops of each support image in the fast student's bank (50-90 %% of the side, "
-        "resized, under one of the --fast-views symmetries; default %(default)s)",
-    )
-    g.add_argument(
-        "--label-views",
-        default=AdaptConfig.label_views,
-        choices=["view", "mean"],
-        help="the teacher's labels the fast student learns from: each view's own (default), or, with mean, the mean "
-        "of its labels of all the image's --fast-views views, each mapped back (test-time augmentation of the "
-        "teacher's labels; the images are labelled once, no extra cost)",
-    )
-    g.add_argument(
-        "--fast-labels",
-        default=AdaptConfig.fast_labels,
-        choices=["teacher", "teacher+probe"],
-        help="the soft labels the fast student learns from: the mean of the adapted teacher's and a linear probe's, "
-        "the probe tuned on the support set by cross-validation (a support image's views labelled by a probe fitted "
-        "without it; about 10-20 s more at K = 5), or the teacher's alone (default %(default)s)",
-    )
-    g.add_argument(
-        "--fast-ema",
-        type=float,
-        default=AdaptConfig.fast_ema,
-        metavar="DECAY",
-        help="keep the fast student's weights averaged over its steps, an exponential moving average with this decay "
-        "per step (e.g. 0.98; default %(default)s: the last step's weights)",
-    )
-    g.add_argument(
-        "--fast-teacher-stage",
-        default=AdaptConfig.fast_teacher_stage,
-        choices=["joint", "teacher"],
-        help="what trains before the fast student is distilled: teacher = the teacher alone (TransferFSS; default), "
-        "joint = the teacher with the paper's student beside it (the original's joint loss; that student is then "
-        "discarded, and its per-class decoder passes cost time)",
-    )
-    g.add_argument(
-        "--one-shot-grid",
-        type=int,
-        default=AdaptConfig.one_shot_grid,
-        metavar="N",
-        help="with one support image (K = 1), its own shot in training: split it into N x N cells and let each "
-        "query position attend only to the other cells, so the teacher trains on coarse masks it could have "
-        "predicted (1: the whole image, its own mask within reach; default %(default)s)",
-    )
-    g.add_argument(
-        "--max-shots",
-        type=int,
-        default=AdaptConfig.max_shots,
-        help="shots per training episode: a seeded random draw of at most this many of the other support images "
-        "when there are more (redrawn each step when the attention trains), so a step's cost grows linearly "
-        "with K (0: all; default %(default)s)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
+    return g
 
 
 def _teacher_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -218,20 +106,8 @@ def _seeds_flag(p: argparse.ArgumentParser, default: str | None) -> None:
         "--seeds",
         default=default,
         help="comma-separated adaptation seeds; every seeded method runs once per seed and results report mean ± std"
-        + ("" if default else " (default: --seed)"),
+        + ("" if default else " (default: 0)"),
     )
-
-
-def _unlabeled_pool_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("unlabeled images (row distillfss_unlabeled)")
-    g.add_argument(
-        "--unlabeled-from-train",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="distillfss_unlabeled's unlabeled images: the train split's images outside the support set (their masks "
-        "are never read; test images are never used)",
-    )
-    g.add_argument("--max-unlabeled", type=int, default=64, help="at most this many unlabeled images (default 64)")
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
@@ -239,14 +115,6 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     _device_flag(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
     _vote_flag(p)
-    p.add_argument(
-        "--tta",
-        default="none",
-        choices=["none", "hflip", "flips", "dihedral"],
-        help="test-time augmentation: also segment each image's left-right flip, both flips, or all 8 flips/90-degree "
-        "rotations, and average the class probabilities (2, 4 or 8 times the time per image; default none; pick "
-        "what your domain allows)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="fine-tune a teacher on a support set and distill a student")
     p.add_argument("--support", required=True, type=Path, help="dataset folder (with train/) or images/+masks/")
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    _device_flag(p)
-    _model_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier adapt wrote in --out")
     g = p.add_argument_group("support set and method")
     g.add_argument(
         "--shots",
@@ -268,34 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="support images K (default: 5 sampled from a dataset's train/, or every image of a plain folder)",
     )
     g.add_argument(
-        "--method",
-        default="distill",
-        choices=["distill", "transfer"],
-        help="distill: TransferFSS + DistillFSS, saves the support-free student; transfer: saves the teacher",
-    )
-    g.add_argument(
-        "--student",
-        default=DEFAULT_STUDENT,
-        choices=["paper", "fast"],
-        help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the "
-        "adapted teacher on augmented views (--fast-iterations, --fast-views) and the --unlabeled images; paper: "
-        "the paper's student (the teacher's decoder, once per class; --refine-iterations refines it)",
-    )
-    g.add_argument(
-        "--episodes",
-        default="leave_one_out",
-        choices=["leave_one_out", "paired"],
-        help="episode builder: each image the query once with all others as shots, or the original pairs",
-    )
-    _teacher_flag(g)
-    g.add_argument(
         "--unlabeled",
         type=Path,
         default=None,
         metavar="DIR",
         help="images of the same domain without masks (only the images are read; the support images are left out): "
-        "the adapted teacher labels them and the student learns from its soft labels (the paper student: in "
-        f"--refine-iterations steps, {REFINE_ITERATIONS} by default; the fast student: in its distillation)",
+        "the adapted teacher labels them and the student learns from its labels",
     )
     g.add_argument(
         "--max-unlabeled",
@@ -303,7 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="at most this many unlabeled images (an evenly spread subset of the name-sorted folder; default 64)",
     )
-    _training_flags(p)
+    g.add_argument(
+        "--method",
+        default=None,
+        choices=["distill", "transfer"],
+        help="distill (default): TransferFSS + DistillFSS, saves the support-free student; transfer: saves the "
+        "adapted teacher (it needs the support images at inference, stored with it)",
+    )
+    _teacher_flag(g)
+    _model_flags(p)
+    g = _adapt_flags(p)
+    g.add_argument("--seed", type=int, default=None, help="seed of initialisation, episodes and sampling (default 0)")
+    _device_flag(g)
 
     p = sub.add_parser(
         "predict",
@@ -445,19 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=",".join(BENCHMARK_METHODS),
-        help="comma-separated methods to run; teacher_random, transferfss_random, distillfss_random start from a "
-        "random teacher whatever --teacher says; distillfss_unlabeled / distillfss_views: the student refined on "
-        "unlabeled train images / on flipped support images; distillfss_fast, _fast_unlabeled, _fast_crops, "
-        "_fast_teacheronly, _fast_joint: the fast student, also on the unlabeled train images / on 4 random crops per "
-        "support image / after a teacher-only or a joint stage whatever --fast-teacher-stage says; "
-        "_fast_labelmean, _fast_unlabeled_labelmean / _fast_ema, _fast_unlabeled_ema: the fast student without and "
-        "with the unlabeled images, with --label-views mean / --fast-ema 0.98 (unless given); "
-        "_fast_probelabels, _fast_unlabeled_probelabels / _fast_teacherlabels, _fast_unlabeled_teacherlabels: with "
-        "--fast-labels teacher+probe / teacher; the suffixes "
-        "_setB, _setC, _two_stage, _nodistill, _coarsedrop, _old_shots, _old_self, _old_target, _old_mse on "
-        "transferfss and distillfss: ablations (_old_*: one fix of the training step undone); distillfss_fast_tta, "
-        "distillfss_fast_unlabeled_tta, linear_probe_tta: the model of the row without _tta, evaluated with "
-        "test-time augmentation (--tta flips)",
+        help="comma-separated rows (default %(default)s). distillfss_fast: the default student (what adapt writes); "
+        "distillfss: the paper's student; transferfss: the adapted teacher; teacher: before adaptation; *_unlabeled: "
+        "the student also learns from the train images outside the support set; the paper's ablations: "
+        "teacher_random, transferfss_random, distillfss_random (a random starting teacher), transferfss_setB, "
+        "distillfss_setB, transferfss_setC, distillfss_setC (trainable sets), distillfss_two_stage, "
+        "distillfss_nodistill; baselines: linear_probe, prototype",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
@@ -480,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=384,
         help="score with the ground truth resized to N x N, as the paper (WeedMap always native); 0: original",
     )
+    p.add_argument("--max-unlabeled", type=int, default=64, help="*_unlabeled rows: at most this many images")
     _model_flags(p)
-    _training_flags(p, "adaptation (ablations)")
-    _unlabeled_pool_flags(p)
+    _adapt_flags(p)
 
     p = sub.add_parser(
         "meta-train",
@@ -548,51 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
     _model_flags(p)
     p.add_argument("--shots", type=int, default=5, help="support images per dataset (default 5)")
-    p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's own)")
     _teacher_flag(p)
     p.add_argument(
         "--compare-random",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also adapt from a randomly initialised teacher (rows *_random) when the start is meta-trained",
-    )
-    p.add_argument(
-        "--unlabeled",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="row distillfss_unlabeled: the student refined on the train images outside the support set, as "
-        "unlabeled images (default on)",
+        help="also adapt from a randomly initialised teacher (rows *_random)",
     )
     _seeds_flag(p, "0,1,2")
-    _vote_flag(p)
-    _training_flags(p)
-    p.set_defaults(iterations=DEMO_ADAPT.iterations, refine_iterations=DEMO_ADAPT.refine_iterations)
+    _adapt_flags(p)
     return parser
-
-
-def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
-    return preset_config(args.backbone, num_classes, args.preset, args.image_size)
-
-
-def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise DataError(f"{flag}: expected integers >= {minimum}, got {text!r}")
-    return values
 
 
 def _engine_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine", default="torch", choices=["torch", "onnx"], help="onnx: --model is a .onnx file from export"
     )
-
-
-def config_from_args(cls: type[S], args: argparse.Namespace) -> S:
-    """A config dataclass from the flags of this subcommand that name its fields; its defaults for the rest."""
-    return cls.from_dict({k: v for k, v in vars(args).items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -612,13 +431,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # anything else is a bug: its traceback goes through (exit 1)
         print(f"distillfss {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Atomically (temporary file + rename): a kill leaves the previous complete file or the new one."""
-    from .outputs import write_json_atomic
-
-    write_json_atomic(path, obj)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .cli import config_from_args, int_list, model_config, timestamp, write_json
-from .config import REFINE_ITERATIONS, AdaptConfig
+from .config import AdaptConfig, ModelConfig, read_adapt_config
+from .config import model_config as preset_config
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
-from .errors import UserError
 from .evaluate import evaluate_predictor, write_per_image_csv
 from .model_io import (
     LOG,
@@ -30,7 +29,7 @@ from .model_io import (
     resolve_teacher,
     save_model,
 )
-from .outputs import check_output, output_folder, refuse_unsafe_output
+from .outputs import check_output, output_folder, refuse_unsafe_output, timestamp, write_json_atomic
 from .sampling import sample_support
 from .viz import overlay, with_legend
 
@@ -39,6 +38,36 @@ if TYPE_CHECKING:
     from .predictor import Predictor
 
 log = logging.getLogger("distillfss")
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise DataError(f"{flag}: expected integers >= {minimum}, got {text!r}")
+    return values
+
+
+def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
+    return preset_config(args.backbone, num_classes, args.preset, args.image_size)
+
+
+def config_from_args(cls, args: argparse.Namespace):  # noqa: ANN001, ANN201 - any config dataclass
+    """A config dataclass from the flags of this subcommand that name its fields; its defaults for the rest."""
+    return cls.from_dict({k: v for k, v in vars(args).items() if v is not None})
+
+
+def adapt_config(args: argparse.Namespace, base: AdaptConfig | None = None) -> AdaptConfig:
+    """The AdaptConfig of adapt, demo or benchmark: ``base`` (default: AdaptConfig's defaults), then the fields
+    of ``--config FILE``, then the adaptation flags given on the command line."""
+    fields = (base or AdaptConfig()).to_dict()
+    if args.config is not None:
+        fields.update(read_adapt_config(args.config))
+    names = {f.name for f in dataclasses.fields(AdaptConfig)}
+    fields.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return AdaptConfig(**fields)
 
 
 def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
@@ -52,36 +81,20 @@ def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
     if shots > len(stems):
         raise DataError(f"{path}: {shots} shots requested but the pool has only {len(stems)} images")
     sets = class_sets(split)  # also validates every mask of the pool
-    return split, sample_support(stems, shots, sets if split.num_classes > 1 else None)
+    return split, sample_support(stems, shots, sets)
 
 
 def adapt(args: argparse.Namespace) -> int:
-    inputs = [args.support] + ([args.unlabeled] if args.unlabeled else [])
+    inputs = [args.support, args.unlabeled, args.config]
     check_output(args.out, args.overwrite, inputs)
+    acfg = adapt_config(args)
+    acfg.for_unlabeled(args.unlabeled is not None)  # refuse a bad combination before any image is read
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
-    acfg = config_from_args(AdaptConfig, args)
-    fast_only = {
-        "--fast-crops": acfg.fast_crops > 0,
-        "--label-views": acfg.label_views != "view",
-        "--fast-ema": acfg.fast_ema > 0,
-        "--fast-labels": acfg.fast_labels != AdaptConfig.fast_labels,
-    }
-    named = [flag for flag, given in fast_only.items() if given]
-    if named and (acfg.student != "fast" or acfg.method != "distill"):
-        raise UserError(f"{', '.join(named)}: act on the fast student only; drop them or use --student fast")
     images, labels = load_support_tensors(split, stems, mcfg.image_size)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
-        paper = acfg.student == "paper"
-        if paper and args.refine_iterations is None:
-            acfg = dataclasses.replace(acfg, refine_iterations=REFINE_ITERATIONS)
-        if acfg.method != "distill" or (paper and acfg.refine_iterations < 1):
-            raise DataError(
-                f"{args.unlabeled}: unlabeled images train the student: use --method distill (and, for the paper "
-                "student, --refine-iterations N > 0)"
-            )
         support_files = [s.image for s in split.samples if s.stem in stems]
         unlabeled, unlabeled_names = load_unlabeled(args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files)
         log.info("%d unlabeled images from %s", len(unlabeled_names), args.unlabeled)
@@ -98,13 +111,13 @@ def adapt(args: argparse.Namespace) -> int:
             mcfg,
             acfg,
             teacher=teacher,
-            log_path=tmp / LOG,
             unlabeled=None if unlabeled is None else unlabeled.to(device),
+            log_path=tmp / LOG,
         )
-        model = result.student if args.method == "distill" else result.teacher
+        model = result.student if result.student is not None else result.teacher
         meta = {
             "created": timestamp(),
-            "adapt": acfg.to_dict(),
+            "adapt": result.config.to_dict(),
             "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
             "support": {"dataset": str(split.root.resolve()), "stems": stems, "shots": len(stems)},  # any cwd
             "unlabeled": {"folder": str(args.unlabeled.resolve()), "images": unlabeled_names}
@@ -114,12 +127,8 @@ def adapt(args: argparse.Namespace) -> int:
             "adapt_seconds": round(result.seconds, 2),
         }
         save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels))
-    log.info(
-        "wrote %s (%s, %.1f s)",
-        args.out,
-        "student" if args.method == "distill" else "teacher",
-        result.seconds,
-    )
+    kind = "student" if result.student is not None else "teacher"
+    log.info("wrote %s (%s, %.1f s)", args.out, kind, result.seconds)
     return 0
 
 
@@ -164,8 +173,6 @@ def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tup
 
         if not args.model.is_file():
             raise DataError(f"{args.model}: --engine onnx needs the .onnx file written by export")
-        if args.tta != "none":
-            raise DataError("--tta runs with --engine torch only (the ONNX predictor segments each image once)")
         predictor = OnnxPredictor(args.model)
         return predictor, predictor.classes, "onnx"
     loaded = load_model(
@@ -174,7 +181,6 @@ def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tup
         device=args.device,
         precision=args.precision,
         vote_chunk=args.vote_chunk,
-        tta=args.tta,
     )
     return loaded.predictor, loaded.classes, loaded.kind
 
@@ -191,14 +197,13 @@ def evaluate(args: argparse.Namespace) -> int:
     report = {
         **result.to_json(),
         "vote_chunk": (predictor.vote_chunk if predictor.voting else 0) if kind == "teacher" else None,
-        "tta": args.tta,
         "eval_resolution": args.eval_size or "original",
     }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, report)
+        write_json_atomic(args.json, report)
     if per_image is not None:
         write_per_image_csv(args.per_image, per_image, split.classes)
         log.info("per-image IoU of %d images in %s", len(per_image), args.per_image)
@@ -253,7 +258,7 @@ def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
         model_config(args, 1), shots, sets, caps, args.steps, args.device, args.threads, args.timeout, log.info
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.json, result)
+    write_json_atomic(args.json, result)
     args.json.with_suffix(".md").write_text(adapt_table(result))
     print(adapt_table(result))
     return 0
@@ -359,14 +364,13 @@ def benchmark(args: argparse.Namespace) -> int:
         out=args.out,
         shots=tuple(int_list(args.shots, "--shots")),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        seeds=tuple(int_list(args.seeds, "--seeds", minimum=0)) if args.seeds else (args.seed,),
+        seeds=tuple(int_list(args.seeds, "--seeds", minimum=0)) if args.seeds else (0,),
         draws=args.draws,
-        adapt=config_from_args(AdaptConfig, args),
+        adapt=adapt_config(args),
         **_shared_run_flags(args),
         per_class=args.per_class,
         eval_size=args.eval_size,
         data_root=args.data_root,
-        unlabeled_from_train=args.unlabeled_from_train,
         max_unlabeled=args.max_unlabeled,
     )
     print(table(run_benchmark(cfg)))
@@ -378,7 +382,12 @@ def _shared_run_flags(args: argparse.Namespace) -> dict:
     config, which each command parses itself."""
     from .protocol import RunConfig
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("seeds", "adapt")}
+    skip = ("seeds", "adapt")
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(RunConfig)
+        if f.name not in skip and hasattr(args, f.name)
+    }
 
 
 def data(args: argparse.Namespace) -> int:
@@ -391,17 +400,16 @@ def data(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_DATASETS, DemoConfig, run_demo
+    from .demo import DEMO_ADAPT, DemoConfig, demo_datasets, run_demo
 
-    spec = args.datasets or ",".join(DEMO_DATASETS)
+    spec = args.datasets or ",".join(demo_datasets())
     cfg = DemoConfig(
         datasets=tuple(n.strip() for n in spec.split(",") if n.strip()),
         out=args.out,
         shots=args.shots,
         seeds=tuple(int_list(args.seeds, "--seeds", minimum=0)),
-        adapt=config_from_args(AdaptConfig, args),
+        adapt=adapt_config(args, DEMO_ADAPT),
         compare_random=args.compare_random,
-        unlabeled=args.unlabeled,
         **_shared_run_flags(args),
     )
     run_demo(cfg)

@@ -6,7 +6,9 @@ Every saved model and every result carries the config that made it (``to_dict`` 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 TrainableSet = Literal["A", "B", "C"]
@@ -38,22 +40,7 @@ class ModelConfig(Serializable):
     num_classes: int = 1  # foreground classes
 
 
-# What `distillfss benchmark` runs when --methods names none: the paper's methods, the default fast student (what
-# `adapt` writes), each student also with the train split's unlabeled images, and the two tuned baselines.
-BENCHMARK_METHODS = (
-    "teacher",
-    "transferfss",
-    "distillfss",
-    "distillfss_unlabeled",
-    "distillfss_fast",
-    "distillfss_fast_unlabeled",
-    "linear_probe",
-    "prototype",
-)
-
 # Named presets: "fast" is the default measured on a 2-core CPU; "paper" is the paper's setting.
-REFINE_ITERATIONS = 30  # student refinement steps when unlabeled images are given and the run names no number
-
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {},
     "paper": {"image_size": 384, "heads": 8, "heads_stride8": 8, "pe_dropout": 0.5, "attn_dropout": 0.5},
@@ -72,103 +59,136 @@ def model_config(backbone: str, num_classes: int, preset: str = "fast", image_si
     return ModelConfig(backbone=backbone, num_classes=num_classes, **fields)
 
 
-# The adaptation step's fixes, each of which ``AdaptConfig.legacy`` can undo (README, "Each fix of the adaptation step on its own"):
-LEGACY_STEPS = (
-    "shots_without_class",  # class c attends to every other support image, also those without c
-    "self_in_softmax",  # the query's own tokens stay in the softmax, removed only by the value/renormaliser ratio
-    "student_relabelled",  # the student's focal loss on the teacher's targets (classes without a shot -> background)
-    "mse_per_pair",  # the distillation MSE averaged over (episode, class) pairs, not per episode first
+# What `distillfss benchmark` runs when --methods names none (row names: see protocol.ROWS): the paper's methods,
+# the default fast student (what `adapt` writes), each student also with the train split's unlabeled images, and the
+# two tuned baselines.
+BENCHMARK_METHODS = (
+    "teacher",
+    "transferfss",
+    "distillfss",
+    "distillfss_unlabeled",
+    "distillfss_fast",
+    "distillfss_fast_unlabeled",
+    "linear_probe",
+    "prototype",
 )
+REFINE_ITERATIONS = 30  # the paper student's refinement steps on unlabeled images when the config names no number
+Views = Literal["none", "hflip", "flips", "dihedral"]
 
 
 @dataclass(frozen=True)
 class AdaptConfig(Serializable):
-    """TransferFSS / DistillFSS training on a support set."""
+    """TransferFSS and DistillFSS on a support set: everything that changes the adapted model.
 
-    method: Literal["distill", "transfer"] = "distill"
-    mode: Literal["joint", "two_stage"] = "joint"  # joint = the original code; two_stage = teacher, then student
-    iterations: int = 60  # optimizer steps (one step = one pass over all episodes)
-    student_iterations: int | None = None  # two_stage only: student steps (default: same as iterations)
-    lr: float = 1e-3
-    schedule: Literal["cosine", "constant"] = "constant"  # cosine: 5 % linear warm-up, then cosine decay to 0
-    weight_decay: float = 0.01  # AdamW default, as the original
-    trainable: TrainableSet = "A"  # A: mappers+mixers; B: everything but the backbone; C: A + attention
+    Invalid combinations raise ``UserError`` here, so the CLI, the Python API, the app and the benchmark refuse the
+    same things with the same message; ``for_unlabeled`` settles what depends on whether unlabeled images are given.
+    """
+
+    method: Literal["distill", "transfer"] = "distill"  # transfer: the adapted teacher is the model
+    # fast: one slim pass for all classes, distilled from the adapted teacher on a bank of views (the product's
+    # student); paper: the paper's ConvDist student, trained beside the teacher (joint) or after it (two_stage).
+    student: Literal["fast", "paper"] = "fast"
+    iterations: int = 60  # teacher (and paper-student) optimizer steps; one step = one pass over all episodes
+    fast_iterations: int = 200  # the fast student's steps (minibatches of ``view_batch`` views)
+    # The symmetries the domain has: each support and unlabeled image's views the student learns from (8 = the
+    # flips and 90-degree rotations; "hflip" or "none" where orientation matters, e.g. anatomy with a fixed side).
+    views: Views = "dihedral"
+    # The paper's knobs (its ablations): which teacher modules train (A mappers+mixers; B everything but the
+    # backbone; C A + attention), joint or two-stage training of the paper student, the weight of its distillation
+    # MSE (0 = the no-distillation ablation).
+    trainable: TrainableSet = "A"
+    mode: Literal["joint", "two_stage"] = "joint"
+    student_iterations: int | None = None  # two_stage: the paper student's steps (default: ``iterations``)
+    distill_weight: float = 1.0
+    # The paper student's refinement on unlabeled images labelled by the adapted teacher; None: REFINE_ITERATIONS
+    # when unlabeled images are given, else 0.
+    refine_iterations: int | None = None
+    # Episodes: "leave_one_out" (each support image the query once, at most ``max_shots`` of the others as shots,
+    # a seeded draw when there are more, so a step costs O(K); 0 = all) or "paired" (the original's pairs).
     episodes: Literal["leave_one_out", "paired"] = "leave_one_out"
-    # leave_one_out: at most this many of the other support images are an episode's shots, a seeded draw when there
-    # are more (the paper's chunks of 10; redrawn each step when the attention trains), so a step costs O(K) instead
-    # of O(K^2); 0 = all of them.
     max_shots: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW default, as the original
     focal_gamma: float = 2.0
     class_weights: Literal["none", "balanced"] = "balanced"  # balanced: frequency^-0.5 (the original: none)
-    distill_weight: float = 1.0  # weight of the MSE on coarse masks inside the joint loss (0 = ablation)
-    # Training only: each (episode, class) has the coarse masks the teacher's decoder sees zeroed with this
-    # probability, so the decoder also learns to segment from the query's own features (what the student has).
-    coarse_dropout: float = 0.0
-    # bf16 autocasts the decoder/heads: 2x faster on a CPU with fast bf16 kernels (AMD EPYC, measured), 1.3x slower
-    # on another with avx512_bf16 (Intel Xeon, measured); fp32 does not depend on how a CPU does bf16: the default.
+    view_batch: int = 8  # views per student step
+    # bf16 autocasts the decoder/heads: faster on CPUs with fast bf16 kernels, slower on others; fp32 is the same
+    # everywhere: the default.
     precision: Literal["bf16", "fp32"] = "fp32"
-    # Student refinement on a bank of views labelled by the adapted teacher (0 steps = off; see adapt.refine):
-    refine_iterations: int = 0
-    views: Literal["none", "hflip", "flips", "dihedral"] = "none"  # augmented copies of each support image
-    unlabeled_views: Literal["none", "hflip", "flips", "dihedral"] = "flips"  # ... of each unlabeled image
-    view_batch: int = 8  # views per refinement step
-    # "fast": after the teacher's stage, a fast student (classes as channels, its own slim decoder, see student.py) is
-    # distilled from the adapted teacher on a bank of views (support images and any unlabeled images, each under
-    # ``fast_views``) for ``fast_iterations`` steps; it replaces the paper's student (and its refinement).
-    student: Literal["paper", "fast"] = "paper"
-    fast_iterations: int = 200
-    fast_views: Literal["none", "hflip", "flips", "dihedral"] = "dihedral"
-    fast_schedule: Literal["cosine", "constant"] = "constant"  # the fast student's learning rate over its steps
-    fast_crops: int = 0  # plus this many random crops (50-90 % of the side, a random symmetry) of each support image
-    # "mean": the teacher's labels of a view (soft labels and coarse masks) are the mean of its labels of all the
-    # image's views in the bank, each mapped back to the view (test-time augmentation of the pseudo-labels); "view":
-    # each view's own.
-    label_views: Literal["view", "mean"] = "view"
-    # > 0: the fast student ends with the exponential moving average of its weights over its steps, this decay per
-    # step (0.98: about the last 50 steps weigh most); 0: its last step's weights.
-    fast_ema: float = 0.0
-    # The soft labels the fast student learns from: "teacher" = the adapted teacher's; "teacher+probe" = the mean of
-    # the teacher's and a linear probe's class probabilities (the probe tuned on the support set by cross-validation
-    # as the ``linear_probe`` baseline, at the model's size; a support view's from a probe fitted without its image).
-    # The default since it scored above the teacher's labels alone over K = 1, 2 and 5 (README, *Two labellers*).
-    fast_labels: Literal["teacher", "teacher+probe"] = "teacher+probe"
-    # What trains before the fast student's distillation: "teacher" = the teacher alone (TransferFSS), "joint" = the
-    # teacher with the paper's student beside it (the original's joint loss; that student is then discarded). The
-    # teacher alone skips the paper student's per-class decoder passes: at K = 5 the whole adaptation took about 60 %
-    # of the time, with accuracy not distinguishable (README, benchmark).
-    fast_teacher_stage: Literal["joint", "teacher"] = "teacher"
-    # K = 1 (one support image, its own shot in training): > 1 splits it into a grid of this many cells per side and
-    # each query token attends only to the cells other than its own (the spatial counterpart of leave-one-out);
-    # 1 = the image attends to itself whole, the query's own mask within reach of every token.
-    one_shot_grid: int = 1
-    # The training step as it was before the fixes of the numbers-you-can-trust issue, one switch per fix (names in
-    # LEGACY_STEPS), for the per-fix ablation rows of the benchmark (``transferfss_old_<name>``); never a user's choice.
-    legacy: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         from .errors import UserError
 
-        object.__setattr__(self, "legacy", tuple(self.legacy))  # a list after a JSON round trip
-        unknown = sorted(set(self.legacy) - set(LEGACY_STEPS))
-        if unknown:
-            raise UserError(f"legacy: unknown step(s) {', '.join(unknown)}; choose from {', '.join(LEGACY_STEPS)}")
-
-        for name in ("iterations", "view_batch", "fast_iterations", "one_shot_grid"):
+        for f in dataclasses.fields(self):  # a typo in a config file is named, not carried into training
+            allowed = typing.get_args(_HINTS[f.name])
+            if allowed and all(isinstance(a, str) for a in allowed) and getattr(self, f.name) not in allowed:
+                raise UserError(f"{f.name}: expected one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
+        for name in ("iterations", "view_batch", "fast_iterations"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
-        for name in ("max_shots", "refine_iterations", "fast_crops"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.fast_ema < 1.0:
-            raise UserError(f"--fast-ema: expected a decay in [0, 1), got {self.fast_ema}")
-        if not 0.0 <= self.coarse_dropout < 1.0:
-            raise UserError(f"--coarse-dropout: expected a probability in [0, 1), got {self.coarse_dropout}")
-        if self.student == "fast" and self.refine_iterations > 0:
-            raise UserError(
-                "--refine-iterations refines the paper student; the fast student learns from the same views and "
-                "unlabeled images in its own distillation (--fast-iterations)"
-            )
+                raise UserError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("max_shots", "refine_iterations", "student_iterations"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"{name}: expected >= 0, got {value}")
+        if self.distill_weight < 0:
+            raise UserError(f"distill_weight: expected >= 0, got {self.distill_weight}")
+        paper_only = {
+            "refine_iterations": self.refine_iterations,
+            "student_iterations": self.student_iterations,
+            "mode": None if self.mode == "joint" else self.mode,
+        }
+        named = [k for k, v in paper_only.items() if v is not None]
+        if named and (self.student != "paper" or self.method != "distill"):
+            raise UserError(f"{', '.join(named)}: set(s) the paper student's training only; use student paper")
+
+    def for_unlabeled(self, given: bool) -> AdaptConfig:
+        """The config as run with (``given``) or without unlabeled images: the paper student's refinement steps
+        settled (REFINE_ITERATIONS with them, 0 without, unless named); unlabeled images for a run that has no
+        student to teach refused."""
+        from .errors import UserError
+
+        if given and self.method != "distill":
+            raise UserError("unlabeled images train the student: use method distill (not transfer)")
+        if self.student != "paper" or self.method != "distill":
+            return self
+        steps = self.refine_iterations
+        if steps is None:
+            steps = REFINE_ITERATIONS if given else 0
+        if given and steps < 1:
+            raise UserError("unlabeled images refine the paper student: give refine_iterations >= 1")
+        return dataclasses.replace(self, refine_iterations=steps)
+
+
+_HINTS = typing.get_type_hints(AdaptConfig)
+
+
+def read_adapt_config(path: Path) -> dict[str, Any]:
+    """The AdaptConfig fields a JSON or YAML file sets (``--config FILE``); unknown fields and values of the wrong
+    type are a ``UserError`` naming the file."""
+    import yaml
+
+    from .errors import UserError
+
+    try:
+        fields = yaml.safe_load(path.read_text())  # JSON is YAML
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not JSON or YAML ({str(e).splitlines()[0]})") from None
+    fields = {} if fields is None else fields
+    if not isinstance(fields, dict):
+        raise UserError(f"{path}: expected a mapping of AdaptConfig fields, got {type(fields).__name__}")
+    known = {f.name: f for f in dataclasses.fields(AdaptConfig)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise UserError(f"{path}: unknown field(s) {', '.join(map(str, unknown))}; known: {', '.join(known)}")
+    for name, value in fields.items():
+        default = known[name].default
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise UserError(f"{path}: {name}: expected {kinds[0].__name__}, got {value!r}")
+    return fields
 
 
 @dataclass(frozen=True)
@@ -201,13 +221,3 @@ class SupportInfo:
     classes: tuple[str, ...]
     shots: int
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# The student `distillfss adapt`, FewShotSegmenter and the app distil unless told otherwise (AdaptConfig keeps the
-# paper's, which the benchmark's `distillfss` rows use): at K = 5 the fast student was more accurate than the
-# paper's (+2.6 [+0.1, +4.6] mIoU, the gain on nuclei; README, benchmark) at a fraction of its inference cost.
-DEFAULT_STUDENT = "fast"
-
-# The demo's schedule: 3 seeds x 2 datasets at 40 steps (and 20 refinement steps for distillfss_unlabeled) keep it
-# within 10 minutes on 2 CPU cores.
-DEMO_ADAPT = AdaptConfig(iterations=40, refine_iterations=20)

@@ -37,15 +37,12 @@ def balanced_weights(labels: Tensor, num_classes: int, power: float = 0.5) -> Te
     return w / (w * freq).sum().clamp_min(1e-8)  # the average pixel keeps weight 1
 
 
-def coarse_mse(
-    teacher: list[Tensor], student: list[Tensor], strides: tuple[int, ...], present: Tensor, per_pair: bool = False
-) -> Tensor:
+def coarse_mse(teacher: list[Tensor], student: list[Tensor], strides: tuple[int, ...], present: Tensor) -> Tensor:
     """Distillation loss as the original: per (episode, class with shots), the mean over strides of the MSE between
     teacher and student coarse masks (all layers of a stride pooled); averaged over the classes present in each
     episode, then over the episodes that have any.
 
-    teacher, student: per backbone layer (B, C, h, w); present: (B, C) bool. ``per_pair``: the plain mean over the
-    present (episode, class) pairs instead (the training step before its fix; kept for the per-fix ablation).
+    teacher, student: per backbone layer (B, C, h, w); present: (B, C) bool.
     """
     per_stride = []
     for s in sorted(set(strides)):
@@ -53,8 +50,6 @@ def coarse_mse(
         per_stride.append(torch.stack(err).mean(0))
     per_class = torch.stack(per_stride).mean(0)  # (B, C)
     w = present.float()
-    if per_pair:
-        return (per_class * w).sum() / w.sum().clamp_min(1)
     n_cls = w.sum(dim=1)  # (B,)
     per_episode = (per_class * w).sum(dim=1) / n_cls.clamp_min(1)  # (B,)
     return per_episode.sum() / (n_cls > 0).float().sum().clamp_min(1)

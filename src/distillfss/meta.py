@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapt import seeded, trainable_parameters
 from .backbones import FrozenBackbone, Pyramid
 from .config import MetaConfig, ModelConfig
 from .data import DataError
@@ -41,6 +40,7 @@ from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample
 from .losses import IGNORE
 from .model_io import LOG, ModelError, own_state, save_teacher_checkpoint
 from .teacher import Teacher, build_teacher
+from .transfer import seeded, trainable_parameters
 
 log = logging.getLogger(__name__)
 

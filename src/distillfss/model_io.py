@@ -104,10 +104,9 @@ def load_model(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     vote_chunk: int = VOTE_CHUNK,
-    tta: str = "none",
 ) -> LoadedModel:
     """Rebuild a saved teacher or student on ``device``; loading is strict and names missing or unexpected keys.
-    ``vote_chunk`` (teachers only) and ``tta``: see :class:`Predictor`."""
+    ``vote_chunk`` (teachers only): see :class:`Predictor`."""
     folder = Path(folder)
     config = read_config(folder)
     model_cfg = ModelConfig.from_dict(config["model"])
@@ -155,7 +154,7 @@ def load_model(
         model_cfg,
         classes,
         config,
-        Predictor(model, model_cfg.image_size, support, precision, vote_chunk, tta),
+        Predictor(model, model_cfg.image_size, support, precision, vote_chunk),
     )
 
 

@@ -3,15 +3,12 @@ images of any size, returning labels at the image's own resolution."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.tensors import image_tensor
-from .symmetry import VIEWS, tta_probabilities
 from .teacher import EncodedSupport, Teacher
 
 VOTE_CHUNK = 10  # the paper's TransferFSS: shots per voting chunk at test time
@@ -27,15 +24,11 @@ class Predictor:
         support: EncodedSupport | None = None,
         precision: str = "fp32",
         vote_chunk: int = VOTE_CHUNK,
-        tta: str = "none",
     ) -> None:
         """model: a Teacher (with ``support``), a Student, or any module mapping (B,3,S,S) to (B,C+1,S,S) logits.
 
         vote_chunk: a teacher whose classes have more than this many shots attends to them in chunks of at most
         ``vote_chunk`` and votes (the paper's TransferFSS, 10); 0 attends to all shots at once.
-
-        tta: test-time augmentation, the symmetries each image is also segmented under ("none", "hflip", "flips",
-        "dihedral": 1, 2, 4 or 8 forward passes); the class probabilities, mapped back, are averaged.
 
         The model is put in eval mode and otherwise left as it is (its memory format is chosen where it is built).
         """
@@ -43,7 +36,6 @@ class Predictor:
             raise ValueError("a teacher needs its support set")
         if vote_chunk < 0:
             raise ValueError(f"vote_chunk must be >= 0, got {vote_chunk}")
-        self.tta = _checked_tta(tta)
         self.model = model.eval()
         self.image_size = image_size
         self.precision = precision
@@ -52,22 +44,9 @@ class Predictor:
         self.voting = support is not None and 0 < vote_chunk < int(support.flags.sum(dim=0).max())
         self._keys = model.keys(support) if isinstance(model, Teacher) and not self.voting else None
 
-    def with_tta(self, tta: str) -> Predictor:
-        """The same model, support and cached keys, predicting with test-time augmentation ``tta``; ``self`` is
-        unchanged."""
-        twin = copy.copy(self)
-        twin.tta = _checked_tta(tta)
-        return twin
-
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S), float32; with test-time augmentation the
-        log of the class probabilities averaged over the views (the same argmax rule)."""
-        if self.tta == "none":
-            return self._logits(images)
-        return tta_probabilities(self._logits, images, VIEWS[self.tta]).clamp_min(1e-12).log()
-
-    def _logits(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S), float32."""
         images = images.to(memory_format=torch.channels_last)  # the layout the backbone was built in
         bf16 = self.precision == "bf16"
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -94,12 +73,6 @@ class Predictor:
         return labels_at_sizes(
             self.logits(x).cpu(), [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
         )
-
-
-def _checked_tta(tta: str) -> str:
-    if tta not in VIEWS:
-        raise ValueError(f"tta must be one of {', '.join(VIEWS)}, got {tta!r}")
-    return tta
 
 
 def labels_at_sizes(logits: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

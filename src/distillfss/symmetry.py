@@ -1,4 +1,4 @@
-"""The 8 symmetries of the square, used for augmented views (the students' banks) and test-time augmentation."""
+"""The 8 symmetries of the square, used for the augmented views the students learn from."""
 
 from __future__ import annotations
 
@@ -29,14 +29,3 @@ def undo_dihedral(x: Tensor, k: int) -> Tensor:
     if k & 4:
         x = x.transpose(-1, -2)
     return x
-
-
-def tta_probabilities(forward, images: Tensor, views: tuple[int, ...]) -> Tensor:
-    """Test-time augmentation: ``forward`` ((B, 3, S, S) -> (B, C+1, S, S) logits) on every view of ``images``,
-    its softmax mapped back to the images' frame and averaged over the views -> (B, C+1, S, S) probabilities."""
-    total = None
-    for k in views:
-        p = undo_dihedral(forward(dihedral(images, k)).float().softmax(dim=1), k)
-        total = p if total is None else total + p
-    assert total is not None, "at least one view"
-    return total / len(views)

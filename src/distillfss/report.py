@@ -1,0 +1,168 @@
+"""``python -m distillfss.report`` (``make results``): ``docs/results.md`` from the committed result files.
+
+Nothing here is typed in by hand: every number is computed from a JSON file under ``docs/results/`` that records the
+command, commit, machine and date that made it.
+
+* ``headline.json`` (``benchmark`` output): the product's table -- every bundled dataset, every method, mean ± std
+  over seeds, and the paired differences of the default student against the others (mean over every dataset of the
+  run, weak ones included).
+* ``measured/*.json``: earlier benchmark runs of options that were measured and removed (``REMOVED``): the option's
+  row against the row without it, paired, with the run's machine.
+* ``speed/*.json`` (``speed`` output): time per image and memory of the student, teacher and backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .benchmark import _paired, table
+from .stats import paired_comparison
+
+DOCS = Path("docs")
+
+# Options measured as not helping (or only trading cost), then removed: (file under docs/results/measured, the row
+# with the option, the row without it, what the option was). The rows are named as the run named them.
+REMOVED: tuple[tuple[str, str, str, str], ...] = (
+    ("ablation_fixes_k5.json", "transferfss_old_shots", "transferfss", "training step before fix: every other shot serves every class"),
+    ("ablation_fixes_k5.json", "transferfss_old_self", "transferfss", "training step before fix: the query's own tokens in the softmax"),
+    ("ablation_fixes_k5.json", "distillfss_old_target", "distillfss", "training step before fix: paper student on the teacher's relabelled target"),
+    ("ablation_fixes_k5.json", "distillfss_old_mse", "distillfss", "training step before fix: distillation MSE per (episode, class) pair"),
+    ("benchmark_k5_coarsedrop.json", "distillfss_coarsedrop", "distillfss", "`--coarse-dropout 0.3`"),
+    ("benchmark_k5_teacher_stage.json", "distillfss_fast", "distillfss_fast_teacheronly", "`--fast-teacher-stage joint` (teacher trained beside the paper student)"),
+    ("benchmark_k5_fast_crops.json", "distillfss_fast_crops", "distillfss_fast", "`--fast-crops 4`"),
+    ("benchmark_k5_fast_cosine.json", "distillfss_fast_cosine", "distillfss_fast", "`--fast-schedule cosine`"),
+    ("benchmark_k5_fast_400.json", "distillfss_fast_400", "distillfss_fast", "400 fast-student steps instead of 200"),
+    ("benchmark_k5_amd_levers.json", "distillfss_fast_labelmean", "distillfss_fast", "`--label-views mean`"),
+    ("benchmark_k5_amd_levers.json", "distillfss_fast_ema", "distillfss_fast", "`--fast-ema 0.98`"),
+    ("benchmark_k5_amd_tta.json", "distillfss_fast_tta", "distillfss_fast", "`--tta flips` on the student"),
+    ("benchmark_k1_one_shot_grid.json", "distillfss_fast_grid", "distillfss_fast", "`--one-shot-grid` at K = 1"),
+    ("benchmark_k5_probe_labels.json", "distillfss_fast_probelabels", "distillfss_fast", "teacher+probe labels against the teacher's alone, K = 5 (kept, the only labels now)"),
+    ("benchmark_k12_probe_labels.json", "distillfss_fast_probelabels", "distillfss_fast", "teacher+probe labels against the teacher's alone, K = 1, 2"),
+    ("benchmark_k5_synth_teacher.json", "distillfss_fast_synthteacher", "distillfss_fast", "a teacher meta-trained on selfsup+synthetic episodes (not shipped)"),
+)  # fmt: skip
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read a result file ({e})") from None
+
+
+def _provenance(d: dict) -> str:
+    made = d["provenance"]
+    return f"`{made['command']}` at commit {made['commit']}, {made['date'][:10]}, on {made['machine']}"
+
+
+def headline(d: dict) -> list[str]:
+    rows = d["rows"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    return [
+        "## Every bundled dataset, the default settings",
+        "",
+        f"Made by {_provenance(d)}. Datasets: {', '.join(datasets)}. `distillfss_fast` is the model "
+        "`distillfss adapt` writes (same code, same seed); `transferfss` is its adapted teacher; `distillfss` the "
+        "paper's student. The `mean` column and every paired difference cover every dataset of the run, lung CT "
+        "included. With 3-16 test images per set, a difference whose interval contains 0 is not distinguishable "
+        "from noise.",
+        "",
+        table(d),
+    ]
+
+
+def removed() -> list[str]:
+    lines = [
+        "## Measured and removed",
+        "",
+        "Options that were measured, found not distinguishable from the default (or only trading cost), and removed "
+        "from the code (git keeps it). Each line: the row with the option minus the row without it, paired over the "
+        "run's datasets x draws x seeds, from the committed file of that run.",
+        "",
+        "| option | difference [95 % interval] | runs | verdict | file | machine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, with_option, without, what in REMOVED:
+        d = _load(DOCS / "results" / "measured" / name)
+        xs, ys, groups = _paired(d["rows"], with_option, without)
+        c = paired_comparison(xs, ys, groups)
+        machine = next((r["machine"] for r in d["rows"] if r.get("machine")), "not recorded")
+        lines.append(
+            f"| {what} | {c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}] | {c.n} | {c.verdict} | "
+            f"`measured/{name}` | {machine} |"
+        )
+    return lines
+
+
+def speed() -> list[str]:
+    from .speed import table as speed_table
+
+    lines = ["## Speed", ""]
+    for path in sorted((DOCS / "results" / "speed").glob("*.json")):
+        d = _load(path)
+        made = d.get("provenance")
+        where = _provenance(d) if made else f"{d['device']} (an earlier run; command and commit not recorded)"
+        lines += [f"`{path.relative_to(DOCS)}`: {where}.", ""]
+        lines += [speed_table(d), ""]
+    return lines
+
+
+def build() -> str:
+    parts = [
+        "# Results",
+        "",
+        "Generated by `make results` (`python -m distillfss.report`) from the files under `docs/results/`; do not "
+        "edit by hand.",
+        "",
+        *headline(_load(DOCS / "results" / "headline.json")),
+        *removed(),
+        "",
+        *speed(),
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_block(readme: str) -> str:
+    """``readme`` with the headline table (and where it came from) between the results markers."""
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md: the markers {START} and {END} are missing")
+    block = "\n".join(headline(_load(DOCS / "results" / "headline.json"))[2:]).rstrip()
+    head, rest = readme.split(START, 1)
+    return f"{head}{START}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+def stamp(path: Path, command: str) -> None:
+    """Record in a result file the command that made it, the commit checked out, the machine and the date (run it
+    right after the command, on the same machine and commit)."""
+    import subprocess
+
+    from .outputs import machine, timestamp, write_json_atomic
+
+    d = _load(path)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    if dirty.stdout.strip():
+        raise SystemExit("the working tree has uncommitted changes: commit first, so the result names its code")
+    d["provenance"] = {"command": command, "commit": commit, "machine": machine("cpu"), "date": timestamp()}
+    write_json_atomic(path, d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stamp"]:  # python -m distillfss.report stamp FILE COMMAND...
+        stamp(Path(argv[1]), " ".join(argv[2:]))
+        return 0
+    text = build()
+    (DOCS / "results.md").write_text(text)
+    readme = Path("README.md")
+    readme.write_text(readme_block(readme.read_text()))
+    print(f"wrote {DOCS / 'results.md'} ({len(text.splitlines())} lines) and the table in README.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
