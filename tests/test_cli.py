@@ -285,3 +285,36 @@ def test_predict_in_batches_gives_what_one_at_a_time_gives_and_skips_unreadable(
         "0",
     ]
     assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fast_iteratons: 3\n", "unknown field(s) fast_iteratons"),
+        ("fast_iterations: many\n", "fast_iterations: expected int, got 'many'"),
+        ("student: tiny\n", "student: expected one of fast, paper, got 'tiny'"),
+        ("trainable: [A\n", "not JSON or YAML"),
+        ("- 1\n- 2\n", "expected a mapping of AdaptConfig fields"),
+        ("refine_iterations: 3\n", "refine_iterations: set(s) the paper student's training only"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_it_and_writes_nothing(tmp_path, binary_dataset, capsys, text, message):
+    config = tmp_path / "adapt.yaml"
+    config.write_text(text)
+    out = tmp_path / "m"
+    small = FAST[:-2]  # without its own --config
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--config", str(config), *small]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert str(config) in err
+    assert not out.exists()
+
+
+def test_flags_win_over_the_config_file_and_the_model_records_the_result(tmp_path, binary_dataset) -> None:
+    config = tmp_path / "adapt.json"
+    config.write_text('{"iterations": 5, "fast_iterations": 2, "trainable": "B"}')
+    out = tmp_path / "m"
+    small = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--iterations", "1", "--shots", "2"]
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--config", str(config), *small]) == 0
+    recorded = json.loads((out / "config.json").read_text())["adapt"]
+    assert recorded["iterations"] == 1 and recorded["trainable"] == "B" and recorded["fast_iterations"] == 2

@@ -20,6 +20,7 @@ from .config import AdaptConfig, ModelConfig, read_adapt_config
 from .config import model_config as preset_config
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
+from .errors import UserError
 from .evaluate import evaluate_predictor, write_per_image_csv
 from .model_io import (
     LOG,
@@ -67,7 +68,12 @@ def adapt_config(args: argparse.Namespace, base: AdaptConfig | None = None) -> A
         fields.update(read_adapt_config(args.config))
     names = {f.name for f in dataclasses.fields(AdaptConfig)}
     fields.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return AdaptConfig(**fields)
+    try:
+        return AdaptConfig(**fields)
+    except UserError as e:
+        if args.config is None:
+            raise
+        raise UserError(f"{e} (flags and {args.config})") from None
 
 
 def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
