@@ -39,16 +39,18 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=None, help="working resolution (overrides the preset)")
 
 
-def _adapt_flags(p: argparse.ArgumentParser, title: str = "adaptation") -> argparse._ArgumentGroup:
-    """The adaptation flags adapt, demo and benchmark share; every other AdaptConfig field through --config."""
-    g = p.add_argument_group(title)
-    g.add_argument(
-        "--student",
-        default=None,
-        choices=["fast", "paper"],
-        help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the adapted "
-        "teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student",
-    )
+def _adapt_flags(p: argparse.ArgumentParser, student: bool = True) -> argparse._ArgumentGroup:
+    """The adaptation flags adapt, demo and benchmark share; every other AdaptConfig field through --config.
+    student: whether --student is a flag (demo and benchmark rows name their student)."""
+    g = p.add_argument_group("adaptation")
+    if student:
+        g.add_argument(
+            "--student",
+            default=None,
+            choices=["fast", "paper"],
+            help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the "
+            "adapted teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student",
+        )
     g.add_argument(
         "--iterations", type=int, default=None, help=f"teacher optimizer steps (default {AdaptConfig.iterations})"
     )
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-unlabeled", type=int, default=64, help="*_unlabeled rows: at most this many images")
     _model_flags(p)
-    _adapt_flags(p)
+    _adapt_flags(p, student=False)
 
     p = sub.add_parser(
         "meta-train",
@@ -390,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--datasets",
         default=None,
-        help="comma-separated bundled datasets, or 'all' (default: aerial_buildings,nuclei; lung_ct, where every "
-        "method scores 0-1 mIoU at 256 px, and nuclei_sizes, two classes derived from nuclei, run when named)",
+        help="comma-separated bundled datasets (default: all of them: aerial_buildings, lung_ct, nuclei, nuclei_sizes)",
     )
     _device_flag(p)
     _model_flags(p)
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also adapt from a randomly initialised teacher (rows *_random)",
     )
     _seeds_flag(p, "0,1,2")
-    _adapt_flags(p)
+    _adapt_flags(p, student=False)
     return parser
 
 

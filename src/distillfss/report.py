@@ -135,26 +135,30 @@ def readme_block(readme: str) -> str:
     return f"{head}{START}\n{block}\n{END}{rest.split(END, 1)[1]}"
 
 
-def stamp(path: Path, command: str) -> None:
-    """Record in a result file the command that made it, the commit checked out, the machine and the date (run it
-    right after the command, on the same machine and commit)."""
+def stamp(path: Path, commit: str, command: str) -> None:
+    """Record in a result file the command that made it, the commit it ran at, the machine and the date (run it
+    right after the command, on the same machine)."""
     import subprocess
 
     from .outputs import machine, timestamp, write_json_atomic
 
     d = _load(path)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    if dirty.stdout.strip():
-        raise SystemExit("the working tree has uncommitted changes: commit first, so the result names its code")
-    d["provenance"] = {"command": command, "commit": commit, "machine": machine("cpu"), "date": timestamp()}
+    found = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"{commit}: not a commit of this repository")
+    d["provenance"] = {
+        "command": command,
+        "commit": found.stdout.strip(),
+        "machine": machine("cpu"),
+        "date": timestamp(),
+    }
     write_json_atomic(path, d)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["stamp"]:  # python -m distillfss.report stamp FILE COMMAND...
-        stamp(Path(argv[1]), " ".join(argv[2:]))
+    if argv[:1] == ["stamp"]:  # python -m distillfss.report stamp FILE COMMIT COMMAND...
+        stamp(Path(argv[1]), argv[2], " ".join(argv[3:]))
         return 0
     text = build()
     (DOCS / "results.md").write_text(text)
