@@ -14,6 +14,17 @@ torch.set_num_threads(2)
 
 # `--config` for the CLI tests: the fast student's 200 steps cut to 2 (a file, as a user would pass the field)
 SMALL_CONFIG = Path(__file__).parent / "small_adapt.yaml"
+# The smallest adaptation the CLI tests run: lite0 at 64 px, one teacher step, the fast student's steps from the file.
+TINY_ADAPT = [
+    "--backbone",
+    "efficientnet_lite0",
+    "--image-size",
+    "64",
+    "--iterations",
+    "1",
+    "--config",
+    str(SMALL_CONFIG),
+]
 
 
 def write_dataset(

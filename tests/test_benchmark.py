@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_CONFIG, write_dataset
+from conftest import SMALL_CONFIG, TINY_ADAPT, write_dataset
 
 from distillfss.benchmark import resolve_dataset, table
 from distillfss.cli import main
@@ -310,16 +310,7 @@ def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
     from distillfss.protocol import BackboneCache, Cell, run_seeds
 
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
-    small = [
-        "--backbone",
-        "efficientnet_lite0",
-        "--image-size",
-        "64",
-        "--iterations",
-        "1",
-        "--config",
-        str(SMALL_CONFIG),
-    ]
+    small = TINY_ADAPT
     assert (
         main(["adapt", "--support", str(data), "--shots", "3", "--seed", "2", "--out", str(tmp_path / "m"), *small])
         == 0

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_CONFIG, write_dataset
+from conftest import TINY_ADAPT, write_dataset
 
 from distillfss.cli import main
 from distillfss.outputs import MANIFEST, OutputError, check_output, output_folder
@@ -21,16 +21,7 @@ def multiclass_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, multiclass_dataset):
     out = tmp_path_factory.mktemp("models") / "model"
-    fast = [
-        "--backbone",
-        "efficientnet_lite0",
-        "--image-size",
-        "64",
-        "--iterations",
-        "1",
-        "--config",
-        str(SMALL_CONFIG),
-    ]
+    fast = TINY_ADAPT
     assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "3", *fast]) == 0
     return out
 

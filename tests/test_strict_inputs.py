@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import SMALL_CONFIG, write_dataset
+from conftest import TINY_ADAPT, write_dataset
 
 from distillfss.cli import main
 from distillfss.config import ModelConfig
@@ -98,16 +98,7 @@ def test_predict_skips_bad_files_names_them_and_writes_the_rest(tmp_path, capsys
 
     data = write_dataset(tmp_path / "d", n_train=3, n_test=1)
     model = tmp_path / "m"
-    fast = [
-        "--backbone",
-        "efficientnet_lite0",
-        "--image-size",
-        "64",
-        "--iterations",
-        "1",
-        "--config",
-        str(SMALL_CONFIG),
-    ]
+    fast = TINY_ADAPT
     assert main(["adapt", "--support", str(data), "--shots", "2", "--out", str(model), *fast]) == 0
     images = tmp_path / "imgs"
     images.mkdir()
