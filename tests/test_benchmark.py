@@ -245,12 +245,12 @@ def test_a_benchmark_killed_mid_cell_and_resumed_matches_an_uninterrupted_run(tm
 
     calls = []
 
-    def killed_in_second_cell(cell, seeds, backbones, log_path=None):
+    def killed_in_second_cell(cell, seeds, backbones, log_to=None):
         calls.append(cell.shots)
         if len(calls) == 2:  # the second cell dies after writing part of its training log
-            run_seeds(cell, seeds[:1], backbones, log_path=log_path)
+            run_seeds(cell, seeds[:1], backbones, log_to=log_to)
             raise KeyboardInterrupt
-        return run_seeds(cell, seeds, backbones, log_path=log_path)
+        return run_seeds(cell, seeds, backbones, log_to=log_to)
 
     monkeypatch.setattr(bench, "run_seeds", killed_in_second_cell)
     with pytest.raises(KeyboardInterrupt):

@@ -48,10 +48,12 @@ def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:
     assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     keys = {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image"}
-    assert set(r) == keys | {"vote_chunk", "eval_resolution"}
+    assert set(r) == keys | {"vote_chunk", "eval_resolution", "written_by"}
     assert r["vote_chunk"] is None and r["eval_resolution"] == "original"  # a student has no support to vote over
+    assert r["written_by"] == "distillfss evaluate"  # only evaluate --overwrite may replace this file
     args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--eval-size", "32"]
-    assert main([*args, "--json", str(out)]) == 0
+    assert main([*args, "--json", str(out)]) == 2  # exists: refused without --overwrite
+    assert main([*args, "--json", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["eval_resolution"] == 32
     assert r["n_images"] == 3 and set(r["per_class"]) == {"background", "class1", "class2", "class3"}
     assert 0 <= r["miou"] <= 100
@@ -73,19 +75,17 @@ def test_predict_keeps_input_size_and_writes_overlays(student_dir, multiclass_da
     assert all((legend == class_colour(c)).all(axis=1).sum() >= 50 for c in (1, 2, 3))
 
 
-def test_evaluate_per_image_csv_matches_a_per_image_confusion_matrix(student_dir, multiclass_dataset, tmp_path) -> None:
-    import csv
-
+def test_evaluate_per_image_matches_a_per_image_confusion_matrix(student_dir, multiclass_dataset, tmp_path) -> None:
     import torch
 
     from distillfss.data import load_pair, load_split
     from distillfss.metrics import IoUMeter
     from distillfss.model_io import load_model
 
-    out = tmp_path / "per_image.csv"
-    args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--per-image", str(out)]
-    assert main(args) == 0
-    rows = list(csv.DictReader(out.open()))
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--per-image"]
+    assert main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["per_image"]
     split = load_split(multiclass_dataset, "test")
     assert [r["image"] for r in rows] == [s.image.name for s in split.samples]
     predictor = load_model(student_dir).predictor
@@ -97,9 +97,9 @@ def test_evaluate_per_image_csv_matches_a_per_image_confusion_matrix(student_dir
         ref = meter.compute().per_class
         for c, name in enumerate(split.classes):
             defined = ((pred == c) | (mask == c)).any()
-            assert (row[name] == "") == (not defined)
+            assert (row[name] is None) == (not defined)
             if defined:
-                assert abs(float(row[name]) - ref[name]) < 1e-3
+                assert abs(row[name] - ref[name]) < 1e-3
 
 
 def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -> None:
@@ -191,7 +191,7 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     # no shipped teacher for lite0: the teacher starts random, so it depends on the seed too
     first = [*((m, 0) for m in adapted), ("linear_probe", None), ("prototype", None)]
     assert runs == [*first, *((m, 1) for m in adapted)]
-    assert results["seeds"] == [0, 1] and results["deterministic"] is True and "torch" in results["machine"]
+    assert results["seeds"] == [0, 1] and "torch" in results["machine"]
     fast = next(r for r in results["rows"] if r["method"] == "distillfss_fast")
     assert fast["adapt"]["fast_iterations"] == 2 and fast["adapt"]["student"] == "fast"
     for r in results["rows"]:

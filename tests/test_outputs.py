@@ -27,7 +27,7 @@ def student_dir(tmp_path_factory, multiclass_dataset):
 
 
 def _write(folder: Path, files: dict[str, str], inputs=()) -> None:
-    with output_folder(folder, overwrite=True, inputs=inputs) as tmp:
+    with output_folder(folder, overwrite=True, inputs=inputs, command="test") as tmp:
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
@@ -60,14 +60,14 @@ def test_a_folder_distillfss_did_not_write_is_refused_even_with_overwrite(tmp_pa
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     with pytest.raises(OutputError, match="no .distillfss-written.json"):
-        check_output(out, overwrite=True)
+        check_output(out, overwrite=True, command="test")
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
 def test_failure_leaves_the_previous_output_as_it_was(tmp_path) -> None:
     out = tmp_path / "out"
     _write(out, {"a.png": "1"})
-    with pytest.raises(RuntimeError), output_folder(out, overwrite=True) as tmp:
+    with pytest.raises(RuntimeError), output_folder(out, overwrite=True, command="test") as tmp:
         (tmp / "a.png").write_text("half")
         raise RuntimeError("killed")
     assert (out / "a.png").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -78,18 +78,18 @@ def test_unsafe_outputs_are_refused(tmp_path, monkeypatch) -> None:
     images.mkdir()
     for out in (images, images / "masks", tmp_path):
         with pytest.raises(OutputError, match="input"):
-            check_output(out, overwrite=True, inputs=[images])
+            check_output(out, overwrite=True, inputs=[images], command="test")
     monkeypatch.chdir(images)
     with pytest.raises(OutputError, match="working directory"):
-        check_output(Path("."), overwrite=True)
+        check_output(Path("."), overwrite=True, command="test")
     with pytest.raises(OutputError, match="working directory"):
-        check_output(Path(".."), overwrite=True)
+        check_output(Path(".."), overwrite=True, command="test")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(OutputError, match="home directory"):
-        check_output(tmp_path / "home", overwrite=True)
+        check_output(tmp_path / "home", overwrite=True, command="test")
     with pytest.raises(OutputError, match="filesystem root"):
-        check_output(Path("/"), overwrite=True)
-    check_output(images / ".." / "elsewhere", overwrite=False)  # beside the input: fine
+        check_output(Path("/"), overwrite=True, command="test")
+    check_output(images / ".." / "elsewhere", overwrite=False, command="test")  # beside the input: fine
 
 
 def test_predict_into_its_own_image_folder_is_refused_and_deletes_nothing(

@@ -8,7 +8,9 @@ Stages, all from one seeded random state (so a run depends on its inputs and ``c
 2. **DistillFSS**: the fast student (default, ``fast``) is distilled from the frozen, adapted teacher on a bank of
    views of the support and unlabeled images; or the paper's student is refined on unlabeled images (``refine``).
 
-Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen).
+Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen, never moved:
+it must already be on the images' device), and the run's random state and deterministic-algorithms setting are
+private to it (``seeded``), whichever entry point calls it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .backbones import FrozenBackbone
+from .backbones import FrozenBackbone, check_on, place
 from .config import AdaptConfig, ModelConfig
 from .fast import LabelProbes, distill_fast, fit_label_probes
 from .refine import refine
@@ -72,15 +74,15 @@ def adapt(
     cfg = cfg.for_unlabeled(unlabeled is not None)
     t0 = time.perf_counter()
     device = images.device
+    check_on(backbone, device)
     with seeded(cfg.seed, device), step_log(log_path, t0, on_step) as (record, rows):
         gen = torch.Generator().manual_seed(cfg.seed)
-        teacher = build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher)
-        teacher.to(device)
+        teacher = place(build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher), device)
         if support is None:
             support = encode_support(backbone, images, labels, model_cfg.num_classes)
         paper = None
         if cfg.method == "distill" and cfg.student == "paper":
-            paper = build_student(backbone, teacher.decoder, model_cfg.num_classes).to(device)
+            paper = place(build_student(backbone, teacher.decoder, model_cfg.num_classes), device)
         joint = paper if cfg.mode == "joint" else None
         train_stage(teacher, joint, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
         if paper is not None and cfg.mode == "two_stage":

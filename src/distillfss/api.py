@@ -34,7 +34,7 @@ from .config import AdaptConfig, ModelConfig, model_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
 from .data.tensors import check_support_labels, image_tensor, label_tensor
 from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
-from .outputs import output_folder, timestamp
+from .outputs import output_file, output_folder, timestamp
 from .predictor import Predictor
 from .student import FastStudent, Student
 from .teacher import Teacher, build_teacher, encode_support
@@ -44,6 +44,7 @@ log = logging.getLogger("distillfss")
 
 ImageLike = str | Path | np.ndarray
 PREDICT_BATCH = 8  # images per forward pass in predict
+SAVE, EXPORT = "FewShotSegmenter.save", "FewShotSegmenter.export_onnx"  # the writers files and folders record
 
 
 class FewShotSegmenter:
@@ -80,6 +81,7 @@ class FewShotSegmenter:
         self._support: tuple[Tensor, Tensor] | None = None
         self._predictors: dict[str, Predictor] = {}
         self._log: list[dict] = []
+        self._inputs: list[Path] = []  # folders this segmenter reads (the model it was loaded from): never written
 
     # -- training ---------------------------------------------------------------------------------------------
     def fit(
@@ -101,6 +103,10 @@ class FewShotSegmenter:
         classes = self._classes(masks, classes)
         self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
         x, y = self._support_tensors(images, masks, classes)
+        given = [*images, *masks, *([unlabeled] if isinstance(unlabeled, (str, Path)) else unlabeled or [])]
+        self._inputs += [Path(p) for p in given if isinstance(p, (str, Path))]
+        if self.teacher_spec not in ("auto", "shipped", "random"):
+            self._inputs.append(Path(self.teacher_spec))
         cfg = AdaptConfig(**self.adapt_options)
         u = None if unlabeled is None else self._unlabeled(unlabeled)
         backbone = self._get_backbone()
@@ -183,7 +189,7 @@ class FewShotSegmenter:
             raise ModelError(
                 f"{folder}: nothing to save yet (call fit{'' if model == 'student' else ' or set_support'})"
             )
-        with output_folder(Path(folder), overwrite) as tmp:
+        with output_folder(Path(folder), overwrite, self._inputs, command=SAVE) as tmp:
             save_model(tmp, net, self.model_cfg, self.classes, self.meta, support=self._support)
             if self._log:
                 (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in self._log))
@@ -191,11 +197,13 @@ class FewShotSegmenter:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", backbone_weights: str | None = None) -> FewShotSegmenter:
-        """A saved student or adapted teacher folder (from ``save`` or ``distillfss adapt``)."""
+        """A saved student or adapted teacher folder (from ``save`` or ``distillfss adapt``); ``save`` and
+        ``export_onnx`` refuse to write into it."""
         loaded = load_model(folder, backbone_weights, device=device)
         cfg = loaded.model_cfg
         seg = cls(cfg.backbone, image_size=cfg.image_size, backbone_weights=backbone_weights, device=device)
         seg.model_cfg, seg.classes, seg.meta = cfg, loaded.classes, dict(loaded.config)
+        seg._inputs = [Path(folder)]
         seg._backbone = loaded.model.backbone
         if loaded.kind == "student":
             seg.student = loaded.model  # type: ignore[assignment]
@@ -206,16 +214,17 @@ class FewShotSegmenter:
         return seg
 
     def export_onnx(self, path: str | Path, overwrite: bool = False) -> Path:
-        """The student as a standalone ONNX graph (``predict --engine onnx`` and onnxruntime read it)."""
-        from .export import export_onnx
+        """The student as a standalone ONNX graph (``predict --engine onnx`` and onnxruntime read it), checked
+        against PyTorch as ``distillfss export`` checks it (refused, nothing written, beyond 1e-3). An existing
+        file is replaced only with ``overwrite`` and only if ``export_onnx`` wrote it."""
+        from .export import export_onnx, mark_onnx
 
         path = Path(path)
         if self.student is None or self.model_cfg is None:
             raise ModelError(f"{path}: no student to export (call fit, or load a student folder)")
-        if path.exists() and not overwrite:
-            raise ModelError(f"{path}: exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(self.student, self.model_cfg.image_size, self.classes, path)
+        with output_file(path, overwrite, self._inputs, command=EXPORT) as tmp:
+            export_onnx(self.student, self.model_cfg.image_size, self.classes, tmp, name=path)
+            mark_onnx(tmp, EXPORT)
         return path
 
     # -- helpers ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,13 @@ from .api import FewShotSegmenter
 from .config import AdaptConfig
 from .data.folder import IMAGE_EXTS, DataError, image_files, list_images, load_image, load_mask
 from .errors import UserError
-from .outputs import refuse_unsafe_output
+from .outputs import GrowingFolder
 from .viz import PALETTE, class_colour, overlay, with_legend
 
 log = logging.getLogger("distillfss")
 
 STUDENT, ONNX = "student", "student.onnx"
+COMMAND = "distillfss app"  # the writer its workspace's manifest records
 
 
 class Cancelled(UserError):
@@ -71,14 +72,17 @@ def mask_from_strokes(layer: np.ndarray, n_classes: int, size: tuple[int, int]) 
 
 class Workspace:
     """The app's folder: images/ (added images), masks/ (saved label PNGs), models/, predictions/, and .uploads/
-    (Gradio's copies of uploaded files)."""
+    (Gradio's copies of uploaded files).
 
-    def __init__(self, root: Path) -> None:
-        root = Path(root).expanduser().resolve()
-        refuse_unsafe_output(root)
-        self.root = root
+    A new or empty folder, or one the app made before (its manifest says so): any other folder is refused, and so
+    is one that is or holds an input (``--model``). Every file the app writes is recorded before it is written; a
+    file it did not record (say, a mask copied in by hand) is never replaced."""
+
+    def __init__(self, root: Path, inputs: Sequence[Path | None] = ()) -> None:
+        self.folder, _ = GrowingFolder.claim(Path(root).expanduser().resolve(), False, inputs, command=COMMAND)
+        self.root = self.folder.root
         for sub in ("images", "masks", "models", "predictions"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     @property
     def images(self) -> dict[str, Path]:
@@ -102,9 +106,21 @@ class Workspace:
             name, i = stem, 1
             while name in self.images:
                 name, i = f"{stem}_{i}", i + 1
-            shutil.copyfile(f, self.root / "images" / f"{name}{f.suffix.lower()}")
+            self.folder.write_with(f"images/{name}{f.suffix.lower()}", functools.partial(shutil.copyfile, f))
             added.append(name)
         return added
+
+    def save_mask(self, stem: str, labels: np.ndarray) -> None:
+        """Write (or replace: an earlier save of the app) ``masks/<stem>.png``."""
+        self.folder.write_with(f"masks/{stem}.png", lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))
+
+    def new_run(self) -> str:
+        """A fresh predictions/<time> folder name (never one already there)."""
+        return self.folder.unique(f"predictions/{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def zip_folder(self, rel: str, folder: Path) -> Path:
+        """``rel`` (a .zip) holding ``folder``'s files."""
+        return self.folder.write_with(rel, lambda tmp: shutil.make_archive(str(tmp.with_suffix("")), "zip", folder))
 
 
 def friendly(fn: Callable) -> Callable:
@@ -128,7 +144,7 @@ def friendly(fn: Callable) -> Callable:
 
 def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **segmenter_options: Any):
     """The Gradio Blocks of the app (not launched). ``segmenter_options`` go to :class:`FewShotSegmenter`."""
-    ws = Workspace(workspace)
+    ws = Workspace(workspace, [model])
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     # Gradio keeps uploaded files in its cache folder: inside the workspace too (read when the Blocks are built).
     os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".uploads")
@@ -136,6 +152,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
     import pandas as pd
 
     state: dict[str, Any] = {"seg": FewShotSegmenter.load(model) if model else None, "cancel": threading.Event()}
+    state["opened"] = Path(model).expanduser().resolve() if model else None
 
     def classes_of(text: str) -> list[str]:
         names = [c.strip() for c in text.split(",") if c.strip()]
@@ -203,7 +220,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                 labels = np.where(painted > 0, painted, labels)
         if not (labels[(labels > 0) & (labels != 255)]).size:
             raise DataError(f"{stem}: the mask has no class pixel; paint at least one stroke")
-        Image.fromarray(labels).save(ws.mask_path(stem))
+        ws.save_mask(stem, labels)
         return (
             *refresh(stem),
             f"saved the mask of {stem} ({', '.join(f'{n}: {int((labels == i + 1).sum())} px' for i, n in enumerate(names))})",
@@ -278,6 +295,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
     @friendly
     def open_model(path: str):
         state["seg"] = FewShotSegmenter.load(Path(path).expanduser())
+        state["opened"] = Path(path).expanduser().resolve()
         seg = state["seg"]
         return f"opened {path}: {seg.student is not None and 'student' or 'teacher'} for {', '.join(seg.classes[1:])}"
 
@@ -289,17 +307,18 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         paths = [Path(f) for f in files or []] + (image_files(Path(folder).expanduser()) if folder.strip() else [])
         if not paths:
             raise DataError("no images: upload some or give a folder")
-        run = ws.root / "predictions" / time.strftime("%Y%m%d-%H%M%S")
-        (run / "labels").mkdir(parents=True, exist_ok=True)
+        run = ws.new_run()
         gallery = []
         for p in paths:
             image = load_image(p)
             labels = seg.predict(image)
-            Image.fromarray(labels).save(run / "labels" / f"{p.stem}.png")
+            name = Path(ws.folder.unique(f"{run}/labels/{p.stem}.png")).stem  # two inputs with one stem: -2, -3...
+            ws.folder.write_with(f"{run}/labels/{name}.png", lambda tmp, a=labels: Image.fromarray(a).save(tmp))
             panel = with_legend([overlay(image, labels)], [p.name], seg.classes)
-            Image.fromarray(panel).save(run / f"{p.stem}_overlay.png")
-            gallery.append((str(run / f"{p.stem}_overlay.png"), p.name))
-        downloads = [shutil.make_archive(str(run / "labels"), "zip", run / "labels")]
+            shown = ws.folder.write_with(f"{run}/{name}_overlay.png", lambda tmp, a=panel: Image.fromarray(a).save(tmp))
+            gallery.append((str(shown), p.name))
+        run = ws.root / run
+        downloads = [str(ws.zip_folder(f"{run.relative_to(ws.root)}/labels.zip", run / "labels"))]
         if seg.student is not None:
             downloads += packed(seg)
         return gallery, downloads, f"segmented {len(paths)} image(s) into {run}"
@@ -308,9 +327,9 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         """The student folder (zip) and its ONNX file, made once per student (adapted here or opened)."""
         if state.get("packed") is not seg:
             folder_out = ws.root / "models" / STUDENT
-            if state.get("saved") is not seg:
+            if state.get("saved") is not seg and state.get("opened") != folder_out:
                 seg.save(folder_out, overwrite=True)
-            zipped = shutil.make_archive(str(ws.root / "models" / STUDENT), "zip", folder_out)
+            zipped = str(ws.zip_folder(f"models/{STUDENT}.zip", folder_out))
             state["downloads"] = [zipped, str(seg.export_onnx(ws.root / "models" / ONNX, overwrite=True))]
             state["packed"] = seg
         return state["downloads"]

@@ -136,7 +136,7 @@ class FrozenBackbone(nn.Module):
         self.layer_info = tuple(_layer_info(block_strides))
         self._skip4_index, self._layer_indices = _select_blocks(block_strides)
         self.requires_grad_(False)
-        self.model.eval()
+        self.eval()
         # ResNet: the original taps each bottleneck after its residual add, before the block's last ReLU. A pre-hook
         # on that ReLU (in place in timm) keeps a copy of its input; the next block still gets the ReLU's output.
         self._pre_relu: list[Tensor] = []
@@ -151,9 +151,8 @@ class FrozenBackbone(nn.Module):
             self._pre_relu.append(inputs[0].clone())
 
     def train(self, mode: bool = True) -> FrozenBackbone:
-        super().train(mode)
-        self.model.eval()  # norm layers keep their ImageNet statistics
-        return self
+        super().train(False)  # always eval: norm layers keep their ImageNet statistics, and a module that holds
+        return self  # this (shared) backbone changes none of its flags by switching its own mode
 
     @property
     def skip4_channels(self) -> int:
@@ -309,3 +308,19 @@ def _layer_info(block_strides: Sequence[tuple[int, int]]) -> list[LayerInfo]:
             prev = (stride, ch)
         info.append(LayerInfo(stride, ch, group))
     return info
+
+
+def place(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move ``module`` to ``device``, except the frozen backbones inside it: they are shared with the caller, who
+    placed them (moving one would move the caller's). Returns ``module``."""
+    for child in module.children():
+        if not isinstance(child, FrozenBackbone):
+            place(child, device)
+    return module._apply(lambda t: t.to(device), recurse=False)
+
+
+def check_on(backbone: FrozenBackbone, device: torch.device) -> None:
+    """Refuse work on ``device`` with a backbone that lives elsewhere (it is never moved behind its owner's back)."""
+    where = next(backbone.parameters()).device
+    if where != torch.device(device):
+        raise ValueError(f"the backbone is on {where} and the images on {device}; put both on one device first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .config import BENCHMARK_METHODS
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
-from .outputs import machine, refuse_unsafe_output, timestamp, write_json_atomic
+from .outputs import MANIFEST, GrowingFolder, machine, refuse_unsafe_output, timestamp, written_files
 from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
 
@@ -76,8 +77,15 @@ class BenchmarkConfig(RunConfig):
             raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
 
 
-def run_benchmark(cfg: BenchmarkConfig) -> dict:
-    """Run (or resume) the benchmark -> its results (also in ``cfg.out``: results.json, table.md, plots)."""
+COMMAND = "distillfss benchmark"
+
+
+def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), command: str = COMMAND) -> dict:
+    """Run (or resume) the benchmark -> its results (also in ``cfg.out``: results.json, table.md, plots).
+
+    ``cfg.out``: a new or empty folder, or one an earlier benchmark (``command``) wrote: resumed when it holds the
+    same configuration, started again (its files removed, nothing else) with ``cfg.overwrite``. ``inputs``: paths
+    the run reads besides the datasets (a config file, a teacher folder), which the output may not touch."""
     datasets = [resolve_dataset(s, cfg.data_root) for s in cfg.data]
     names = [name for name, _ in datasets]
     clash = sorted({n for n in names if names.count(n) > 1})
@@ -108,19 +116,18 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     }
     config = json.loads(json.dumps(config))  # as results.json holds it (tuples as lists), so a resume compares equal
     out = cfg.out
-    refuse_unsafe_output(out, [root for _, root in datasets])
+    roots = [root for _, root in datasets]
+    refuse_unsafe_output(out, [*roots, *inputs])
     results_path = out / "results.json"
     results = {"created": timestamp(), "config": config, "rows": []}
-    if results_path.is_file():
+    if not cfg.overwrite and (out / MANIFEST).is_file() and "results.json" in written_files(out):
         previous = json.loads(results_path.read_text())
-        if previous.get("config") != config and not cfg.overwrite:
+        if previous.get("config") != config:
             raise ModelError(f"{results_path}: was made with another configuration; use another --out or --overwrite")
-        if previous.get("config") == config:
-            results = previous
-            log.info("resuming: %d rows already in %s", len(results["rows"]), results_path)
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ModelError(f"{out}: folder exists and is not empty (pass --overwrite to reuse it)")
-    out.mkdir(parents=True, exist_ok=True)
+    folder, resumed = GrowingFolder.claim(out, cfg.overwrite, [*roots, *inputs], command=command)
+    if resumed and "results.json" in folder.files():
+        results = json.loads(results_path.read_text())
+        log.info("resuming: %d rows already in %s", len(results["rows"]), results_path)
     done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
     here = machine(cfg.device)
     backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, torch.device(cfg.device))
@@ -156,10 +163,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                     max_unlabeled=cfg.max_unlabeled,
                 )
                 log.info("[%s] K=%d draw %d, seeds %s", name, k, draw, seeds)
-                logs = out / f"train_log_{name}_{k}shot_draw{draw}.jsonl"
-                for stale in logs.parent.glob(f"{logs.stem}_seed*.jsonl"):  # an interrupted cell starts over
-                    stale.unlink()
-                rows, _ = run_seeds(cell, seeds, backbones, log_path=logs)
+                stem = f"train_log_{name}_{k}shot_draw{draw}_"
+                for stale in [f for f in folder.files() if f.startswith(stem)]:  # an interrupted cell starts over
+                    folder.remove(stale)
+                rows, _ = run_seeds(cell, seeds, backbones, log_to=lambda tag, s=stem: folder.path(f"{s}{tag}.jsonl"))
                 rows = [{**r, "machine": here} for r in rows]  # a resumed run may finish on another machine
                 for r in rows:
                     log.info(
@@ -172,10 +179,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                         r["miou"],
                     )
                 results["rows"] += rows
-                write_json_atomic(results_path, results)  # after every cell: an interrupted run resumes from here
-    write_json_atomic(results_path, results)
-    (out / "table.md").write_text(table(results))
-    plot(results, out / "miou_vs_shots.png")
+                folder.write_json("results.json", results)  # after every cell: an interrupted run resumes from here
+    folder.write_json("results.json", results)
+    folder.write_text("table.md", table(results))
+    folder.write_with("miou_vs_shots.png", lambda tmp: plot(results, tmp))
     return results
 
 

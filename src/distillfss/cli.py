@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for <stem>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png colour overlays")
     _engine_flag(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier predict wrote in --out")
     p.add_argument(
         "--batch", type=int, default=8, help="images per forward pass (default %(default)s; memory grows with it)"
     )
@@ -188,13 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flag(p)
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     p.add_argument(
-        "--per-image",
+        "--json",
         type=Path,
         default=None,
-        metavar="CSV",
-        help="also write each image's IoU per class (and its foreground mean) to this CSV file",
+        metavar="FILE",
+        help="also write the result to this file (outside the model and data folders)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a --json FILE that an earlier evaluate wrote (only such)"
+    )
+    p.add_argument(
+        "--per-image",
+        action="store_true",
+        help="add each image's IoU per class (and its foreground mean) to the result, as per_image",
     )
     p.add_argument(
         "--eval-size",
@@ -233,7 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(AdaptConfig.max_shots),
         help="--adapt: comma-separated caps on the shots per episode (0: all others; default %(default)s)",
     )
-    p.add_argument("--json", type=Path, default=Path("speed.json"), help="JSON out; .md table and .png plot beside")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the result to this file (the table is printed)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a --json FILE that an earlier speed wrote (only such)"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
     p.add_argument(
         "--channels-last",
@@ -285,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="--quantize int8: images with masks of the domain (a dataset folder's train/, or images/ + masks/)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an --out file that an earlier export wrote (only such)"
+    )
     p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
 
     p = sub.add_parser("benchmark", help="the paper's protocol over datasets x shots (resumable)")
@@ -310,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "distillfss_nodistill; baselines: linear_probe, prototype",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, table.md, plots")
-    p.add_argument("--overwrite", action="store_true", help="reuse a folder made with another configuration")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a folder an earlier benchmark wrote (removes only its files); without it, a folder of "
+        "the same configuration is resumed",
+    )
     _teacher_flag(p)
     _device_flag(p)
     p.add_argument("--probe-size", type=int, default=384, help="resolution of the baselines (0: the model's)")
@@ -350,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, default=None, help="pascal: the VOC2012 folder; coco: the COCO 2014 folder")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed when it holds this run)")
-    p.add_argument("--overwrite", action="store_true", help="delete --out first and start from step 0")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again from step 0 in a folder an earlier meta-train wrote (removes only its files)",
+    )
     _device_flag(p)
     _model_flags(p)
     g = p.add_argument_group("training")
@@ -377,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="lung, isic, kvasir, nucleus, weedmap, pothole or industrial")
     c.add_argument("src", type=Path, help="the dataset as downloaded (see the README for each layout)")
     c.add_argument("dst", type=Path, help="new dataset folder to write")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty dst")
+    c.add_argument("--overwrite", action="store_true", help="replace what an earlier data convert wrote in dst")
     c.add_argument("--fold", type=int, default=0, help="industrial: which of the 4 folds (5 classes each) to write")
     c.add_argument(
         "--trust-pickle",
@@ -388,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on the bundled demo datasets (offline, CPU)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier demo wrote in --out")
     p.add_argument(
         "--datasets",
         default=None,
@@ -420,9 +447,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from . import commands  # heavy imports (torch, timm) only after argument parsing
 
-    # Same command, same numbers: deterministic kernels wherever torch has them (CPU kernels used here all do;
-    # on CUDA an op without one warns instead of failing).
-    commands.torch.use_deterministic_algorithms(True, warn_only=True)
     device = str(getattr(args, "device", "cpu"))
     if device.startswith("cuda") and not commands.torch.cuda.is_available():
         print(f"distillfss {args.command}: error: --device {device}: no CUDA device is available here", file=sys.stderr)

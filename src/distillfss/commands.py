@@ -21,7 +21,7 @@ from .config import model_config as preset_config
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
 from .errors import UserError
-from .evaluate import evaluate_predictor, write_per_image_csv
+from .evaluate import evaluate_predictor
 from .model_io import (
     LOG,
     ModelError,
@@ -30,7 +30,16 @@ from .model_io import (
     resolve_teacher,
     save_model,
 )
-from .outputs import check_output, output_folder, refuse_unsafe_output, timestamp, write_json_atomic
+from .outputs import (
+    GrowingFolder,
+    check_output,
+    check_output_file,
+    output_file,
+    output_folder,
+    refuse_unsafe_output,
+    timestamp,
+    write_json_file,
+)
 from .sampling import sample_support
 from .viz import overlay, with_legend
 
@@ -90,9 +99,20 @@ def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
     return split, sample_support(stems, shots, sets)
 
 
+def command(args: argparse.Namespace) -> str:
+    """How the manifest and the marks name the command that wrote a file."""
+    sub = getattr(args, "data_command", None)
+    return f"distillfss {args.command}" + (f" {sub}" if sub else "")
+
+
+def teacher_input(spec: str | None) -> Path | None:
+    """``--teacher``'s folder when it names one (an input like any other), else None."""
+    return None if spec in (None, "auto", "shipped", "random") else Path(spec)
+
+
 def adapt(args: argparse.Namespace) -> int:
-    inputs = [args.support, args.unlabeled, args.config]
-    check_output(args.out, args.overwrite, inputs)
+    inputs = [args.support, args.unlabeled, args.config, teacher_input(args.teacher), args.backbone_weights]
+    check_output(args.out, args.overwrite, inputs, command=command(args))
     acfg = adapt_config(args)
     acfg.for_unlabeled(args.unlabeled is not None)  # refuse a bad combination before any image is read
     split, stems = resolve_support(args.support, args.shots)
@@ -108,7 +128,7 @@ def adapt(args: argparse.Namespace) -> int:
     start, label = resolve_teacher(args.teacher, mcfg)
     log.info("starting teacher: %s", label)
     teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
-    with output_folder(args.out, args.overwrite, inputs) as tmp:
+    with output_folder(args.out, args.overwrite, inputs, command=command(args)) as tmp:
         log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
         result = run_adapt(
             backbone,
@@ -139,7 +159,8 @@ def adapt(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    check_output(args.out, args.overwrite, [args.images, args.model])
+    inputs = [args.images, args.model, args.backbone_weights]
+    check_output(args.out, args.overwrite, inputs, command=command(args))
     files = image_files(args.images)
     predictor, classes, _ = _predictor(args)
     if args.batch < 1:
@@ -147,7 +168,7 @@ def predict(args: argparse.Namespace) -> int:
     unreadable: list[str] = []
     # --batch images at a time (read, predict in one forward pass, write): memory stays bounded whatever the folder
     # holds.
-    with output_folder(args.out, args.overwrite, [args.images, args.model]) as tmp:
+    with output_folder(args.out, args.overwrite, inputs, command=command(args)) as tmp:
         bar = tqdm(total=len(files), desc="predict")
         for start in range(0, len(files), args.batch):
             batch = []
@@ -192,6 +213,9 @@ def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tup
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    inputs = [args.model, args.data, args.backbone_weights]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs, command=command(args))
     predictor, classes, kind = _predictor(args)
     split = load_split(args.data, args.split)
     if split.classes != classes:
@@ -205,19 +229,19 @@ def evaluate(args: argparse.Namespace) -> int:
         "vote_chunk": (predictor.vote_chunk if predictor.voting else 0) if kind == "teacher" else None,
         "eval_resolution": args.eval_size or "original",
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, report)
     if per_image is not None:
-        write_per_image_csv(args.per_image, per_image, split.classes)
-        log.info("per-image IoU of %d images in %s", len(per_image), args.per_image)
+        report["per_image"] = per_image
+    print(json.dumps(report, indent=2))
+    if args.json:
+        write_json_file(args.json, report, args.overwrite, inputs, command=command(args))
     return 0
 
 
 def speed(args: argparse.Namespace) -> int:
-    from .speed import ONNX_MODELS, run_speed, table, write
+    from .speed import ONNX_MODELS, run_speed, table
+
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, [args.backbone_weights], command=command(args))
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
     if args.adapt:
@@ -246,8 +270,9 @@ def speed(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         timeout_s=args.timeout,
     )
-    write(result, args.json)
     print(table(result))
+    if args.json is not None:
+        write_json_file(args.json, result, args.overwrite, [args.backbone_weights], command=command(args))
     return 0
 
 
@@ -263,10 +288,9 @@ def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
     result = run_adapt_speed(
         model_config(args, 1), shots, sets, caps, args.steps, args.device, args.threads, args.timeout, log.info
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.json, result)
-    args.json.with_suffix(".md").write_text(adapt_table(result))
     print(adapt_table(result))
+    if args.json is not None:
+        write_json_file(args.json, result, args.overwrite, [args.backbone_weights], command=command(args))
     return 0
 
 
@@ -285,52 +309,51 @@ def app(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, mark_onnx
 
-    if args.out.exists() and not args.overwrite:
-        raise DataError(f"{args.out}: exists (pass --overwrite to replace it)")
+    inputs = [args.model, args.calibration, args.backbone_weights]
+    check_output_file(args.out, args.overwrite, inputs, command=command(args))
     loaded = load_model(args.model, args.backbone_weights)
     if loaded.kind != "student":
         raise DataError(f"{args.model}: is a {loaded.kind}; only students export (they need no support input)")
     calibration = _calibration_set(args, loaded) if args.quantize == "int8" else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp8 = args.out.with_name(f".{args.out.name}.int8.tmp")
-    try:
-        diff = export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp)
-        if diff > 1e-3:
-            raise ModelError(f"{args.out}: ONNX logits differ from PyTorch by {diff:.2e} (> 1e-3); not written")
-        log.info("ONNX graph checked (max |ONNX - PyTorch| = %.2e)", diff)
+    with output_file(args.out, args.overwrite, inputs, command=command(args)) as tmp:
+        export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp, name=args.out)
         if calibration is not None:
-            from .export import Int8Refused, onnx_ms_per_image, quantize_int8_checked
-
-            images, labels, where = calibration
-
-            def tried(t: dict) -> None:
-                log.info("int8 plan %r: mIoU %.2f (fp32 %.2f) on %s", t["plan"], t["miou"], t["fp32"], where)
-
-            try:
-                report = quantize_int8_checked(tmp, tmp8, images, labels, loaded.classes, MAX_INT8_DROP, tried)
-            except Int8Refused as e:
-                best = max(e.tried, key=lambda t: t["miou"])
-                raise ModelError(
-                    f"{args.out}: not written: every int8 plan loses more than {MAX_INT8_DROP} mIoU points against "
-                    f"fp32 ({e.fp32_miou:.2f}) on {where} (best: {best['plan']!r}, {best['miou']:.2f}); export "
-                    "without --quantize"
-                ) from None
-            log.info(
-                "%s: int8 plan %r, mIoU %.2f against fp32 %.2f on %d images of %s",
-                args.out, report["plan"], report["int8"], report["fp32"], len(images), where,
-            )  # fmt: skip
-            ms8, ms32 = (onnx_ms_per_image(p, images) for p in (tmp8, tmp))
-            log.info("onnxruntime, one image: int8 %.1f ms, fp32 %.1f ms (median of 5 calls, this machine)", ms8, ms32)
-            tmp8.replace(tmp)
-        tmp.replace(args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp8.unlink(missing_ok=True)
+            _quantize(args, loaded, tmp, calibration)
+        mark_onnx(tmp, command(args))
     log.info("wrote %s", args.out)
     return 0
+
+
+def _quantize(args: argparse.Namespace, loaded, fp32: Path, calibration: tuple[np.ndarray, np.ndarray, str]) -> None:
+    """Replace the exported fp32 graph ``fp32`` with its checked int8 version (or refuse, naming ``--out``)."""
+    from .export import Int8Refused, onnx_ms_per_image, quantize_int8_checked
+
+    images, labels, where = calibration
+    int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
+
+    def tried(t: dict) -> None:
+        log.info("int8 plan %r: mIoU %.2f (fp32 %.2f) on %s", t["plan"], t["miou"], t["fp32"], where)
+
+    try:
+        report = quantize_int8_checked(fp32, int8, images, labels, loaded.classes, MAX_INT8_DROP, tried)
+        log.info(
+            "%s: int8 plan %r, mIoU %.2f against fp32 %.2f on %d images of %s",
+            args.out, report["plan"], report["int8"], report["fp32"], len(images), where,
+        )  # fmt: skip
+        ms8, ms32 = (onnx_ms_per_image(p, images) for p in (int8, fp32))
+        log.info("onnxruntime, one image: int8 %.1f ms, fp32 %.1f ms (median of 5 calls, this machine)", ms8, ms32)
+        int8.replace(fp32)
+    except Int8Refused as e:
+        best = max(e.tried, key=lambda t: t["miou"])
+        raise ModelError(
+            f"{args.out}: not written: every int8 plan loses more than {MAX_INT8_DROP} mIoU points against "
+            f"fp32 ({e.fp32_miou:.2f}) on {where} (best: {best['plan']!r}, {best['miou']:.2f}); export "
+            "without --quantize"
+        ) from None
+    finally:
+        int8.unlink(missing_ok=True)
 
 
 MAX_INT8_DROP = 1.0  # mIoU points an int8 export may lose against fp32 on its calibration images
@@ -379,7 +402,8 @@ def benchmark(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         max_unlabeled=args.max_unlabeled,
     )
-    print(table(run_benchmark(cfg)))
+    inputs = [args.config, teacher_input(args.teacher), args.backbone_weights]
+    print(table(run_benchmark(cfg, inputs=inputs, command=command(args))))
     return 0
 
 
@@ -399,7 +423,7 @@ def _shared_run_flags(args: argparse.Namespace) -> dict:
 def data(args: argparse.Namespace) -> int:
     from .data.paper import convert
 
-    with output_folder(args.dst, args.overwrite, [args.src]) as tmp:
+    with output_folder(args.dst, args.overwrite, [args.src], command=command(args)) as tmp:
         counts = convert(args.name, args.src, tmp, args.fold, args.trust_pickle)
     log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
     return 0
@@ -418,7 +442,7 @@ def demo(args: argparse.Namespace) -> int:
         compare_random=args.compare_random,
         **_shared_run_flags(args),
     )
-    run_demo(cfg)
+    run_demo(cfg, inputs=[args.config, teacher_input(args.teacher), args.backbone_weights], command=command(args))
     return 0
 
 
@@ -430,7 +454,6 @@ def meta_train(args: argparse.Namespace) -> int:
 
     from .config import MetaConfig
     from .data.sources import build_source
-    from .meta import WRITTEN
     from .meta import meta_train as run_meta_train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -443,20 +466,20 @@ def meta_train(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     try:
-        refuse_unsafe_output(args.out, [args.data])
-        if args.overwrite and args.out.exists() and rank == 0:
-            if not args.out.is_dir():
-                raise ModelError(f"{args.out}: exists and is not a folder")
-            for name in WRITTEN:  # only what a meta-train run writes; anything else in the folder stays
-                (args.out / name).unlink(missing_ok=True)
-        if world > 1:
-            dist.barrier()
+        inputs = [args.data, args.backbone_weights]
+        refuse_unsafe_output(args.out, inputs)
         cfg = config_from_args(MetaConfig, args)
         mcfg = model_config(args, 1)
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
         backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
+        # Rank 0 claims the folder (started, resumed, or started again with --overwrite); the others wait for it.
+        folder = None
+        if rank == 0:
+            folder, _ = GrowingFolder.claim(args.out, args.overwrite, inputs, command=command(args))
+        if world > 1:
+            dist.barrier()
         result = run_meta_train(
-            source, backbone, mcfg, cfg, args.out, save_every=args.save_every, cache_gb=args.cache_gb
+            source, backbone, mcfg, cfg, folder or args.out, save_every=args.save_every, cache_gb=args.cache_gb
         )
         if rank == 0:
             log.info("wrote %s: best validation mIoU %.1f at step %d", args.out, result.best_miou, result.best_step)

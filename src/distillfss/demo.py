@@ -21,6 +21,7 @@ Writes report.md, results.json, overlays/ and miou.png into the output folder.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -77,15 +78,19 @@ class DemoConfig(RunConfig):
             raise DataError(f"--shots: expected >= 1, got {self.shots}")
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """The demo: every method on the bundled sets -> its results (also in ``cfg.out``: report, plot, overlays)."""
+COMMAND = "distillfss demo"
+
+
+def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str = COMMAND) -> dict:
+    """The demo: every method on the bundled sets -> its results (also in ``cfg.out``: report, plot, overlays).
+    ``inputs``: paths it reads (a config file, a teacher folder), which ``cfg.out`` may not touch."""
     names = demo_datasets() if "all" in cfg.datasets else list(cfg.datasets)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, inputs, command=command)
     seeds = list(dict.fromkeys(cfg.seeds))
     device = torch.device(cfg.device)
     rows: list[dict] = []
     backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, device)
-    with output_folder(cfg.out, cfg.overwrite) as tmp:
+    with output_folder(cfg.out, cfg.overwrite, inputs, command=command) as tmp:
         (tmp / "overlays").mkdir()
         for name in names:
             root = demo_root() / name
@@ -107,7 +112,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                 vote_chunk=cfg.vote_chunk,
             )
             log.info("[%s] %d shots, starting teacher: %s, seeds %s", name, cell.shots, label, seeds)
-            cell_rows, predictors = run_seeds(cell, seeds, backbones, log_path=tmp / f"train_log_{name}.jsonl")
+            cell_rows, predictors = run_seeds(
+                cell, seeds, backbones, log_to=lambda tag, n=name: tmp / f"train_log_{n}_{tag}.jsonl"
+            )
             for row in cell_rows:
                 log.info("[%s] %-16s seed %-4s mIoU %6.2f", name, row["method"], row["seed"], row["miou"])
             rows += cell_rows
@@ -115,12 +122,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         results = {
             "created": timestamp(),
-            "command": "distillfss demo",
+            "command": command,
             "config": {"adapt": {**cfg.adapt.to_dict(), "seed": None}, "seeds": seeds, "shots": cfg.shots},
             "device": str(device),
             "machine": machine(device),
             "threads": torch.get_num_threads(),
-            "deterministic": torch.are_deterministic_algorithms_enabled(),
             "seeds": seeds,
             "rows": rows,
         }

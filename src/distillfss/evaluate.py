@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +11,6 @@ from tqdm.auto import tqdm
 from .data import Split, label_tensor, load_pair
 from .data.folder import IGNORE
 from .metrics import IoUMeter
-from .outputs import write_text_atomic
 from .predictor import Predictor
 
 
@@ -74,16 +72,3 @@ def _image_row(name: str, pred, mask, classes: tuple[str, ...]) -> dict:
     fg = [row[c] for c in classes[1:] if row[c] is not None]
     row["miou"] = round(sum(fg) / len(fg), 4) if fg else None
     return row
-
-
-def write_per_image_csv(path: Path, rows: list[dict], classes: tuple[str, ...]) -> None:
-    """One line per image: image, miou, then each class's IoU in percent (empty where undefined); atomic."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", "miou", *classes], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buf.getvalue())

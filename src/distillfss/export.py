@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from .data.tensors import image_tensor
 from .model_io import ModelError
-from .predictor import labels_at_sizes
+from .outputs import MARK
+from .predictor import evaluating, labels_at_sizes
 from .student import FastStudent, Student
 
 
@@ -35,27 +36,46 @@ class _Logits(nn.Module):
         return self.student(images).logits
 
 
-def export_onnx(
-    student: Student | FastStudent, image_size: int, classes: tuple[str, ...], out: Path, opset: int = 17
-) -> float:
-    """Write ``out`` and return the max abs difference between ONNX and PyTorch logits on a random batch."""
+MAX_ONNX_DIFF = 1e-3  # largest |ONNX - PyTorch| logit difference an export may have
 
-    student = student.eval()
-    dummy = torch.rand(2, 3, image_size, image_size)
-    torch.onnx.export(
-        _Logits(student),
-        (dummy,),
-        str(out),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=opset,
-        dynamo=False,
-    )
+
+def export_onnx(
+    student: Student | FastStudent,
+    image_size: int,
+    classes: tuple[str, ...],
+    out: Path,
+    opset: int = 17,
+    name: Path | str | None = None,
+) -> float:
+    """Write ``out`` and check it: the max abs difference between ONNX and PyTorch logits on a fixed random batch
+    (returned) must stay within ``MAX_ONNX_DIFF``, else a ModelError naming ``name`` (default ``out``). The student
+    is used in eval mode and left as it was."""
+    dummy = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with evaluating(student):
+        torch.onnx.export(
+            _Logits(student),
+            (dummy,),
+            str(out),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+        with torch.inference_mode():
+            ref = _Logits(student)(dummy).numpy()
     _set_metadata(out, {"image_size": str(image_size), "classes": json.dumps(list(classes)), "precision": "fp32"})
-    with torch.inference_mode():
-        ref = _Logits(student)(dummy).numpy()
-    return float(np.abs(OnnxPredictor(out).logits(dummy.numpy()) - ref).max())
+    diff = float(np.abs(OnnxPredictor(out).logits(dummy.numpy()) - ref).max())
+    if not diff <= MAX_ONNX_DIFF:
+        raise ModelError(
+            f"{name or out}: ONNX logits differ from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); not written"
+        )
+    return diff
+
+
+def mark_onnx(path: Path, command: str) -> None:
+    """Record the command that wrote ``path`` in its metadata (``outputs.MARK``): only it may replace the file."""
+    _set_metadata(path, {MARK: command})
 
 
 def _set_metadata(path: Path, values: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .backbones import FrozenBackbone
+from .backbones import FrozenBackbone, place
 from .baselines import LinearProbe
 from .config import AdaptConfig
 from .student import FastStudent, build_fast_student
@@ -47,13 +47,13 @@ def fit_label_probes(
     full: the probe already fitted (with its cross-validation) on these images at this size, if the caller has it."""
     m, num_classes = support.flags.shape
     if full is None:
-        full = LinearProbe(backbone, num_classes).to(labels.device)
+        full = place(LinearProbe(backbone, num_classes), labels.device)
         full.fit_features(support.pyramid, labels)
     fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
     without = []
     for i in range(m if m > 1 else 0):
         keep = torch.tensor([j for j in range(m) if j != i], device=labels.device)
-        probe = LinearProbe(backbone, num_classes, **fixed).to(labels.device)
+        probe = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
         probe.fit_features(select(support.pyramid, keep), labels[keep])
         without.append(probe)
     return LabelProbes(full, without)
@@ -89,7 +89,7 @@ def distill_fast(
     mixed = (bank.soft.float() + probe_labels(probes, bank, tuple(labels.shape[-2:]))) / 2
     bank = replace(bank, soft=mixed.half())
     record = _first_row_with(record, {"probe": probes.full.settings})
-    fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]).to(images.device)
+    fast = place(build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]), images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
     return fast

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,10 @@ from .backbones import FrozenBackbone, Pyramid
 from .config import MetaConfig, ModelConfig
 from .data import DataError
 from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample_episode, usable_classes
+from .errors import UserError
 from .losses import IGNORE
-from .model_io import LOG, ModelError, own_state, save_teacher_checkpoint
+from .model_io import CONFIG, LOG, WEIGHTS, ModelError, own_state, save_teacher_checkpoint
+from .outputs import GrowingFolder, replace_atomically
 from .teacher import Teacher, build_teacher
 from .transfer import seeded, trainable_parameters
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 # Everything meta-train writes into its folder: `--overwrite` removes these and nothing else.
-WRITTEN = (STATE, LOG, "config.json", "model.safetensors", "MODEL_CARD.md")
+COMMAND = "distillfss meta-train"  # the writer its folders record (the CLI and the library alike)
 
 
 # Settings that may change between an interrupted run and its resumption.
@@ -201,7 +202,7 @@ def meta_train(
     backbone: FrozenBackbone,
     model_cfg: ModelConfig,
     cfg: MetaConfig,
-    out: Path,
+    out: Path | GrowingFolder,
     progress: bool = True,
     save_every: int = 25,
     cache_gb: float = 8.0,
@@ -209,8 +210,10 @@ def meta_train(
 ) -> MetaResult:
     """Train a teacher on ``source``; write (rank 0) the best checkpoint, the log and the resume state to ``out``.
 
-    A folder holding the state of a run with the same config resumes it (``steps`` may grow); a folder holding
-    anything else is refused. ``on_step(row)`` is called after every step (tests use it to interrupt a run).
+    ``out``: a folder (claimed here: new, empty, or one an earlier meta-train wrote) or one the caller claimed
+    (``GrowingFolder.claim``, as ``distillfss meta-train --overwrite`` does). A folder holding the state of a run
+    with the same config resumes it (``steps`` may grow); a folder another command wrote, or one holding files
+    distillfss did not write, is refused. ``on_step(row)`` is called after every step (tests use it to interrupt a run).
     Initialisation and dropout draw from a private random state seeded from ``cfg.seed``; the process's own random
     state is left as it was.
     """
@@ -223,7 +226,7 @@ def _meta_train(
     backbone: FrozenBackbone,
     model_cfg: ModelConfig,
     cfg: MetaConfig,
-    out: Path,
+    target: Path | GrowingFolder,
     progress: bool = True,
     save_every: int = 25,
     cache_gb: float = 8.0,
@@ -233,7 +236,7 @@ def _meta_train(
     if cfg.batch % world:
         raise DataError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
     device = next(backbone.parameters()).device
-    out = Path(out)
+    out = target.root if isinstance(target, GrowingFolder) else Path(target)
     teacher = build_teacher(backbone, model_cfg).to(device)
     params = trainable_parameters(teacher, "B")  # everything but the frozen backbone
     if cfg.optimizer == "sgd":
@@ -247,16 +250,18 @@ def _meta_train(
     # Rank 0 reads the folder and every rank gets its verdict: the same resume state (weights, optimizer, step),
     # or the same error, also when the other processes do not share rank 0's file system.
     verdict: list = [None]
+    folder = None
     if rank == 0:
-        if state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            try:
+        try:
+            folder = (
+                target if isinstance(target, GrowingFolder) else GrowingFolder.claim(out, False, command=COMMAND)[0]
+            )
+            if STATE in folder.files() and state_path.is_file():
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
                 _check_same_run(state, cfg, model_cfg, state_path)
                 verdict = [state]
-            except ModelError as e:
-                verdict = [str(e)]
-        elif out.is_dir() and any(out.iterdir()):
-            verdict = [f"{out}: folder exists and holds no meta-training state (pass --overwrite to replace it)"]
+        except UserError as e:
+            verdict = [str(e)]
     if world > 1:
         dist.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], str):
@@ -269,8 +274,7 @@ def _meta_train(
         if rank == 0:
             log.info("resuming %s at step %d of %d", out, start, cfg.steps)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_log(out / LOG, start)
+        _truncate_log(folder.path(LOG), start)
     forward: nn.Module = EpisodeForward(teacher, cfg.precision == "bf16")
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
@@ -317,19 +321,19 @@ def _meta_train(
             if miou > best_miou:
                 best_miou, best_step = miou, step + 1
                 if rank == 0:
-                    _save_best(out, teacher, model_cfg, cfg, source, best_step, best_miou, per_class)
+                    _save_best(folder, teacher, model_cfg, cfg, source, best_step, best_miou, per_class)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
         if rank == 0:
-            with open(out / LOG, "a") as f:
+            with open(folder.path(LOG), "a") as f:
                 f.write(json.dumps(row) + "\n")
             if (step + 1) % save_every == 0 or done:
-                _save_state(state_path, teacher, opt, step + 1, best_step, best_miou, cfg, model_cfg)
+                _save_state(folder.path(STATE), teacher, opt, step + 1, best_step, best_miou, cfg, model_cfg)
             bar.set_postfix(loss=f"{row['loss']:.4f}", best_val=f"{best_miou:.1f}" if best_miou >= 0 else "-")
         if on_step is not None:
             on_step(row)
-    if rank == 0 and (out / "config.json").is_file():
-        (out / "MODEL_CARD.md").write_text(model_card(out))
+    if rank == 0 and CONFIG in folder.files():
+        folder.write_text("MODEL_CARD.md", model_card(out))
     if world > 1:
         dist.barrier()
     return MetaResult(teacher.eval(), best_step, best_miou, rows)
@@ -358,30 +362,21 @@ def _truncate_log(path: Path, step: int) -> None:
             continue
         if row["step"] <= step:
             keep.append(line)
-    _atomic_write(path, "".join(line + "\n" for line in keep).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in keep)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _save_state(path: Path, teacher: Teacher, opt, step: int, best_step: int, best_miou: float, cfg, model_cfg) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "model": own_state(teacher),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "best_step": best_step,
-            "best_miou": best_miou,
-            "config": cfg.to_dict(),
-            "model_config": model_cfg.to_dict(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    state = {
+        "model": own_state(teacher),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "best_step": best_step,
+        "best_miou": best_miou,
+        "config": cfg.to_dict(),
+        "model_config": model_cfg.to_dict(),
+    }
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def provenance() -> dict[str, str | None]:
@@ -420,7 +415,7 @@ def provenance() -> dict[str, str | None]:
     }
 
 
-def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> None:
+def _save_best(folder: GrowingFolder, teacher, model_cfg, cfg, source, step, miou, per_class) -> None:
     meta = {
         "provenance": provenance(),
         "meta_train": cfg.to_dict(),
@@ -429,7 +424,8 @@ def _save_best(out, teacher, model_cfg, cfg, source, step, miou, per_class) -> N
         "val_miou": round(miou, 3),
         "val_per_class": {str(c): round(v, 3) for c, v in per_class.items()},
     }
-    save_teacher_checkpoint(out, teacher, model_cfg, meta)
+    folder.path(WEIGHTS), folder.path(CONFIG)  # recorded as this command's files before they are written
+    save_teacher_checkpoint(folder.root, teacher, model_cfg, meta)
 
 
 def _source_lines(src: dict) -> list[str]:

@@ -9,7 +9,6 @@ starting point for ``adapt --teacher``, not a predictor.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from .backbones import FrozenBackbone, build_backbone
 from .config import ModelConfig
 from .errors import UserError
+from .outputs import replace_atomically, write_json_atomic
 from .predictor import VOTE_CHUNK, Predictor
 from .student import FAST_VERSION, STUDENT_KINDS, FastStudent, Student, build_fast_student, build_student
 from .teacher import Teacher, build_teacher, encode_support
@@ -160,9 +160,8 @@ def load_model(
 
 def save_teacher_checkpoint(out: Path, teacher: Teacher, model_cfg: ModelConfig, meta: dict[str, Any]) -> None:
     """A meta-trained teacher: weights and config, no classes and no support. Each file is replaced atomically."""
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file({f"model.{k}": v for k, v in own_state(teacher).items()}, str(tmp))
-    os.replace(tmp, out / WEIGHTS)
+    weights = {f"model.{k}": v for k, v in own_state(teacher).items()}
+    replace_atomically(out / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     config = {
         "format": FORMAT,
         "version": 1,
@@ -172,9 +171,7 @@ def save_teacher_checkpoint(out: Path, teacher: Teacher, model_cfg: ModelConfig,
         "model": model_cfg.to_dict(),
     }
     config.update(meta)
-    tmp = out / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG)
+    write_json_atomic(out / CONFIG, config)
 
 
 def load_teacher_weights(folder: Path | str, backbone: FrozenBackbone, model_cfg: ModelConfig) -> Teacher:

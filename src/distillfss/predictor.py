@@ -3,6 +3,9 @@ images of any size, returning labels at the image's own resolution."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,19 @@ from .data.tensors import image_tensor
 from .teacher import EncodedSupport, Teacher
 
 VOTE_CHUNK = 10  # the paper's TransferFSS: shots per voting chunk at test time
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, each submodule's train/eval flag restored after: a caller's module
+    is used, never changed."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 class Predictor:
@@ -30,26 +46,30 @@ class Predictor:
         vote_chunk: a teacher whose classes have more than this many shots attends to them in chunks of at most
         ``vote_chunk`` and votes (the paper's TransferFSS, 10); 0 attends to all shots at once.
 
-        The model is put in eval mode and otherwise left as it is (its memory format is chosen where it is built).
+        The model runs in eval mode and is left as it is (its train/eval flags are restored after each call; its
+        memory format is chosen where it is built).
         """
         if isinstance(model, Teacher) and support is None:
             raise ValueError("a teacher needs its support set")
         if vote_chunk < 0:
             raise ValueError(f"vote_chunk must be >= 0, got {vote_chunk}")
-        self.model = model.eval()
+        self.model = model
         self.image_size = image_size
         self.precision = precision
         self.support = support
         self.vote_chunk = vote_chunk
         self.voting = support is not None and 0 < vote_chunk < int(support.flags.sum(dim=0).max())
-        self._keys = model.keys(support) if isinstance(model, Teacher) and not self.voting else None
+        self._keys = None
+        if isinstance(model, Teacher) and not self.voting:
+            with evaluating(model), torch.inference_mode():
+                self._keys = model.keys(support)
 
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
         """images: (B, 3, S, S) in [0, 1] -> merged logits (B, C+1, S, S), float32."""
         images = images.to(memory_format=torch.channels_last)  # the layout the backbone was built in
         bf16 = self.precision == "bf16"
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with evaluating(self.model), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             if isinstance(self.model, Teacher):
                 feats = self.model.backbone(images)
                 if self.voting:

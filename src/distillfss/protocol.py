@@ -10,7 +10,9 @@ one call (``transferfss`` is the teacher of ``distillfss_fast``'s run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -29,6 +31,8 @@ from .predictor import VOTE_CHUNK, Predictor
 from .sampling import sample_support
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 from .transfer import plateau, seeded
+
+LogTo = Callable[[str], Path]  # a name (seed and rows) -> the file an adaptation's training log is appended to
 
 
 class Row(NamedTuple):
@@ -166,11 +170,12 @@ class Prepared:
 
 
 def run_seeds(
-    cell: Cell, seeds: list[int], backbones: BackboneCache, log_path: Path | None = None
+    cell: Cell, seeds: list[int], backbones: BackboneCache, log_to: LogTo | None = None
 ) -> tuple[list[dict], dict[str, Predictor]]:
     """A cell with every adaptation seed: all methods at the first seed, then only the seeded methods (the others
     would give the same numbers). Deterministic methods' rows carry ``seed: None``. Returns the rows and the first
-    seed's predictors."""
+    seed's predictors. ``log_to(name)``: the file each adaptation's training log is appended to (``name`` tells
+    the seed and the rows)."""
     unknown = sorted(set(cell.methods) - set(ALL_METHODS))
     if unknown:
         raise DataError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -182,7 +187,8 @@ def run_seeds(
         if not methods:
             break
         run = dataclasses.replace(cell, adapt_cfg=dataclasses.replace(cell.adapt_cfg, seed=seed), methods=methods)
-        seed_rows, seed_predictors = run_cell(run, backbones, prep, _log_file(log_path, f"_seed{seed}"))
+        seed_log = None if log_to is None else functools.partial(_prefixed, log_to, f"seed{seed}_")
+        seed_rows, seed_predictors = run_cell(run, backbones, prep, seed_log)
         rows += seed_rows
         predictors = predictors or seed_predictors
     return rows, predictors
@@ -223,7 +229,7 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
 
 
 def run_cell(
-    cell: Cell, backbones: BackboneCache, prep: Prepared | None = None, log_path: Path | None = None
+    cell: Cell, backbones: BackboneCache, prep: Prepared | None = None, log_to: LogTo | None = None
 ) -> tuple[list[dict], dict[str, Predictor]]:
     """Adapt and evaluate every method of a cell at ``cell.adapt_cfg.seed`` -> (result rows, predictors by method).
     prep: the cell's ``prepare`` (computed here when None)."""
@@ -262,7 +268,7 @@ def run_cell(
             teacher=teacher,
             unlabeled=None if pool is None else pool.to(device),
             progress=False,
-            log_path=_log_file(log_path, f"_{tag}"),
+            log_path=None if log_to is None else log_to(tag),
             support=prep.support,
             probes=prep.probes if cfg.method == "distill" and cfg.student == "fast" else None,
         )
@@ -324,9 +330,8 @@ def run_cell(
     return rows, predictors
 
 
-def _log_file(log_path: Path | None, suffix: str) -> Path | None:
-    """The training log of one adaptation in a cell: ``log_path`` with ``suffix`` after its stem."""
-    return log_path.with_name(f"{log_path.stem}{suffix}{log_path.suffix}") if log_path else None
+def _prefixed(log_to: LogTo, prefix: str, name: str) -> Path:
+    return log_to(prefix + name)
 
 
 def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int) -> torch.Tensor | None:

@@ -28,7 +28,6 @@ import torch
 from .backbones import build_backbone
 from .config import ModelConfig
 from .errors import UserError
-from .outputs import write_json_atomic
 from .student import build_fast_student, build_student
 from .teacher import build_teacher, encode_support
 
@@ -78,8 +77,15 @@ class SpeedJob:
 
 
 def _runner(job: SpeedJob) -> Callable[[], object]:
-    """Build the model for a job and return the zero-argument call that is timed."""
-    torch.manual_seed(0)
+    """Build the model for a job (from a private random state seeded 0) and return the zero-argument call that is
+    timed."""
+    from .transfer import seeded
+
+    with seeded(0, job.device):
+        return _build_runner(job)
+
+
+def _build_runner(job: SpeedJob) -> Callable[[], object]:
     dev = torch.device(job.device)
     cfg = job.model_cfg
     s = cfg.image_size
@@ -137,13 +143,14 @@ def _onnx_runner(job: SpeedJob, backbone, query: torch.Tensor) -> Callable[[], o
     else:
         teacher = build_teacher(backbone, ModelConfig(**{**cfg.to_dict(), "num_classes": job.ways}))
         student = build_student(backbone, teacher.decoder, job.ways).eval()
-    path = Path(tempfile.mkdtemp()) / "student.onnx"
-    export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
-    if job.model.endswith("int8"):
-        calibration = torch.rand(4, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
-        quantize_int8(path, path.with_name("int8.onnx"), calibration.numpy())
-        path = path.with_name("int8.onnx")
-    predictor = OnnxPredictor(path, threads=job.threads)
+    with tempfile.TemporaryDirectory() as folder:  # the session holds the graph: the files go at once
+        path = Path(folder) / "student.onnx"
+        export_onnx(student.cpu(), cfg.image_size, tuple(f"c{i}" for i in range(job.ways + 1)), path)
+        if job.model.endswith("int8"):
+            calibration = torch.rand(4, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+            quantize_int8(path, path.with_name("int8.onnx"), calibration.numpy())
+            path = path.with_name("int8.onnx")
+        predictor = OnnxPredictor(path, threads=job.threads)
     x = query.cpu().numpy()
     return lambda: predictor.logits(x)
 
@@ -429,40 +436,3 @@ def _ratios(rows: list[dict], backbone_ms: float) -> list[str]:
         "Ratios (each row's median over the backbone's, the two called alternately in one process; means over shots):"
     )
     return ["", head, *out] if out else []
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, enc, style in (("teacher", True, "-o"), ("student", False, "--s")):
-        for w in sorted({r["ways"] for r in rows if r["model"] == model}):
-            pts = sorted(
-                (r["shots"], r["ms_median"])
-                for r in rows
-                if r["model"] == model and r["ways"] == w and r["support_encoding"] == enc
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{model} {w}-way")
-    bb = next((r for r in rows if r["model"] == "backbone"), None)
-    if bb:
-        ax.axhline(bb["ms_median"], color="gray", lw=0.8, label="backbone")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("shots")
-    ax.set_ylabel("ms per query")
-    ax.set_title(result["device"], fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write(result: dict, json_path: Path) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json_path, result)
-    json_path.with_suffix(".md").write_text(table(result))
-    plot(result, json_path.with_suffix(".png"))

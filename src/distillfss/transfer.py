@@ -55,15 +55,31 @@ def trainable_parameters(teacher: Teacher, which: str) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block from a private random state seeded with ``seed``; the caller's state is restored after.
+    """Run the block reproducibly: from a private random state seeded with ``seed`` and with torch's deterministic
+    algorithms; the caller's random state and determinism setting are restored after.
 
-    Module initialisation and dropout draw from torch's default generator; forking it keeps them reproducible from
-    the seed alone without touching the process's random state.
+    Module initialisation and dropout draw from torch's default generator (and the device's, on CUDA); forking them
+    keeps runs reproducible from the seed alone, whatever ran before in the process, without touching its state.
+    Only the generators of the CPU and of ``device`` are seeded (other GPUs' are left alone).
     """
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        # deterministic kernels wherever torch has them (the CPU kernels used here all do; on CUDA an op without one
+        # warns instead of failing)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def private_copy(teacher: Teacher) -> Teacher:
