@@ -1,7 +1,8 @@
 """The web app, driven in a real browser (headless Chromium through Playwright), and its pieces without one.
 
 The browser test needs Debian's ``chromium`` package (``apt-get install chromium``) and the ``gradio`` and
-``playwright`` Python packages (in the dev install); without them it is skipped and says so. With
+``playwright`` Python packages (in the dev install); without them it is skipped and says so, except in CI
+(``CI=true``), where a missing browser is a failure. With
 ``DISTILLFSS_SCREENSHOT=path.png`` it also saves its screenshot there (the README's).
 """
 
@@ -71,13 +72,26 @@ def test_workspace_copies_images_in_and_refuses_unsafe_folders(tmp_path: Path) -
         Workspace(Path.home())
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="browser test skipped: no Chromium here (Debian: apt-get install chromium; then make test runs it)",
-)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _needed(ok: bool, what: str) -> None:
+    """Skip the browser test without ``what`` here; in CI (``CI=true``) its absence is a failure."""
+    if not ok:
+        message = f"browser test: {what}"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: the browser test must run in CI)")
+        pytest.skip(f"{message}; skipped")
+
+
 def test_app_in_a_real_browser(tmp_path: Path) -> None:
-    pytest.importorskip("gradio", reason="browser test skipped: pip install 'distillfss[app]' playwright")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser test skipped: pip install playwright")
+    import importlib.util
+
+    _needed(CHROMIUM is not None, "no Chromium here (Debian: apt-get install chromium)")
+    for module, install in (("gradio", "pip install 'distillfss[app]'"), ("playwright", "pip install playwright")):
+        _needed(importlib.util.find_spec(module) is not None, f"no {module} ({install})")
+    from playwright import sync_api
+
     from distillfss.app import launch
     from distillfss.model_io import load_model
 

@@ -263,7 +263,8 @@ def _load_file_weights(model: nn.Module, path: Path) -> None:
 
 
 def build_backbone(name: str, image_size: int, weights: str | Path | None = None) -> FrozenBackbone:
-    """Build a frozen backbone.
+    """Build a frozen backbone (its initialisation draws from a private random state seeded 0: the caller's is
+    left as it was, and ``"random"`` weights are the same in every run).
 
     Args:
         name: one of ``BACKBONES``.
@@ -273,6 +274,12 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        return _build_backbone(name, image_size, weights)
+
+
+def _build_backbone(name: str, image_size: int, weights: str | Path | None) -> FrozenBackbone:
     spec = BACKBONES[name]
     kwargs = {"img_size": image_size} if spec.fixed_size else {}
     if weights is None and spec.wheel is None:
