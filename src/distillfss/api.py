@@ -32,12 +32,14 @@ from .adapt import adapt
 from .backbones import FrozenBackbone, build_backbone
 from .config import AdaptConfig, ModelConfig, model_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
-from .data.tensors import check_support_labels, image_tensor, label_tensor
+from .data.tensors import check_support_labels, unlabeled_windows
 from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
 from .outputs import output_file, output_folder, timestamp
 from .predictor import Predictor
 from .student import FastStudent, Student
 from .teacher import Teacher, build_teacher, encode_support
+from .tiling import choose_scale as pick_scale
+from .tiling import support_windows
 from .transfer import seeded
 
 log = logging.getLogger("distillfss")
@@ -58,16 +60,21 @@ class FewShotSegmenter:
         teacher: str | Path = "auto",
         backbone_weights: str | None = None,
         device: str = "cpu",
+        scale: str | float | None = "auto",
         **adapt_options: Any,
     ) -> None:
         """teacher: the starting teacher ('auto': the shipped meta-trained one when it fits, 'random', or a
         folder). adapt_options: any :class:`AdaptConfig` field (``iterations``, ``seed``, ``student``...); the
         defaults are ``distillfss adapt``'s (the fast student; ``student="paper"`` for the paper's). Checked here,
-        as the CLI checks its flags."""
+        as the CLI checks its flags. scale: the pixel scale (``distillfss adapt --scale``): "auto", "fit" or a
+        number."""
         unknown = sorted(set(adapt_options) - {f.name for f in dataclasses.fields(AdaptConfig)})
         if unknown:
             raise TypeError(f"unknown adaptation option(s) {unknown}; see distillfss.AdaptConfig")
         AdaptConfig(**adapt_options)
+        pick_scale([], 1, scale)  # a bad value fails here, as the flag does
+        self.scale_option: str | float | None = scale
+        self.scale: float | None = None  # the pixel scale fit chose (None: each image fitted to one window)
         self.backbone_name, self.preset, self.image_size = backbone, preset, image_size
         self.teacher_spec, self.backbone_weights = str(teacher), backbone_weights
         self.device = torch.device(device)
@@ -102,7 +109,7 @@ class FewShotSegmenter:
         """
         classes = self._classes(masks, classes)
         self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
-        x, y = self._support_tensors(images, masks, classes)
+        x, y = self._support_tensors(images, masks, classes, choose_scale=True)
         given = [*images, *masks, *([unlabeled] if isinstance(unlabeled, (str, Path)) else unlabeled or [])]
         self._inputs += [Path(p) for p in given if isinstance(p, (str, Path))]
         if self.teacher_spec not in ("auto", "shipped", "random"):
@@ -134,6 +141,7 @@ class FewShotSegmenter:
             "unlabeled": {"images": len(u)} if u is not None else None,
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
+            "scale": self.scale,
         }
         self._log = result.log
         return self
@@ -143,7 +151,8 @@ class FewShotSegmenter:
     ) -> FewShotSegmenter:
         """Give the teacher a support set for ``predict(..., model='teacher')``: the adapted teacher after
         ``fit`` (its classes stay), else the starting teacher as it is (no training)."""
-        if self.teacher is None:
+        fresh = self.teacher is None
+        if fresh:
             classes = self._classes(masks, classes)
             self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
             backbone = self._get_backbone()
@@ -156,7 +165,7 @@ class FewShotSegmenter:
             self.classes = ("background", *classes)
         elif classes is not None and tuple(classes) != self.classes[1:]:
             raise DataError(f"set_support: classes {list(classes)} differ from the fitted {list(self.classes[1:])}")
-        self._support = self._support_tensors(images, masks, self.classes[1:])
+        self._support = self._support_tensors(images, masks, self.classes[1:], choose_scale=fresh)
         self._predictors.pop("teacher", None)
         return self
 
@@ -203,6 +212,7 @@ class FewShotSegmenter:
         cfg = loaded.model_cfg
         seg = cls(cfg.backbone, image_size=cfg.image_size, backbone_weights=backbone_weights, device=device)
         seg.model_cfg, seg.classes, seg.meta = cfg, loaded.classes, dict(loaded.config)
+        seg.scale = loaded.config.get("scale")
         seg._inputs = [Path(folder)]
         seg._backbone = loaded.model.backbone
         if loaded.kind == "student":
@@ -223,7 +233,7 @@ class FewShotSegmenter:
         if self.student is None or self.model_cfg is None:
             raise ModelError(f"{path}: no student to export (call fit, or load a student folder)")
         with output_file(path, overwrite, self._inputs, command=EXPORT) as tmp:
-            export_onnx(self.student, self.model_cfg.image_size, self.classes, tmp, name=path)
+            export_onnx(self.student, self.model_cfg.image_size, self.classes, tmp, name=path, scale=self.scale)
             mark_onnx(tmp, EXPORT)
         return path
 
@@ -242,13 +252,13 @@ class FewShotSegmenter:
             if which == "student":
                 if self.student is None:
                     raise ModelError("no student: call fit first (or load a student folder)")
-                self._predictors[which] = Predictor(self.student, self.model_cfg.image_size)  # type: ignore[union-attr]
+                self._predictors[which] = Predictor(self.student, self.model_cfg.image_size, scale=self.scale)  # type: ignore[union-attr]
             else:
                 if self.teacher is None or self._support is None:
                     raise ModelError("the teacher needs a support set: call fit or set_support first")
                 x, y = (t.to(self.device) for t in self._support)
                 support = encode_support(self.teacher.backbone, x, y, len(self.classes) - 1)
-                self._predictors[which] = Predictor(self.teacher, self.model_cfg.image_size, support)  # type: ignore[union-attr]
+                self._predictors[which] = Predictor(self.teacher, self.model_cfg.image_size, support, scale=self.scale)  # type: ignore[union-attr]
         return self._predictors[which]
 
     @staticmethod
@@ -265,7 +275,11 @@ class FewShotSegmenter:
         return tuple(f"class{c}" for c in range(1, max(top, 1) + 1))
 
     def _support_tensors(
-        self, images: Sequence[ImageLike], masks: Sequence[ImageLike], classes: Sequence[str]
+        self,
+        images: Sequence[ImageLike],
+        masks: Sequence[ImageLike],
+        classes: Sequence[str],
+        choose_scale: bool = False,
     ) -> tuple[Tensor, Tensor]:
         assert self.model_cfg is not None
         if isinstance(images, (str, Path, np.ndarray)) or isinstance(masks, (str, Path, np.ndarray)):
@@ -274,7 +288,7 @@ class FewShotSegmenter:
             raise DataError(
                 f"images and masks: expected as many masks as images (>= 1), got {len(images)} and {len(masks)}"
             )
-        size, xs, ys, names = self.model_cfg.image_size, [], [], []
+        size, pairs, names = self.model_cfg.image_size, [], []
         for i, (im, m) in enumerate(zip(images, masks)):
             name = str(im) if isinstance(im, (str, Path)) else f"images[{i}]"
             img = _image(im, name)
@@ -283,12 +297,14 @@ class FewShotSegmenter:
                 raise DataError(
                     f"{name}: image is {img.shape[1]}x{img.shape[0]}, its mask {lab.shape[1]}x{lab.shape[0]}"
                 )
-            xs.append(image_tensor(img, size))
-            ys.append(label_tensor(lab, size))
+            pairs.append((img, lab))
             names.append(name)
-        y = torch.stack(ys)
+        if choose_scale:  # fit chooses the scale; set_support keeps a fitted model's
+            self.scale = pick_scale([img.shape[:2] for img, _ in pairs], size, self.scale_option)
+        windows = [support_windows(img, lab, size, self.scale) for img, lab in pairs]
+        y = torch.cat([w[1] for w in windows])
         check_support_labels(y, ("background", *classes), "support set", names)
-        return torch.stack(xs), y
+        return torch.cat([w[0] for w in windows]), y
 
     def _unlabeled(self, unlabeled: Sequence[ImageLike] | str | Path) -> Tensor:
         assert self.model_cfg is not None
@@ -299,8 +315,9 @@ class FewShotSegmenter:
             unlabeled = list(list_images(folder).values())
             if not unlabeled:
                 raise DataError(f"{folder}: no images (.png, .jpg, .tif, .bmp)")
-        return torch.stack(
-            [image_tensor(_image(u, f"unlabeled[{i}]"), self.model_cfg.image_size) for i, u in enumerate(unlabeled)]
+        size = self.model_cfg.image_size
+        return torch.cat(
+            [unlabeled_windows(_image(u, f"unlabeled[{i}]"), size, self.scale) for i, u in enumerate(unlabeled)]
         )
 
 

@@ -22,6 +22,7 @@ from .model_io import ModelError, resolve_teacher
 from .outputs import MANIFEST, GrowingFolder, machine, refuse_unsafe_output, timestamp, written_files
 from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
+from .tiling import choose_scale
 
 log = logging.getLogger("distillfss")
 
@@ -61,6 +62,7 @@ class BenchmarkConfig(RunConfig):
     eval_size: int = 384  # 0: original resolution (WeedMap always native)
     data_root: Path = Path("datasets")
     max_unlabeled: int = 64
+    scale: str = "auto"  # the pixel scale asked for (``adapt --scale``)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +77,10 @@ class BenchmarkConfig(RunConfig):
             raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
         if self.max_unlabeled < 1:
             raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
+        try:
+            choose_scale([], 1, self.scale)
+        except ValueError as e:
+            raise DataError(f"--scale: {e}") from None
 
 
 COMMAND = "distillfss benchmark"
@@ -106,6 +112,7 @@ def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), comm
         "draws": cfg.draws,
         "vote_chunk": cfg.vote_chunk,
         "max_unlabeled": cfg.max_unlabeled,
+        "scale": cfg.scale,
         "methods": list(methods),
         "per_class": cfg.per_class,
         "eval_size": cfg.eval_size,
@@ -161,6 +168,7 @@ def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), comm
                     draw,
                     cfg.vote_chunk,
                     max_unlabeled=cfg.max_unlabeled,
+                    scale=cfg.scale,
                 )
                 log.info("[%s] K=%d draw %d, seeds %s", name, k, draw, seeds)
                 stem = f"train_log_{name}_{k}shot_draw{draw}_"

@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _teacher_flag(g)
     _model_flags(p)
+    p.add_argument(
+        "--scale",
+        default="auto",
+        metavar="auto|fit|S",
+        help="pixel scale: model pixels per image pixel (recorded with the model; predict and evaluate use it). "
+        "'auto' (default): 'fit' when the support images' median longer side is at most twice the working size, "
+        "else 1; 'fit': each image resized so its longer side is the working size (padded, not squashed); a number "
+        "(1: native pixels, 2: enlarged for small structures): images larger than a window are cut into windows",
+    )
     g = _adapt_flags(p)
     g.add_argument("--seed", type=int, default=None, help="seed of initialisation, episodes and sampling (default 0)")
     _device_flag(g)
@@ -165,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment images with a saved model",
-        description="Segment images --batch at a time (bounded memory). A file that cannot be read is skipped and "
-        "named at the end (exit status 2); every readable image still gets its prediction.",
+        description="Segment images of any size at the model's pixel scale (sliding windows, --batch windows per "
+        "forward pass: bounded memory). A file that cannot be read is skipped and named at the end (exit status 2); "
+        "every readable image still gets its prediction. Many processes or machines: torchrun --nproc-per-node N "
+        "-m distillfss predict ... shards the sorted image list; a stopped run resumes where it was.",
     )
     p.add_argument(
         "--model", required=True, type=Path, help="model folder written by adapt (--engine onnx: .onnx file)"
@@ -175,9 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for <stem>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png colour overlays")
     _engine_flag(p)
-    p.add_argument("--overwrite", action="store_true", help="replace what an earlier predict wrote in --out")
     p.add_argument(
-        "--batch", type=int, default=8, help="images per forward pass (default %(default)s; memory grows with it)"
+        "--overwrite",
+        action="store_true",
+        help="start again in a folder an earlier predict wrote (removes only its files); without it, that folder is "
+        "resumed: images whose labels are there are skipped",
+    )
+    p.add_argument(
+        "--batch", type=int, default=8, help="windows per forward pass (default %(default)s; memory grows with it)"
     )
     _inference_flags(p)
 
@@ -354,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score with the ground truth resized to N x N, as the paper (WeedMap always native); 0: original",
     )
     p.add_argument("--max-unlabeled", type=int, default=64, help="*_unlabeled rows: at most this many images")
+    p.add_argument("--scale", default="auto", metavar="auto|fit|S", help="pixel scale, as adapt --scale")
     _model_flags(p)
     _adapt_flags(p, student=False)
 

@@ -32,11 +32,12 @@ from .model_io import (
 )
 from .outputs import (
     GrowingFolder,
+    OutputError,
     check_output,
     check_output_file,
     output_file,
     output_folder,
-    refuse_unsafe_output,
+    replace_atomically,
     timestamp,
     write_json_file,
 )
@@ -110,6 +111,17 @@ def teacher_input(spec: str | None) -> Path | None:
     return None if spec in (None, "auto", "shipped", "random") else Path(spec)
 
 
+def scale_of(requested: str, files: list[Path], size: int) -> float | None:
+    """``--scale`` for these support images (``tiling.choose_scale``; their sizes read from the file headers)."""
+    from .data.folder import image_size
+    from .tiling import choose_scale
+
+    try:
+        return choose_scale([image_size(f) for f in files], size, requested)
+    except ValueError as e:
+        raise DataError(f"--scale: {e}") from None
+
+
 def adapt(args: argparse.Namespace) -> int:
     inputs = [args.support, args.unlabeled, args.config, teacher_input(args.teacher), args.backbone_weights]
     check_output(args.out, args.overwrite, inputs, command=command(args))
@@ -118,11 +130,14 @@ def adapt(args: argparse.Namespace) -> int:
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
     mcfg = model_config(args, split.num_classes)
-    images, labels = load_support_tensors(split, stems, mcfg.image_size)
+    support_files = [s.image for s in split.samples if s.stem in stems]
+    scale = scale_of(args.scale, support_files, mcfg.image_size)
+    images, labels = load_support_tensors(split, stems, mcfg.image_size, scale)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
-        support_files = [s.image for s in split.samples if s.stem in stems]
-        unlabeled, unlabeled_names = load_unlabeled(args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files)
+        unlabeled, unlabeled_names = load_unlabeled(
+            args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files, scale
+        )
         log.info("%d unlabeled images from %s", len(unlabeled_names), args.unlabeled)
     backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
     start, label = resolve_teacher(args.teacher, mcfg)
@@ -151,6 +166,7 @@ def adapt(args: argparse.Namespace) -> int:
             else None,
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
+            "scale": scale,
         }
         save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels))
     kind = "student" if result.student is not None else "teacher"
@@ -159,38 +175,97 @@ def adapt(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
+    """Segment an image file or folder into --out. Under torchrun, each process takes every world-th image of the
+    name-sorted list; images whose labels are already in --out (written by an earlier predict) are skipped, so a
+    run that stopped resumes on any number of processes. Labels and overlays are each written atomically; the
+    folder's manifest lists them all at the end."""
+    import os
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     inputs = [args.images, args.model, args.backbone_weights]
-    check_output(args.out, args.overwrite, inputs, command=command(args))
-    files = image_files(args.images)
-    predictor, classes, _ = _predictor(args)
     if args.batch < 1:
         raise DataError(f"--batch: expected >= 1, got {args.batch}")
+    GrowingFolder.check(args.out, inputs, command=command(args))
+    files = image_files(args.images)
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise DataError(f"{f}: has the stem of {stems[f.stem]}; both would be written as {f.stem}.png")
+        stems[f.stem] = f
+    predictor, classes, _ = _predictor(args)
+    folder = _predict_folder(args, inputs, rank, world)
+    outputs = ("{}.png", "{}_overlay.png") if args.overlay else ("{}.png",)
+    done = set(folder.files())
+    mine = [f for f in files[rank::world] if not all(o.format(f.stem) in done for o in outputs)]
+    if len(mine) < len(files[rank::world]):
+        log.info("%d of %d images already in %s: skipped", len(files[rank::world]) - len(mine), len(files), args.out)
     unreadable: list[str] = []
-    # --batch images at a time (read, predict in one forward pass, write): memory stays bounded whatever the folder
-    # holds.
-    with output_folder(args.out, args.overwrite, inputs, command=command(args)) as tmp:
-        bar = tqdm(total=len(files), desc="predict")
-        for start in range(0, len(files), args.batch):
-            batch = []
-            for f in files[start : start + args.batch]:
-                try:
-                    batch.append((f, load_image(f)))
-                except DataError as e:
-                    unreadable.append(str(e))
-            for (f, img), labels in zip(batch, predictor.predict_batch([img for _, img in batch]) if batch else []):
-                Image.fromarray(labels).save(tmp / f"{f.stem}.png")
-                if args.overlay:
-                    panel = with_legend([overlay(img, labels)], [f"{f.name} ({args.model.name})"], classes)
-                    Image.fromarray(panel).save(tmp / f"{f.stem}_overlay.png")
-            bar.update(len(files[start : start + args.batch]))
-        bar.close()
-    log.info("wrote %d label maps to %s", len(files) - len(unreadable), args.out)
+    loaded: list[tuple[Path, np.ndarray]] = []
+
+    def images():  # read as they are needed (bounded memory), unreadable ones named at the end
+        for f in mine:
+            try:
+                img = load_image(f, keep_uint8=True)
+            except DataError as e:
+                unreadable.append(str(e))
+                continue
+            loaded.append((f, img))
+            yield img
+
+    journal = args.out / f"{JOURNAL}{rank}"
+    with open(journal, "a") as written, tqdm(total=len(mine), desc="predict", disable=rank != 0) as bar:
+        for labels in predictor.stream(images(), batch=args.batch):
+            f, img = loaded.pop(0)
+            names = [_write_png(args.out, f"{f.stem}.png", labels, done)]
+            if args.overlay:
+                shown = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img
+                panel = with_legend([overlay(shown, labels)], [f"{f.name} ({args.model.name})"], classes)
+                names.append(_write_png(args.out, f"{f.stem}_overlay.png", panel, done))
+            written.write("".join(n + "\n" for n in names))
+            written.flush()
+            bar.update(1)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        folder.merge_journals(JOURNAL)
+    log.info("wrote %d label maps to %s", len(mine) - len(unreadable), args.out)
     if unreadable:
         raise DataError(
             f"{len(unreadable)} of {len(files)} images could not be read (every other image was predicted into "
             f"{args.out}): " + "; ".join(unreadable)
         )
     return 0
+
+
+JOURNAL = ".distillfss-journal."  # per process: the files predict wrote, merged into the manifest at the end
+
+
+def _predict_folder(args: argparse.Namespace, inputs: list, rank: int, world: int) -> GrowingFolder:
+    """Rank 0 claims --out (new, resumed, or started again with --overwrite) and records what a stopped run wrote;
+    under torchrun the other processes wait for it (gloo: no GPU needed to coordinate)."""
+    folder = None
+    if rank == 0:
+        if GrowingFolder.check(args.out, inputs, command=command(args)) is not None:
+            GrowingFolder(args.out, command(args)).merge_journals(JOURNAL)  # what a stopped run wrote is ours
+        folder, _ = GrowingFolder.claim(args.out, args.overwrite, inputs, command=command(args))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+    return folder or GrowingFolder(args.out, command(args))
+
+
+def _write_png(out: Path, name: str, array: np.ndarray, recorded: set[str]) -> str:
+    """``out/name`` from ``array``, atomically; a file of that name predict did not record is never replaced."""
+    path = out / name
+    if name not in recorded and (path.exists() or path.is_symlink()):
+        raise OutputError(f"{path}: was not written by distillfss and would be replaced; nothing more written")
+    replace_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return name
 
 
 def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tuple[str, ...], str]:
@@ -318,7 +393,8 @@ def export(args: argparse.Namespace) -> int:
         raise DataError(f"{args.model}: is a {loaded.kind}; only students export (they need no support input)")
     calibration = _calibration_set(args, loaded) if args.quantize == "int8" else None
     with output_file(args.out, args.overwrite, inputs, command=command(args)) as tmp:
-        export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp, name=args.out)
+        scale = loaded.config.get("scale")
+        export_onnx(loaded.model, loaded.model_cfg.image_size, loaded.classes, tmp, name=args.out, scale=scale)
         if calibration is not None:
             _quantize(args, loaded, tmp, calibration)
         mark_onnx(tmp, command(args))
@@ -381,7 +457,7 @@ def _calibration_set(args: argparse.Namespace, loaded) -> tuple[np.ndarray, np.n
         split, stems, where = load_split(Path(recorded), "train"), loaded.config["support"]["stems"], "its support set"
     if split.classes != loaded.classes:
         raise DataError(f"{split.root}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
-    images, labels = load_support_tensors(split, stems, size)
+    images, labels = load_support_tensors(split, stems, size, loaded.config.get("scale"))
     return images.numpy(), labels.numpy(), where
 
 
@@ -401,6 +477,7 @@ def benchmark(args: argparse.Namespace) -> int:
         eval_size=args.eval_size,
         data_root=args.data_root,
         max_unlabeled=args.max_unlabeled,
+        scale=args.scale,
     )
     inputs = [args.config, teacher_input(args.teacher), args.backbone_weights]
     print(table(run_benchmark(cfg, inputs=inputs, command=command(args))))
@@ -467,7 +544,7 @@ def meta_train(args: argparse.Namespace) -> int:
     rank = dist.get_rank() if world > 1 else 0
     try:
         inputs = [args.data, args.backbone_weights]
-        refuse_unsafe_output(args.out, inputs)
+        GrowingFolder.check(args.out, inputs, command=command(args))  # refused before the source is read
         cfg = config_from_args(MetaConfig, args)
         mcfg = model_config(args, 1)
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data.tensors import image_tensor
 from .model_io import ModelError
 from .outputs import MARK
-from .predictor import evaluating, labels_at_sizes
+from .predictor import evaluating
 from .student import FastStudent, Student
+from .tiling import segment_stream
 
 
 class _Logits(nn.Module):
@@ -46,10 +46,11 @@ def export_onnx(
     out: Path,
     opset: int = 17,
     name: Path | str | None = None,
+    scale: float | None = None,
 ) -> float:
     """Write ``out`` and check it: the max abs difference between ONNX and PyTorch logits on a fixed random batch
     (returned) must stay within ``MAX_ONNX_DIFF``, else a ModelError naming ``name`` (default ``out``). The student
-    is used in eval mode and left as it was."""
+    is used in eval mode and left as it was. ``scale``: the model's pixel scale, recorded for ``OnnxPredictor``."""
     dummy = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with evaluating(student):
         torch.onnx.export(
@@ -64,7 +65,8 @@ def export_onnx(
         )
         with torch.inference_mode():
             ref = _Logits(student)(dummy).numpy()
-    _set_metadata(out, {"image_size": str(image_size), "classes": json.dumps(list(classes)), "precision": "fp32"})
+    meta = {"image_size": str(image_size), "classes": json.dumps(list(classes)), "scale": json.dumps(scale)}
+    _set_metadata(out, {**meta, "precision": "fp32"})
     diff = float(np.abs(OnnxPredictor(out).logits(dummy.numpy()) - ref).max())
     if not diff <= MAX_ONNX_DIFF:
         raise ModelError(
@@ -275,6 +277,7 @@ class OnnxPredictor:
             raise ModelError(f"{path}: not exported by distillfss (no image_size in its metadata)")
         self.image_size = int(meta["image_size"])
         self.classes = tuple(json.loads(meta["classes"]))
+        self.scale = json.loads(meta.get("scale", "null"))  # the model's pixel scale (None: fit; older exports)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) float32 in [0, 1] -> (B, C+1, S, S)."""
@@ -284,10 +287,13 @@ class OnnxPredictor:
         return self.predict_batch([image], [size])[0]
 
     def predict_batch(
-        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None
+        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None, batch: int = 8
     ) -> list[np.ndarray]:
-        """Several images of any sizes in one onnxruntime call -> their label maps, each at its own size (or
-        ``sizes`` = (h, w) each)."""
-        x = torch.stack([image_tensor(im, self.image_size) for im in images]).numpy()
-        out = [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
-        return labels_at_sizes(torch.from_numpy(self.logits(x)), out)
+        """As :meth:`distillfss.predictor.Predictor.predict_batch`, on onnxruntime."""
+        return list(self.stream(images, sizes, batch))
+
+    def stream(self, images, sizes=None, batch: int = 8):  # noqa: ANN001, ANN201 - as Predictor.stream
+        """As :meth:`distillfss.predictor.Predictor.stream`, on onnxruntime."""
+        return segment_stream(
+            images, self.image_size, self.scale, lambda x: torch.from_numpy(self.logits(x.numpy())), batch, sizes
+        )

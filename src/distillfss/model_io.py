@@ -154,7 +154,7 @@ def load_model(
         model_cfg,
         classes,
         config,
-        Predictor(model, model_cfg.image_size, support, precision, vote_chunk),
+        Predictor(model, model_cfg.image_size, support, precision, vote_chunk, config.get("scale")),
     )
 
 

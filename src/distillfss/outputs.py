@@ -157,6 +157,25 @@ class GrowingFolder:
         self.root, self.command = Path(root), command
         self._lock = threading.Lock()
 
+    @staticmethod
+    def check(out: PathLike, inputs: Sequence[PathLike] = (), *, command: str) -> dict | None:
+        """Refuse (before any work, writing nothing) what ``claim`` would refuse -> the manifest of a non-empty
+        ``out`` that ``command`` wrote, else None."""
+        out = Path(out)
+        refuse_unsafe_output(out, inputs)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder")
+        if not (out.is_dir() and any(out.iterdir())):
+            return None
+        manifest = read_manifest(out)
+        if manifest is None:
+            raise OutputError(
+                f"{out}: folder exists, is not empty and was not written by distillfss (no {MANIFEST}); "
+                "choose another output folder"
+            )
+        _refuse_other_writer(out, manifest, command)
+        return manifest
+
     @classmethod
     def claim(
         cls, out: PathLike, overwrite: bool, inputs: Sequence[PathLike] = (), *, command: str
@@ -165,18 +184,9 @@ class GrowingFolder:
         kept), or started again with ``overwrite`` (its recorded files removed, nothing else); anything else is
         refused."""
         out = Path(out)
-        refuse_unsafe_output(out, inputs)
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a folder")
+        manifest = cls.check(out, inputs, command=command)
         resumed = False
-        if out.is_dir() and any(out.iterdir()):
-            manifest = read_manifest(out)
-            if manifest is None:
-                raise OutputError(
-                    f"{out}: folder exists, is not empty and was not written by distillfss (no {MANIFEST}); "
-                    "choose another output folder"
-                )
-            _refuse_other_writer(out, manifest, command)
+        if manifest is not None:
             if overwrite:
                 _remove(out, set(manifest["files"]))
             else:
@@ -188,6 +198,18 @@ class GrowingFolder:
 
     def files(self) -> list[str]:
         return written_files(self.root)
+
+    def merge_journals(self, prefix: str) -> None:
+        """Record the files listed in the journals ``prefix*`` (one line per file, appended by processes that write
+        into the folder at once, as ``predict`` under torchrun), then delete the journals."""
+        journals = sorted(self.root.glob(f"{prefix}*"))
+        if not journals:
+            return
+        names = [n for j in journals for n in j.read_text().splitlines() if n and (self.root / n).is_file()]
+        with self._lock:
+            _write_manifest(self.root, self.command, [*self.files(), *names])
+        for j in journals:
+            j.unlink()
 
     def path(self, rel: str) -> Path:
         """The path of ``rel`` inside the folder, recorded as written by this command (refused if a file of that

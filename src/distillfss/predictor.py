@@ -4,15 +4,14 @@ images of any size, returning labels at the image's own resolution."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.tensors import image_tensor
 from .teacher import EncodedSupport, Teacher
+from .tiling import segment_stream
 
 VOTE_CHUNK = 10  # the paper's TransferFSS: shots per voting chunk at test time
 
@@ -40,11 +39,14 @@ class Predictor:
         support: EncodedSupport | None = None,
         precision: str = "fp32",
         vote_chunk: int = VOTE_CHUNK,
+        scale: float | None = None,
     ) -> None:
         """model: a Teacher (with ``support``), a Student, or any module mapping (B,3,S,S) to (B,C+1,S,S) logits.
 
         vote_chunk: a teacher whose classes have more than this many shots attends to them in chunks of at most
         ``vote_chunk`` and votes (the paper's TransferFSS, 10); 0 attends to all shots at once.
+        scale: the model's pixel scale (``tiling``): None fits each image into one window; a number segments
+        larger images with sliding windows.
 
         The model runs in eval mode and is left as it is (its train/eval flags are restored after each call; its
         memory format is chosen where it is built).
@@ -55,6 +57,7 @@ class Predictor:
             raise ValueError(f"vote_chunk must be >= 0, got {vote_chunk}")
         self.model = model
         self.image_size = image_size
+        self.scale = scale
         self.precision = precision
         self.support = support
         self.vote_chunk = vote_chunk
@@ -85,20 +88,15 @@ class Predictor:
         return self.predict_batch([image], [size])[0]
 
     def predict_batch(
-        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None
+        self, images: list[np.ndarray], sizes: list[tuple[int, int] | None] | None = None, batch: int = 8
     ) -> list[np.ndarray]:
-        """Several images of any sizes in one forward pass -> their label maps, each at its own size (or ``sizes``)."""
+        """Images of any sizes (uint8 or float in [0, 1]) -> their label maps, each at its own size (or ``sizes``),
+        from windows at the model's pixel scale, ``batch`` windows per forward pass."""
+        return list(self.stream(images, sizes, batch))
+
+    def stream(
+        self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int] | None] | None = None, batch: int = 8
+    ) -> Iterator[np.ndarray]:
+        """As ``predict_batch``, yielding each image's labels as soon as they are ready (bounded memory)."""
         device = next(self.model.parameters()).device
-        x = torch.stack([image_tensor(im, self.image_size) for im in images]).to(device)
-        return labels_at_sizes(
-            self.logits(x).cpu(), [s or im.shape[:2] for im, s in zip(images, sizes or [None] * len(images))]
-        )
-
-
-def labels_at_sizes(logits: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Merged logits (B, C+1, S, S) -> per image, (h, w) uint8 labels after a bilinear resize of its logits."""
-    out = []
-    for one, (h, w) in zip(logits, sizes):
-        resized = F.interpolate(one[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
-        out.append(resized.argmax(1)[0].to(torch.uint8).numpy())
-    return out
+        return segment_stream(images, self.image_size, self.scale, lambda x: self.logits(x.to(device)), batch, sizes)

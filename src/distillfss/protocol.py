@@ -24,12 +24,14 @@ from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import BENCHMARK_METHODS, AdaptConfig, ModelConfig, model_config
 from .data import DataError, Split, class_sets, load_support_tensors, load_unlabeled
+from .data.folder import image_size
 from .evaluate import evaluate_predictor
 from .fast import LabelProbes, fit_label_probes
 from .model_io import load_teacher_weights
 from .predictor import VOTE_CHUNK, Predictor
 from .sampling import sample_support
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
+from .tiling import choose_scale
 from .transfer import plateau, seeded
 
 LogTo = Callable[[str], Path]  # a name (seed and rows) -> the file an adaptation's training log is appended to
@@ -138,6 +140,7 @@ class Cell:
     draw: int = 0  # support draw: 0 = the protocol's midpoint set, 1.. = seeded random nested sets
     vote_chunk: int = VOTE_CHUNK  # teacher predictors vote over chunks of this many shots per class (0: all at once)
     max_unlabeled: int = 64  # rows with unlabeled images: at most this many train images outside the support
+    scale: str | float = "auto"  # the pixel scale asked for (``adapt --scale``); each cell chooses from its support
 
     def seeded_methods(self) -> tuple[str, ...]:
         """The methods whose result depends on the adaptation seed (the others are deterministic given the support:
@@ -158,6 +161,7 @@ class Prepared:
     seed-independent predictors (baselines; the starting teacher when it is a saved one), with their seconds."""
 
     stems: list[str]
+    scale: float | None  # the pixel scale chosen from the support images (``tiling.choose_scale``)
     images: torch.Tensor
     labels: torch.Tensor
     support: EncodedSupport
@@ -199,14 +203,16 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
     mcfg, device = cell.model_cfg, backbones.device
     stems = cell.support_stems()
     backbone = backbones.get(mcfg.image_size)
-    images, labels = load_support_tensors(cell.train, stems, mcfg.image_size)
+    files = [s.image for s in cell.train.samples if s.stem in stems]
+    scale = choose_scale([image_size(f) for f in files], mcfg.image_size, cell.scale)
+    images, labels = load_support_tensors(cell.train, stems, mcfg.image_size, scale)
     images, labels = images.to(device), labels.to(device)
     t0 = time.perf_counter()
     support = encode_support(backbone, images, labels, mcfg.num_classes)
-    prep = Prepared(stems, images, labels, support, time.perf_counter() - t0)
+    prep = Prepared(stems, scale, images, labels, support, time.perf_counter() - t0)
     wanted = set(cell.methods)
     if "teacher" in wanted and cell.teacher is not None:
-        prep.fixed["teacher"] = Predictor(_start(cell.teacher, backbone, cell), mcfg.image_size, support)
+        prep.fixed["teacher"] = Predictor(_start(cell.teacher, backbone, cell), mcfg.image_size, support, scale=scale)
         prep.fixed_seconds["teacher"] = 0.0
     for name, cls in (("linear_probe", LinearProbe), ("prototype", PrototypeMatcher)):
         if name in wanted:
@@ -243,7 +249,7 @@ def run_cell(
     plateaus: dict[str, tuple[tuple[int, float], ...]] = {}
     unlabeled_counts: dict[str, int] = {}
     for m in (m for m in UNTRAINED if m in cell.methods and m not in predictors):  # a seeded random start
-        predictors[m] = Predictor(_start(None, backbone, cell), mcfg.image_size, prep.support)
+        predictors[m] = Predictor(_start(None, backbone, cell), mcfg.image_size, prep.support, scale=prep.scale)
         seconds[m] = 0.0
 
     # rows that need the same adaptation share one call of adapt()
@@ -255,7 +261,7 @@ def run_cell(
     for (cfg, start, unlabeled), names in groups.items():
         if not any(ROWS[m].model == "student" for m in names):
             cfg = dataclasses.replace(cfg, method="transfer")
-        pool = _unlabeled_pool(cell, prep.stems, mcfg.image_size) if unlabeled else None
+        pool = _unlabeled_pool(cell, prep.stems, mcfg.image_size, prep.scale) if unlabeled else None
         # a random start is built by adapt itself from the seed, as `distillfss adapt --teacher random` does
         teacher = _start(cell.teacher, backbone, cell) if start == "cell" and cell.teacher is not None else None
         tag = "_".join(names)
@@ -277,9 +283,8 @@ def run_cell(
             is_teacher = ROWS[m].model == "teacher"
             model = result.teacher if is_teacher else result.student
             assert model is not None
-            predictors[m] = Predictor(
-                model, mcfg.image_size, prep.support if is_teacher else None, vote_chunk=cell.vote_chunk
-            )
+            support = prep.support if is_teacher else None
+            predictors[m] = Predictor(model, mcfg.image_size, support, vote_chunk=cell.vote_chunk, scale=prep.scale)
             seconds[m] = (result.teacher_seconds + prep.encode_seconds) if is_teacher else (result.seconds + extra)
             configs[m] = result.config
             if unlabeled:
@@ -298,6 +303,7 @@ def run_cell(
         "eval_resolution": cell.eval_size or "original",
         "support": prep.stems,
         "model": mcfg.to_dict(),
+        "scale": prep.scale,
     }
     rows = []
     for method in cell.methods:
@@ -334,14 +340,14 @@ def _prefixed(log_to: LogTo, prefix: str, name: str) -> Path:
     return log_to(prefix + name)
 
 
-def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int) -> torch.Tensor | None:
+def _unlabeled_pool(cell: Cell, support_stems: list[str], size: int, scale: float | None) -> torch.Tensor | None:
     """The train split's images outside the support set, as unlabeled images (masks never read); None when the
     support set took them all."""
     files = [s.image for s in cell.train.samples if s.stem in support_stems]
     if len(files) == len(cell.train.samples):
         return None
     folder = cell.train.samples[0].image.parent
-    return load_unlabeled(folder, size, cell.max_unlabeled, exclude=files)[0]
+    return load_unlabeled(folder, size, cell.max_unlabeled, exclude=files, scale=scale)[0]
 
 
 def _start(folder: Path | None, backbone: FrozenBackbone, cell: Cell) -> Teacher:

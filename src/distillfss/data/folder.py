@@ -122,8 +122,18 @@ def load_split(root: Path | str, split: str | None = "train", need_masks: bool =
     return Split(split or "", root, read_classes(root), samples)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Any PNG/JPEG/TIFF (grayscale, RGB, RGBA, palette; 8 or 16 bit) -> (H, W, 3) float32 RGB in [0, 1].
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header; DataError naming it when it is not readable."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def load_image(path: Path, keep_uint8: bool = False) -> np.ndarray:
+    """Any PNG/JPEG/TIFF (grayscale, RGB, RGBA, palette; 8 or 16 bit) -> (H, W, 3) float32 RGB in [0, 1]
+    (``keep_uint8``: an 8-bit image as uint8 0-255, a quarter of the memory; the models read either).
 
     16-bit and float images are min-max scaled per image (their full range is rarely used). Pixels are read as
     stored: an EXIF orientation tag is not applied (masks are drawn on the stored pixel grid by annotation tools, and
@@ -140,7 +150,8 @@ def load_image(path: Path) -> np.ndarray:
                 return np.repeat(a[..., None], 3, axis=2)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA").convert("RGB")  # drop alpha: the colour channels carry the image
-            a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            a = np.asarray(im.convert("RGB"))
+            a = a if keep_uint8 else a.astype(np.float32) / 255.0
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: too large to read safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -1,4 +1,4 @@
-"""From files to the tensors the models consume: square resize (no aspect preservation, as the paper)."""
+"""From files to the tensors the models consume: windows at the model's pixel scale (``tiling``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tiling import support_windows
 from .folder import IGNORE, DataError, Sample, Split, list_images, load_image, load_mask, load_pair
 
 
@@ -35,8 +36,11 @@ def class_sets(split: Split) -> list[set[int]]:
     return out
 
 
-def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple[Tensor, Tensor]:
-    """Load the chosen support images -> images (K, 3, S, S) in [0, 1], labels (K, S, S) long.
+def load_support_tensors(
+    split: Split, stems: Sequence[str], size: int, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Load the chosen support images -> windows (N, 3, S, S) in [0, 1], labels (N, S, S) long (255 = ignore), at
+    the pixel scale (``tiling.support_windows``: one window per image when it fits, N = K).
 
     Raises DataError when the support set has no foreground pixel at all, or (after resizing) a class of the
     dataset that appears in some image vanishes.
@@ -45,11 +49,12 @@ def load_support_tensors(split: Split, stems: Sequence[str], size: int) -> tuple
     images, labels = [], []
     for stem in stems:
         img, mask = load_pair(by_stem[stem], split.num_classes)
-        images.append(image_tensor(img, size))
-        labels.append(label_tensor(mask, size))
-    lab = torch.stack(labels)
+        x, y = support_windows(img, mask, size, scale)
+        images.append(x)
+        labels.append(y)
+    lab = torch.cat(labels)
     check_support_labels(lab, split.classes, f"{split.root}", stems)
-    return torch.stack(images), lab
+    return torch.cat(images), lab
 
 
 def check_support_labels(labels: Tensor, classes: Sequence[str], where: str, names: Sequence[str]) -> None:
@@ -68,8 +73,11 @@ def check_support_labels(labels: Tensor, classes: Sequence[str], where: str, nam
         )
 
 
-def load_unlabeled(folder: Path, size: int, max_images: int, exclude: Sequence[Path] = ()) -> tuple[Tensor, list[str]]:
-    """Images of the target domain without masks (only the images are read) -> ((U, 3, S, S) in [0, 1], names).
+def load_unlabeled(
+    folder: Path, size: int, max_images: int, exclude: Sequence[Path] = (), scale: float | None = None
+) -> tuple[Tensor, list[str]]:
+    """Images of the target domain without masks (only the images are read) -> ((U, 3, S, S) in [0, 1], names):
+    at the pixel scale, windows of each (``unlabeled_windows``).
 
     folder: an image folder, or a dataset folder whose ``images/`` (or ``train/images/``) holds them. Files in
     ``exclude`` (e.g. the support images) are left out. When more than ``max_images`` remain, an evenly spread
@@ -88,4 +96,9 @@ def load_unlabeled(folder: Path, size: int, max_images: int, exclude: Sequence[P
         raise DataError(f"max unlabeled images must be >= 1, got {max_images}")
     if len(files) > max_images:
         files = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, max_images).round())]
-    return torch.stack([image_tensor(load_image(p), size) for p in files]), [p.name for p in files]
+    return torch.cat([unlabeled_windows(load_image(p), size, scale) for p in files]), [p.name for p in files]
+
+
+def unlabeled_windows(image: np.ndarray, size: int, scale: float | None) -> Tensor:
+    """An image without a mask at the pixel scale -> its windows (N, 3, S, S), as a support image's."""
+    return support_windows(image, np.zeros(image.shape[:2], np.uint8), size, scale)[0]
