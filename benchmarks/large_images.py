@@ -146,11 +146,14 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(2)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result: dict = {
-        "command": "python benchmarks/large_images.py " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": machine("cpu"),
-        "date": timestamp(),
+        "provenance": {
+            "command": "python benchmarks/large_images.py " + " ".join(sys.argv[1:]),
+            "commit": commit,
+            "machine": machine("cpu"),
+            "date": timestamp(),
+        },
         "seeds": seeds,
         "shots": args.shots,
     }

@@ -169,6 +169,7 @@ def test_paired_comparison_needs_two_runs_and_is_reproducible() -> None:
     assert nested.mean == flat.mean and nested.high - nested.low > flat.high - flat.low
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_benchmark_seeds_and_draws(tmp_path) -> None:
     data = write_dataset(tmp_path / "toy", n_train=6, n_test=2)
     out = tmp_path / "bench"
@@ -220,6 +221,7 @@ def test_a_cell_gives_the_same_rows_alone_and_after_another_cell(tmp_path) -> No
     assert numbers(after) == numbers(alone)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_refined_rows_use_the_train_pool_outside_the_support(tmp_path) -> None:
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
     methods = "distillfss,distillfss_unlabeled,linear_probe,prototype"

@@ -81,6 +81,7 @@ def test_fast_student_learns_the_teachers_soft_labels(lite0_64) -> None:
     assert not fast.training
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_adapt_fast_is_repeatable_and_leaves_the_teacher_alone(lite0_64) -> None:
     images, labels = _support()
     cfg = AdaptConfig(iterations=2, student="fast", fast_iterations=3, seed=3)
@@ -171,6 +172,7 @@ def test_unknown_student_kind_is_a_clear_error(tmp_path: Path, lite0_64) -> None
             load_model(out, backbone=lite0_64)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_probe_labels_come_from_a_probe_that_never_saw_the_views_image(lite0_64) -> None:
     """The fast student's second labeller: the views of support image i are labelled by a probe fitted on the other
     support images (the settings the cross-validation chose kept), the unlabeled views by the probe fitted on all."""

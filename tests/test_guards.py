@@ -128,11 +128,10 @@ def test_every_entry_point_writes_only_its_declared_output(sandbox, tmp_path, mo
     bench = ["benchmark", "--data", data, "--shots", "1", "--methods", "prototype,distillfss_fast", "--probe-size", "0"]
     bench += [*TINY_ADAPT, "--out", "bench"]
     run_guarded(root, ("bench",), lambda: cli(*bench))
-    run_guarded(root, ("bench",), lambda: cli(*bench, "--overwrite"))
+    run_guarded(root, ("bench",), lambda: cli(*bench, "--overwrite", "--methods", "prototype"))
     meta = ["meta-train", "--source", "pascal", "--data", "VOC", "--out", "meta", *TINY_MODEL]
     meta += ["--steps", "1", "--batch", "2", "--val-every", "1", "--val-episodes", "2"]
-    run_guarded(root, ("meta",), lambda: cli(*meta))
-    run_guarded(root, ("meta",), lambda: cli(*meta, "--overwrite"))
+    run_guarded(root, ("meta",), lambda: cli(*meta, "--overwrite"))  # new folder: --overwrite removes nothing
     run_guarded(root, ("kv",), lambda: cli("data", "convert", "kvasir", "kvasir", "kv"))
     demo = ["demo", "--datasets", "nuclei", "--seeds", "0", "--shots", "2", "--out", "demo", *TINY_ADAPT]
     run_guarded(root, ("demo",), lambda: cli(*demo))

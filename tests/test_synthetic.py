@@ -105,6 +105,7 @@ def test_a_mixture_keeps_each_episode_within_one_source(photos, source) -> None:
     assert mixed.describe()["parts"][1]["name"] == "synthetic"
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_the_offline_sources_by_name() -> None:
     assert isinstance(build_source("synthetic", None, 32), SyntheticSource)
     mixed = build_source("selfsup+synthetic", None, 32, views=2)

@@ -90,12 +90,17 @@ def wide_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("wide") / "wide", n_train=3, n_test=2, size=(80, 200))
 
 
-def test_adapt_at_scale_one_predicts_evaluates_and_exports_at_full_size(wide_data, tmp_path) -> None:
-    model = tmp_path / "m"
-    assert (
-        main(["adapt", "--support", str(wide_data), "--out", str(model), "--shots", "2", "--scale", "1", *TINY_ADAPT])
-        == 0
-    )
+@pytest.fixture(scope="module")
+def wide_model(wide_data, tmp_path_factory) -> Path:
+    """A student adapted at pixel scale 1 (each wide image is three windows)."""
+    model = tmp_path_factory.mktemp("wide_model") / "m"
+    argv = ["adapt", "--support", str(wide_data), "--out", str(model), "--shots", "2", "--scale", "1", *TINY_ADAPT]
+    assert main(argv) == 0
+    return model
+
+
+def test_adapt_at_scale_one_predicts_evaluates_and_exports_at_full_size(wide_data, wide_model, tmp_path) -> None:
+    model = wide_model
     assert json.loads((model / "config.json").read_text())["scale"] == 1.0
     images = wide_data / "test" / "images"
     assert main(["predict", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "p")]) == 0
@@ -109,11 +114,12 @@ def test_adapt_at_scale_one_predicts_evaluates_and_exports_at_full_size(wide_dat
     assert (same == labels).mean() > 0.99  # the ONNX graph windows the image the same way
 
 
-def test_a_stopped_predict_resumes_without_recomputing_finished_images(wide_data, tmp_path, monkeypatch) -> None:
+def test_a_stopped_predict_resumes_without_recomputing_finished_images(
+    wide_data, wide_model, tmp_path, monkeypatch
+) -> None:
     from distillfss.predictor import Predictor
 
-    model = tmp_path / "m"
-    assert main(["adapt", "--support", str(wide_data), "--out", str(model), "--shots", "2", *TINY_ADAPT]) == 0
+    model = wide_model
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(5):
@@ -152,10 +158,9 @@ def test_two_names_with_one_stem_are_refused_before_anything_is_written(wide_dat
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_same_labels_as_one(wide_data, tmp_path) -> None:
+def test_two_processes_write_the_same_labels_as_one(wide_data, wide_model, tmp_path) -> None:
     """torchrun --nproc-per-node 2 (gloo, CPU): byte-identical label files and one manifest."""
-    model = tmp_path / "m"
-    assert main(["adapt", "--support", str(wide_data), "--out", str(model), "--shots", "2", *TINY_ADAPT]) == 0
+    model = wide_model
     images = wide_data / "train" / "images"
     assert main(["predict", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .benchmark import _paired, table
+from .outputs import write_text_atomic
 from .stats import paired_comparison
 
 DOCS = Path("docs")
@@ -108,6 +109,35 @@ def speed() -> list[str]:
     return lines
 
 
+def large_images() -> list[str]:
+    """The pixel-scale measurements (``benchmarks/large_images.py``), when their file is there."""
+    path = DOCS / "results" / "large_images.json"
+    if not path.is_file():
+        return []
+    d = _load(path)
+    lines = [
+        "## Large images and the pixel scale",
+        "",
+        f"Made by {_provenance(d)}; {len(d['seeds'])} seeds, K = {d['shots']}, paired by seed.",
+        "",
+        "| what | a: mIoU | b: mIoU | a - b [95 % interval] | verdict | a: s / megapixel | b: s / megapixel |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    parts = [d["mosaic"]["comparison"]] if "mosaic" in d else []
+    parts += d.get("lung", {}).get("comparisons", [])
+    rows = [*d.get("mosaic", {}).get("rows", []), *d.get("lung", {}).get("rows", [])]
+    for c in parts:
+        spm = {m: sum(r["seconds_per_megapixel"] for r in rows if r["method"] == m) for m in (c["a"], c["b"])}
+        n = {m: sum(1 for r in rows if r["method"] == m) for m in (c["a"], c["b"])}
+        (ma, sa), (mb, sb) = c["a_mean_std"], c["b_mean_std"]
+        lines.append(
+            f"| {c['a']} vs {c['b']} | {ma:.1f} ± {sa:.1f} | {mb:.1f} ± {sb:.1f} | {c['difference']:+.1f} "
+            f"[{c['interval'][0]:+.1f}, {c['interval'][1]:+.1f}] | {c['verdict']} | {spm[c['a']] / n[c['a']]:.2f} | "
+            f"{spm[c['b']] / n[c['b']]:.2f} |"
+        )
+    return [*lines, ""]
+
+
 def build() -> str:
     parts = [
         "# Results",
@@ -118,6 +148,7 @@ def build() -> str:
         *headline(_load(DOCS / "results" / "headline.json")),
         *removed(),
         "",
+        *large_images(),
         *speed(),
     ]
     return "\n".join(parts).rstrip() + "\n"
@@ -161,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         stamp(Path(argv[1]), argv[2], " ".join(argv[3:]))
         return 0
     text = build()
-    (DOCS / "results.md").write_text(text)
+    write_text_atomic(DOCS / "results.md", text)
     readme = Path("README.md")
-    readme.write_text(readme_block(readme.read_text()))
+    write_text_atomic(readme, readme_block(readme.read_text()))
     print(f"wrote {DOCS / 'results.md'} ({len(text.splitlines())} lines) and the table in README.md", file=sys.stderr)
     return 0
 
