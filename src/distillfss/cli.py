@@ -21,7 +21,14 @@ log = logging.getLogger("distillfss")
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="efficientnet_lite2", choices=sorted(BACKBONES), help="frozen backbone")
+    g.add_argument(
+        "--backbone",
+        default="efficientnet_lite2",
+        type=_backbone_name,
+        metavar="NAME",
+        help=f"frozen backbone: {', '.join(sorted(BACKBONES))}, or timm:<model> (any timm EfficientNet, ResNet, "
+        "ConvNeXt, Swin or ViT such as timm:vit_small_patch14_dinov2; hub weights, or --backbone-weights PATH)",
+    )
     g.add_argument(
         "--backbone-weights",
         default=None,
@@ -37,6 +44,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "'paper': 384 px, 8 heads everywhere, dropout 0.5",
     )
     g.add_argument("--image-size", type=int, default=None, help="working resolution (overrides the preset)")
+
+
+def _backbone_name(text: str) -> str:
+    if text in BACKBONES or (text.startswith("timm:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose {', '.join(sorted(BACKBONES))} or timm:<model>")
 
 
 def _adapt_flags(p: argparse.ArgumentParser, student: bool = True) -> argparse._ArgumentGroup:
