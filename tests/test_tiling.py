@@ -64,7 +64,7 @@ def test_window_origins_cover_the_image_and_end_flush() -> None:
 
 
 def test_choose_scale_keeps_the_old_behaviour_for_images_about_the_working_size() -> None:
-    assert choose_scale([(512, 512)], 256, "auto") is None  # at most twice the size: fitted, as before
+    assert choose_scale([(512, 512)], 256, "auto") == 0.5  # at most twice the size: one window each, as before
     assert choose_scale([(4000, 3000), (5000, 5000)], 256, "auto") == 1.0  # large: native pixels, windows
     assert choose_scale([(100, 100)], 256, "2") == 2.0 and choose_scale([], 256, "fit") is None
     for bad in ("0", "-1", "big", "nan"):

@@ -176,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="auto|fit|S",
         help="pixel scale: model pixels per image pixel (recorded with the model; predict and evaluate use it). "
-        "'auto' (default): 'fit' when the support images' median longer side is at most twice the working size, "
-        "else 1; 'fit': each image resized so its longer side is the working size (padded, not squashed); a number "
-        "(1: native pixels, 2: enlarged for small structures): images larger than a window are cut into windows",
+        "'auto' (default): the support images' own (working size / their median longer side) when that side is at "
+        "most twice the working size, else 1; 'fit': every image resized so its longer side is the working size "
+        "(padded, not squashed), whatever its size; a number (1: native pixels, 2: enlarged for small structures). "
+        "At a number, images larger than a window are cut into windows",
     )
     g = _adapt_flags(p)
     g.add_argument("--seed", type=int, default=None, help="seed of initialisation, episodes and sampling (default 0)")

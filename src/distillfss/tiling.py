@@ -2,8 +2,8 @@
 
 A model works at one **pixel scale** ``scale`` (model pixels per image pixel), recorded in its ``config.json``:
 
-* ``None`` ("fit"): each image is resized so that its longer side is the working size S (today's behaviour for
-  images about the working size; the shorter side is padded, never squashed).
+* ``None`` ("fit"): each image is resized so that its longer side is the working size S (the shorter side is
+  padded, never squashed), whatever its size.
 * a number: an image of H x W becomes round(H * scale) x round(W * scale); an image no larger than S x S is padded to
   one window; a larger one is covered by S x S windows overlapping by ``OVERLAP`` of a window, whose class
   probabilities are blended with a Gaussian weight (highest at a window's centre, as nnU-Net's sliding window).
@@ -49,14 +49,16 @@ def starts(length: int, size: int, stride: int) -> list[int]:
 
 
 def choose_scale(sizes: Sequence[tuple[int, int]], size: int, requested: str | float | None) -> float | None:
-    """The pixel scale ``adapt`` records: ``"auto"`` fits images whose median longer side is at most twice the
-    working size (as before: resized to it) and keeps larger ones at their own pixels (scale 1, windows);
-    ``"fit"``/None fits; a number is used as given."""
+    """The pixel scale ``adapt`` records. ``"auto"``: the support images' own, working size / their median longer
+    side, when that side is at most twice the working size (images of that size are resized to one window, as
+    before; larger ones at inference are windowed at the same scale); 1 (native pixels, windows) for larger support
+    images. ``"fit"``/None: every image, support or not, resized to one window whatever its size (the old
+    behaviour for images of varying size). A number is used as given."""
     if requested in (None, "fit"):
         return None
     if requested == "auto":
         longest = float(np.median([max(h, w) for h, w in sizes])) if sizes else size
-        return None if longest <= 2 * size else 1.0
+        return size / longest if longest <= 2 * size else 1.0
     try:
         value = float(requested)
     except (TypeError, ValueError):
@@ -135,8 +137,11 @@ class _Plan:
         bilinearly, then the best class per pixel."""
         assert self.acc is not None
         oh, ow = self.out_size
-        if (oh, ow) == (self.sh, self.sw):
-            return self.acc.float().argmax(0).to(torch.uint8).numpy()
+        if (oh, ow) == (self.sh, self.sw):  # the best class, a strip of rows at a time (argmax is int64)
+            out = np.empty((oh, ow), np.uint8)
+            for r0 in range(0, oh, STRIP):
+                out[r0 : r0 + STRIP] = self.acc[:, r0 : r0 + STRIP].argmax(0).to(torch.uint8).numpy()
+            return out
         if oh * ow <= STRIP * STRIP:
             resized = F.interpolate(self.acc[None].float(), size=(oh, ow), mode="bilinear", align_corners=False)
             return resized[0].argmax(0).to(torch.uint8).numpy()
