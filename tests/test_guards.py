@@ -92,6 +92,7 @@ def run_guarded(root: Path, outputs: tuple[str, ...], action) -> None:  # noqa: 
     assert all(any(inside(k, (o,)) for k in after) for o in outputs), f"{outputs} not all written"
 
 
+@pytest.mark.slow  # about 30 s: CI runs it (.ci/run); the per-hole tests and the sweep below are in make test
 def test_every_entry_point_writes_only_its_declared_output(sandbox, tmp_path, monkeypatch) -> None:
     """Each subcommand, the API's writers and the app's workspace in one sandbox (the working directory too)."""
     from test_sources import write_pascal
