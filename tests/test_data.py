@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from distillfss.data import DataError, class_sets, load_image, load_split, load_support_tensors
+from distillfss.errors import UserError
 
 
 def test_missing_folder(tmp_path) -> None:
@@ -130,7 +131,7 @@ def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) 
             binary = np.asarray(Image.open(src / split / "masks" / a.mask.name)) > 0
             assert np.array_equal(np.asarray(Image.open(a.mask)) > 0, binary)
     assert load_split(bundled, "train").num_classes == 2
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(UserError, match="not empty"):
         split_by_size(src, tmp_path / "again", "x")
     with pytest.raises(DataError, match="needs a binary dataset"):
         split_by_size(bundled, tmp_path / "third", "x")

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..outputs import check_output, output_folder
 from .folder import DataError, list_images
+
+COMMAND = "distillfss.data.derive.split_by_size"
 
 
 def _regions(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -34,23 +37,29 @@ def split_by_size(src: Path, out: Path, name: str, small: str = "small", large: 
     src_meta = json.loads((src / "dataset.json").read_text())
     if len(src_meta["classes"]) != 2:
         raise DataError(f"{src / 'dataset.json'}: split_by_size needs a binary dataset, got {src_meta['classes']}")
-    if out.exists():
-        raise DataError(f"{out}: already exists; choose a new folder")
+    check_output(out, False, [src], command=COMMAND)
     masks = {split: list_images(src / split / "masks") for split in ("train", "test")}
     # every mask of both splits is read and checked once, before anything is written
     labelled = {split: {stem: _regions(path) for stem, path in sorted(files.items())} for split, files in masks.items()}
     areas = np.concatenate([area for _, area in labelled["train"].values()])
     threshold = float(np.median(areas))
     counts = {small: 0, large: 0}
-    for split, regions_by_stem in labelled.items():
-        (out / split / "masks").mkdir(parents=True)
-        shutil.copytree(src / split / "images", out / split / "images")
-        for stem, (regions, area) in regions_by_stem.items():
-            cls = np.concatenate([[0], np.where(area > threshold, 2, 1)]).astype(np.uint8)  # region id -> class
-            Image.fromarray(cls[regions]).save(out / split / "masks" / f"{stem}.png")
-            if split == "train":
-                counts[small] += int((area <= threshold).sum())
-                counts[large] += int((area > threshold).sum())
+    with output_folder(out, False, [src], command=COMMAND) as tmp:  # all of it, or nothing
+        for split, regions_by_stem in labelled.items():
+            (tmp / split / "masks").mkdir(parents=True)
+            shutil.copytree(src / split / "images", tmp / split / "images")
+            for stem, (regions, area) in regions_by_stem.items():
+                cls = np.concatenate([[0], np.where(area > threshold, 2, 1)]).astype(np.uint8)  # region id -> class
+                Image.fromarray(cls[regions]).save(tmp / split / "masks" / f"{stem}.png")
+                if split == "train":
+                    counts[small] += int((area <= threshold).sum())
+                    counts[large] += int((area > threshold).sum())
+        meta = _meta(src, src_meta, masks, name, small, large, threshold, counts)
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _meta(src, src_meta, masks, name, small, large, threshold, counts) -> dict:  # noqa: ANN001
     sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(masks["train"].values())}
     meta = {
         "name": name,
@@ -65,5 +74,4 @@ def split_by_size(src: Path, out: Path, name: str, small: str = "small", large: 
             f"{counts[small]} {small}, {counts[large]} {large}. Made by distillfss.data.derive.split_by_size."
         ),
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
