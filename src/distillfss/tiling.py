@@ -70,7 +70,8 @@ def choose_scale(sizes: Sequence[tuple[int, int]], size: int, requested: str | f
 
 def _as_tensor(image: np.ndarray) -> Tensor:
     """(h, w, 3) uint8 or float in [0, 1] -> (1, 3, h, w) float32."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    a = np.ascontiguousarray(image)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)[None]  # read-only: Pillow's arrays
     return t.float() / 255.0 if image.dtype == np.uint8 else t.float()
 
 
