@@ -110,32 +110,42 @@ def speed() -> list[str]:
 
 
 def large_images() -> list[str]:
-    """The pixel-scale measurements (``benchmarks/large_images.py``), when their file is there."""
-    path = DOCS / "results" / "large_images.json"
-    if not path.is_file():
-        return []
-    d = _load(path)
-    lines = [
-        "## Large images and the pixel scale",
-        "",
-        f"Made by {_provenance(d)}; {len(d['seeds'])} seeds, K = {d['shots']}, paired by seed.",
-        "",
-        "| what | a: mIoU | b: mIoU | a - b [95 % interval] | verdict | a: s / megapixel | b: s / megapixel |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    parts = [d["mosaic"]["comparison"]] if "mosaic" in d else []
-    parts += d.get("lung", {}).get("comparisons", [])
-    rows = [*d.get("mosaic", {}).get("rows", []), *d.get("lung", {}).get("rows", [])]
-    for c in parts:
-        spm = {m: sum(r["seconds_per_megapixel"] for r in rows if r["method"] == m) for m in (c["a"], c["b"])}
-        n = {m: sum(1 for r in rows if r["method"] == m) for m in (c["a"], c["b"])}
-        (ma, sa), (mb, sb) = c["a_mean_std"], c["b_mean_std"]
-        lines.append(
-            f"| {c['a']} vs {c['b']} | {ma:.1f} ± {sa:.1f} | {mb:.1f} ± {sb:.1f} | {c['difference']:+.1f} "
-            f"[{c['interval'][0]:+.1f}, {c['interval'][1]:+.1f}] | {c['verdict']} | {spm[c['a']] / n[c['a']]:.2f} | "
-            f"{spm[c['b']] / n[c['b']]:.2f} |"
-        )
-    return [*lines, ""]
+    """The pixel-scale measurements (``benchmarks/large_images.py``: files ``large_images*.json``), if any."""
+    from .stats import mean_std
+
+    lines: list[str] = []
+    for path in sorted((DOCS / "results").glob("large_images*.json")):
+        d = _load(path)
+        lines += [
+            "## Large images and the pixel scale" if not lines else "",
+            "",
+            f"`{path.relative_to(DOCS)}`: made by {_provenance(d)}; {len(d['seeds'])} seeds, K = {d['shots']}, "
+            "paired by seed.",
+            "",
+            "| what | a: mIoU | b: mIoU | a - b [95 % interval] | verdict | a: s / megapixel | b: s / megapixel |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        extra = []
+        for part in ("mosaic", "lung", "nuclei_sizes"):
+            if part not in d:
+                continue
+            rows = d[part]["rows"]
+            comparisons = d[part].get("comparisons") or [d[part]["comparison"]]
+            for c in comparisons:
+                spm = {m: [r["seconds_per_megapixel"] for r in rows if r["method"] == m] for m in (c["a"], c["b"])}
+                (ma, sa), (mb, sb) = c["a_mean_std"], c["b_mean_std"]
+                lines.append(
+                    f"| {part}: {c['a']} vs {c['b']} | {ma:.1f} ± {sa:.1f} | {mb:.1f} ± {sb:.1f} | "
+                    f"{c['difference']:+.1f} [{c['interval'][0]:+.1f}, {c['interval'][1]:+.1f}] | {c['verdict']} | "
+                    f"{sum(spm[c['a']]) / len(spm[c['a']]):.2f} | {sum(spm[c['b']]) / len(spm[c['b']]):.2f} |"
+                )
+            for cls in ("small_nucleus",) if part == "nuclei_sizes" else ():
+                for m in dict.fromkeys(r["method"] for r in rows):
+                    mean, std = mean_std([r["per_class"][cls] for r in rows if r["method"] == m])
+                    extra.append(f"{m}: {cls} IoU {mean:.1f} ± {std:.1f}")
+        if extra:
+            lines += ["", "; ".join(extra) + "."]
+    return [*lines, ""] if lines else []
 
 
 def throughput() -> list[str]:
