@@ -216,13 +216,18 @@ def predict(args: argparse.Namespace) -> int:
     with open(journal, "a") as written, tqdm(total=len(mine), desc="predict", disable=rank != 0) as bar:
         for labels in predictor.stream(images(), batch=args.batch):
             f, img = loaded.pop(0)
-            names = [_write_png(args.out, f"{f.stem}.png", labels, done)]
+            pngs = {f"{f.stem}.png": labels}
             if args.overlay:
                 shown = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img
-                panel = with_legend([overlay(shown, labels)], [f"{f.name} ({args.model.name})"], classes)
-                names.append(_write_png(args.out, f"{f.stem}_overlay.png", panel, done))
-            written.write("".join(n + "\n" for n in names))
+                pngs[f"{f.stem}_overlay.png"] = with_legend(
+                    [overlay(shown, labels)], [f"{f.name} ({args.model.name})"], classes
+                )
+            for name in pngs:  # refused before anything of this image is written or recorded
+                _check_ours(args.out / name, name in done)
+            written.write("".join(n + "\n" for n in pngs))  # recorded first: a kill never leaves a file unrecorded
             written.flush()
+            for name, array in pngs.items():
+                replace_atomically(args.out / name, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
             bar.update(1)
     if world > 1:
         import torch.distributed as dist
@@ -230,6 +235,8 @@ def predict(args: argparse.Namespace) -> int:
         dist.barrier()
     if rank == 0:
         folder.merge_journals(JOURNAL)
+    if world > 1:
+        dist.destroy_process_group()
     log.info("wrote %d label maps to %s", len(mine) - len(unreadable), args.out)
     if unreadable:
         raise DataError(
@@ -259,13 +266,10 @@ def _predict_folder(args: argparse.Namespace, inputs: list, rank: int, world: in
     return folder or GrowingFolder(args.out, command(args))
 
 
-def _write_png(out: Path, name: str, array: np.ndarray, recorded: set[str]) -> str:
-    """``out/name`` from ``array``, atomically; a file of that name predict did not record is never replaced."""
-    path = out / name
-    if name not in recorded and (path.exists() or path.is_symlink()):
+def _check_ours(path: Path, recorded: bool) -> None:
+    """A file of this name that predict did not record is never replaced."""
+    if not recorded and (path.exists() or path.is_symlink()):
         raise OutputError(f"{path}: was not written by distillfss and would be replaced; nothing more written")
-    replace_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
-    return name
 
 
 def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tuple[str, ...], str]:

@@ -170,6 +170,24 @@ def throughput() -> list[str]:
     return [*lines, ""]
 
 
+def large_image_memory() -> list[str]:
+    """Peak memory of ``predict`` on one very large image (``benchmarks/memory_large_image.py``), if measured."""
+    path = DOCS / "results" / "memory_large_image.json"
+    if not path.is_file():
+        return []
+    d = _load(path)
+    side = d["side"]
+    return [
+        "## One very large image",
+        "",
+        f"Made by {_provenance(d)}. `distillfss predict` on one {side:,} x {side:,} px 8-bit PNG with the default "
+        f"student at pixel scale 1: peak resident memory {d['peak_rss_mb'] / 1024:.2f} GiB, {d['seconds']:.0f} s "
+        f"({d['seconds_per_megapixel']:.2f} s per megapixel, reading and writing included); labels written at "
+        f"{d['labels_size'][0]:,} x {d['labels_size'][1]:,} px.",
+        "",
+    ]
+
+
 def build() -> str:
     parts = [
         "# Results",
@@ -182,6 +200,7 @@ def build() -> str:
         "",
         *large_images(),
         *throughput(),
+        *large_image_memory(),
         *speed(),
     ]
     return "\n".join(parts).rstrip() + "\n"
