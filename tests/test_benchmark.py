@@ -272,6 +272,7 @@ def test_a_benchmark_killed_mid_cell_and_resumed_matches_an_uninterrupted_run(tm
         assert steps == sorted(steps) and len(steps) == len(set(steps)), log.name
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -> None:
     """benchmark is a library function on a typed config; the CLI only parses flags into it (same numbers)."""
     from distillfss.benchmark import BenchmarkConfig, run_benchmark

@@ -181,6 +181,7 @@ def test_missing_model_folder(tmp_path, capsys) -> None:
     assert "no images" in err or "not a model folder" in err
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--datasets", "nuclei", "--iterations", "1", "--image-size", "64"]
@@ -208,6 +209,7 @@ def test_demo_unknown_dataset(tmp_path, capsys) -> None:
     assert "unknown demo dataset" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None:
     plain = binary_dataset / "train"  # images/ + masks/, no split folders
     out = tmp_path / "plain_model"

@@ -37,6 +37,7 @@ def test_meta_loss_is_the_papers_mix() -> None:
     assert torch.allclose(loss, 2.5 * ln2)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     full = tiny_run(tmp_path / "full", steps=6)
 
@@ -165,6 +166,7 @@ def test_cli_meta_train_on_a_pascal_replica(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2] and all("val_miou" in r for r in rows)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_benchmark_from_a_meta_trained_teacher_against_a_random_one(tmp_path: Path) -> None:
     from conftest import write_dataset
 
