@@ -116,7 +116,7 @@ def test_capped_episodes_are_drawn_once_for_a_frozen_attention_and_each_step_for
 
 
 @pytest.mark.slow
-def test_speed_adapt_writes_a_table_of_step_times(tmp_path) -> None:
+def test_speed_adapt_writes_a_table_of_step_times(tmp_path, capsys) -> None:
     from distillfss.cli import main
 
     out = tmp_path / "scaling.json"
@@ -126,5 +126,6 @@ def test_speed_adapt_writes_a_table_of_step_times(tmp_path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [(r["shots"], r["max_shots"], r["trainable"]) for r in rows] == [(3, 2, "A"), (5, 2, "A")]
     assert all(r["step_s_median"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
-    assert "| A | 2 | 5 |" in out.with_suffix(".md").read_text()
+    assert "| A | 2 | 5 |" in capsys.readouterr().out  # the table is printed; only --json FILE is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scaling.json"]
     assert main([*argv[:-2], "--json", str(tmp_path / "bad.json"), "--trainable", "D"]) == 2
