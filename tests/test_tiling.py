@@ -16,7 +16,11 @@ from conftest import TINY_ADAPT, write_dataset
 from PIL import Image
 
 from distillfss.cli import main
-from distillfss.tiling import IGNORE, WINDOWS_PER_IMAGE, choose_scale, segment, starts, support_windows
+from distillfss.tiling import IGNORE, WINDOWS_PER_IMAGE, choose_scale, segment_stream, starts, support_windows
+
+
+def segment(images, size, scale, logits, batch=8):  # noqa: ANN001, ANN201
+    return list(segment_stream(images, size, scale, logits, batch))
 
 
 def pixelwise(x: torch.Tensor) -> torch.Tensor:

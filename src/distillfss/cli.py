@@ -218,16 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flag(p)
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write the result to this file (outside the model and data folders)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a --json FILE that an earlier evaluate wrote (only such)"
-    )
+    _json_flags(p, "evaluate", "(outside the model and data folders)")
     p.add_argument(
         "--per-image",
         action="store_true",
@@ -270,16 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(AdaptConfig.max_shots),
         help="--adapt: comma-separated caps on the shots per episode (0: all others; default %(default)s)",
     )
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write the result to this file (the table is printed)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a --json FILE that an earlier speed wrote (only such)"
-    )
+    _json_flags(p, "speed", "(the table is printed)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
     p.add_argument(
         "--channels-last",
@@ -465,6 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     _seeds_flag(p, "0,1,2")
     _adapt_flags(p, student=False)
     return parser
+
+
+def _json_flags(p: argparse.ArgumentParser, command: str, where: str) -> None:
+    """--json FILE and the --overwrite that may replace only a file this command wrote."""
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help=f"also write the result to this file {where}"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"replace a --json FILE that an earlier {command} wrote (only such)"
+    )
 
 
 def _engine_flag(p: argparse.ArgumentParser) -> None:

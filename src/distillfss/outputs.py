@@ -94,20 +94,28 @@ def _refuse_other_writer(out: Path, manifest: dict, command: str) -> None:
 def check_output(out: PathLike, overwrite: bool, inputs: Sequence[PathLike] = (), *, command: str) -> None:
     """Refuse (before any work is done) an unsafe ``out``, or an existing non-empty one unless ``overwrite`` and
     ``command`` wrote it."""
+    _existing_manifest(out, inputs, command, needs_overwrite=not overwrite)
+
+
+def _existing_manifest(out: PathLike, inputs: Sequence[PathLike], command: str, needs_overwrite: bool) -> dict | None:
+    """Refuse an unsafe ``out``, a file, and a non-empty folder that ``command`` did not write (or any non-empty
+    folder when ``needs_overwrite``) -> the manifest of a non-empty ``out``, None for a new or empty one."""
     out = Path(out)
     refuse_unsafe_output(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
-        manifest = read_manifest(out)
-        if manifest is None:
-            raise OutputError(
-                f"{out}: --overwrite only replaces what distillfss wrote, and this folder has no {MANIFEST}; "
-                "choose another output folder or empty it yourself"
-            )
-        _refuse_other_writer(out, manifest, command)
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if needs_overwrite:
+        raise OutputError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise OutputError(
+            f"{out}: folder exists, is not empty and was not written by distillfss (no {MANIFEST}); choose another "
+            "output folder or empty it yourself"
+        )
+    _refuse_other_writer(out, manifest, command)
+    return manifest
 
 
 def _write_manifest(folder: Path, command: str, files: Sequence[str]) -> None:
@@ -161,20 +169,7 @@ class GrowingFolder:
     def check(out: PathLike, inputs: Sequence[PathLike] = (), *, command: str) -> dict | None:
         """Refuse (before any work, writing nothing) what ``claim`` would refuse -> the manifest of a non-empty
         ``out`` that ``command`` wrote, else None."""
-        out = Path(out)
-        refuse_unsafe_output(out, inputs)
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a folder")
-        if not (out.is_dir() and any(out.iterdir())):
-            return None
-        manifest = read_manifest(out)
-        if manifest is None:
-            raise OutputError(
-                f"{out}: folder exists, is not empty and was not written by distillfss (no {MANIFEST}); "
-                "choose another output folder"
-            )
-        _refuse_other_writer(out, manifest, command)
-        return manifest
+        return _existing_manifest(out, inputs, command, needs_overwrite=False)
 
     @classmethod
     def claim(

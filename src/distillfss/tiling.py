@@ -161,19 +161,6 @@ class _Plan:
         return out
 
 
-def segment(
-    images: Sequence[np.ndarray],
-    size: int,
-    scale: float | None,
-    logits: Logits,
-    batch: int = 8,
-    sizes: Sequence[tuple[int, int] | None] | None = None,
-) -> list[np.ndarray]:
-    """Label maps of ``images`` (each (H, W, 3), uint8 or float in [0, 1]) at their own size (or ``sizes``), from
-    windows at the pixel scale, ``batch`` windows per forward pass."""
-    return list(segment_stream(images, size, scale, logits, batch, sizes))
-
-
 def segment_stream(
     images: Sequence[np.ndarray],
     size: int,
@@ -182,8 +169,9 @@ def segment_stream(
     batch: int = 8,
     sizes: Sequence[tuple[int, int] | None] | None = None,
 ) -> Iterator[np.ndarray]:
-    """As ``segment``, yielding each image's labels as soon as its last window ran (one image in memory at a time,
-    plus a batch of windows)."""
+    """Label maps of ``images`` (each (H, W, 3), uint8 or float in [0, 1]) at their own size (or ``sizes``), from
+    windows at the pixel scale, ``batch`` windows per forward pass; each is yielded as soon as its last window ran
+    (one image in memory at a time, plus a batch of windows)."""
     weight = _gaussian(size)
     sizes = sizes if sizes is not None else itertools.repeat(None)
     plans: list[_Plan] = []
