@@ -25,6 +25,8 @@ from torch import Tensor
 
 from .backbones import FrozenBackbone, check_on, place
 from .config import AdaptConfig, ModelConfig
+from .errors import UserError
+from .estimate import Estimate, estimate_accuracy
 from .fast import LabelProbes, distill_fast, fit_label_probes
 from .refine import refine
 from .student import FastStudent, Student, build_student
@@ -40,6 +42,8 @@ class AdaptResult:
     seconds: float  # wall time of the whole adaptation, support encoding included
     teacher_seconds: float  # ... until the teacher's stage ended (what TransferFSS alone costs)
     config: AdaptConfig  # the config as run (``AdaptConfig.for_unlabeled`` applied)
+    estimate: Estimate  # the expected mIoU on new images, from the support set alone (``estimate``)
+    probe_settings: dict  # the label probe's settings (chosen by cross-validation on the support set)
 
 
 def adapt(
@@ -55,6 +59,8 @@ def adapt(
     on_step: Callable[[dict], None] | None = None,
     support: EncodedSupport | None = None,
     probes: LabelProbes | None = None,
+    student_init: FastStudent | None = None,
+    probe_settings: dict | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distil a student.
 
@@ -70,8 +76,19 @@ def adapt(
             student's label probes fitted on them (``fit_label_probes``); both depend on the support set only, so a
             caller adapting the same set several times computes them once. Computed here when None; the result is
             the same either way.
+        student_init: warm start (``adapt --from``): the fast student distils from a copy of this one (an earlier
+            adaptation's, same classes) instead of a fresh one; ``teacher`` is then that adaptation's teacher, and
+            ``probe_settings`` its label probe's settings (``AdaptResult.probe_settings``: no new search).
     """
     cfg = cfg.for_unlabeled(unlabeled is not None)
+    if student_init is not None:
+        if cfg.method != "distill" or cfg.student != "fast":
+            raise UserError("a warm start continues the fast student: use method distill with student fast")
+        if student_init.num_classes != model_cfg.num_classes:
+            raise UserError(
+                f"warm start: the earlier model has {student_init.num_classes} class(es), this support set "
+                f"{model_cfg.num_classes}; adapt from the starting teacher instead"
+            )
     t0 = time.perf_counter()
     device = images.device
     check_on(backbone, device)
@@ -91,12 +108,17 @@ def adapt(
         teacher.eval()
         teacher_seconds = time.perf_counter() - t0
         student: Student | FastStudent | None = paper
+        if probes is None:
+            probes = fit_label_probes(backbone, support, labels, settings=probe_settings)
         if cfg.method == "distill" and cfg.student == "fast":
-            if probes is None:
-                probes = fit_label_probes(backbone, support, labels)
-            student = distill_fast(teacher, support, images, labels, cfg, unlabeled, probes, gen, progress, record)
+            student = distill_fast(
+                teacher, support, images, labels, cfg, unlabeled, probes, gen, progress, record, student_init
+            )
         elif paper is not None and cfg.refine_iterations:
             student = refine(teacher, paper, support, images, labels, cfg, unlabeled, gen, progress, record)
+        estimate = estimate_accuracy(support, labels, probes, cfg.seed)
     if student is not None:
         student.eval()
-    return AdaptResult(teacher, student, rows, time.perf_counter() - t0, teacher_seconds, cfg)
+    return AdaptResult(
+        teacher, student, rows, time.perf_counter() - t0, teacher_seconds, cfg, estimate, probes.full.settings
+    )

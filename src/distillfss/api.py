@@ -30,12 +30,21 @@ from torch import Tensor
 
 from .adapt import adapt
 from .backbones import FrozenBackbone, build_backbone
-from .config import AdaptConfig, ModelConfig, model_config
+from .config import AdaptConfig, ModelConfig, model_config, warm_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
 from .data.tensors import check_support_labels, unlabeled_windows
-from .model_io import LOG, ModelError, load_model, load_teacher_weights, resolve_teacher, save_model
+from .model_io import (
+    LOG,
+    ModelError,
+    load_adapted_teacher,
+    load_model,
+    load_teacher_weights,
+    resolve_teacher,
+    save_model,
+)
 from .outputs import output_file, output_folder, timestamp
 from .predictor import Predictor
+from .preview import disagreement, quick_probe
 from .student import FastStudent, Student
 from .teacher import Teacher, build_teacher, encode_support
 from .tiling import choose_scale as pick_scale
@@ -89,6 +98,7 @@ class FewShotSegmenter:
         self._predictors: dict[str, Predictor] = {}
         self._log: list[dict] = []
         self._inputs: list[Path] = []  # folders this segmenter reads (the model it was loaded from): never written
+        self._folder: Path | None = None  # the folder it was loaded from
 
     # -- training ---------------------------------------------------------------------------------------------
     def fit(
@@ -99,6 +109,7 @@ class FewShotSegmenter:
         unlabeled: Sequence[ImageLike] | str | Path | None = None,
         progress: bool = False,
         on_step: Callable[[dict], None] | None = None,
+        warm_start: bool = False,
     ) -> FewShotSegmenter:
         """Adapt the teacher on the support set (images, masks) and distil the student; returns self.
 
@@ -106,19 +117,31 @@ class FewShotSegmenter:
         unlabeled: images of the same domain without masks (a list, or a folder): the student then learns from
         them with the adapted teacher's labels.
         on_step: called with each step's log row (``step``, ``loss``, ...); an exception it raises stops the fit.
+        warm_start: continue from this segmenter's adapted teacher and student (after ``fit``, or ``load`` of a
+        folder adapt wrote) with a third of the steps (``adapt --from``): give the earlier images and the new ones.
+        The classes, size and pixel scale stay.
         """
+        if warm_start and classes is None and self.classes:
+            classes = self.classes[1:]
         classes = self._classes(masks, classes)
-        self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
-        x, y = self._support_tensors(images, masks, classes, choose_scale=True)
+        cfg = AdaptConfig(**self.adapt_options)
+        warm = self._warm_start(classes) if warm_start else None
+        if warm is not None:
+            cfg = warm_config(cfg, given=self.adapt_options)
+        else:
+            self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
+        x, y = self._support_tensors(images, masks, classes, choose_scale=warm is None)
         given = [*images, *masks, *([unlabeled] if isinstance(unlabeled, (str, Path)) else unlabeled or [])]
         self._inputs += [Path(p) for p in given if isinstance(p, (str, Path))]
         if self.teacher_spec not in ("auto", "shipped", "random"):
             self._inputs.append(Path(self.teacher_spec))
-        cfg = AdaptConfig(**self.adapt_options)
         u = None if unlabeled is None else self._unlabeled(unlabeled)
         backbone = self._get_backbone()
-        start, label = resolve_teacher(self.teacher_spec, self.model_cfg)
-        teacher = load_teacher_weights(start, backbone, self.model_cfg) if start is not None else None
+        if warm is not None:
+            teacher, label = warm[0], "warm start"
+        else:
+            start, label = resolve_teacher(self.teacher_spec, self.model_cfg)
+            teacher = load_teacher_weights(start, backbone, self.model_cfg) if start is not None else None
         result = adapt(
             backbone,
             x.to(self.device),
@@ -129,6 +152,8 @@ class FewShotSegmenter:
             progress=progress,
             on_step=on_step,
             unlabeled=None if u is None else u.to(self.device),
+            student_init=None if warm is None else warm[1],
+            probe_settings=self.meta.get("probe") if warm is not None else None,
         )
         cfg = result.config
         self.classes, self.teacher, self.student = ("background", *classes), result.teacher, result.student
@@ -142,9 +167,30 @@ class FewShotSegmenter:
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
             "scale": self.scale,
+            "estimate": result.estimate.to_dict(),
+            "probe": result.probe_settings,
         }
         self._log = result.log
         return self
+
+    @property
+    def estimate(self) -> dict[str, Any] | None:
+        """The expected mIoU on new images after ``fit`` (``miou``, its interval ``low``-``high``, the trend from
+        K-1 to K images ``gain``, and ``advice``, one line), from the support set alone; None before."""
+        return self.meta.get("estimate")
+
+    def _warm_start(self, classes: tuple[str, ...]) -> tuple[Teacher, FastStudent]:
+        """The adapted teacher and fast student a warm start continues from (``fit`` or ``load`` gave them)."""
+        if self._folder is not None and self.teacher is None:  # loaded: the teacher is read when needed
+            self.teacher, x, y = load_adapted_teacher(self._folder, self._get_backbone())
+            self._support = (x, y)
+        if not isinstance(self.student, FastStudent) or self.teacher is None:
+            raise ModelError(
+                "warm_start: no adapted teacher and fast student yet (call fit, or load a folder adapt wrote)"
+            )
+        if tuple(classes) != self.classes[1:]:
+            raise DataError(f"warm_start: classes {list(classes)} differ from the fitted {list(self.classes[1:])}")
+        return self.teacher, self.student
 
     def set_support(
         self, images: Sequence[ImageLike], masks: Sequence[ImageLike], classes: Sequence[str] | None = None
@@ -187,6 +233,17 @@ class FewShotSegmenter:
             out += predictor.predict_batch([_image(x, f"images[{start + j}]") for j, x in enumerate(chunk)])
         return out[0] if single else out
 
+    def suggest(self, images: Sequence[ImageLike]) -> list[tuple[int, float]]:
+        """Which images to label next -> (index into ``images``, score) pairs, the highest score first: how much
+        the student and a linear probe fitted on the same support set disagree on the image (``preview``)."""
+        student, probe = self._predictor("student"), self._predictor("probe")
+        scored = []
+        for start in range(0, len(images), PREDICT_BATCH):
+            chunk = [_image(x, f"images[{start + j}]") for j, x in enumerate(images[start : start + PREDICT_BATCH])]
+            pairs = zip(student.predict_batch(chunk), probe.predict_batch(chunk))
+            scored += [(start + j, disagreement(a, b, len(self.classes) - 1)) for j, (a, b) in enumerate(pairs)]
+        return sorted(scored, key=lambda t: (-t[1], t[0]))
+
     # -- files ------------------------------------------------------------------------------------------------
     def save(
         self, folder: str | Path, overwrite: bool = False, model: Literal["student", "teacher"] = "student"
@@ -199,7 +256,8 @@ class FewShotSegmenter:
                 f"{folder}: nothing to save yet (call fit{'' if model == 'student' else ' or set_support'})"
             )
         with output_folder(Path(folder), overwrite, self._inputs, command=SAVE) as tmp:
-            save_model(tmp, net, self.model_cfg, self.classes, self.meta, support=self._support)
+            teacher = self.teacher if model == "student" and self._support is not None else None
+            save_model(tmp, net, self.model_cfg, self.classes, self.meta, support=self._support, teacher=teacher)
             if self._log:
                 (tmp / LOG).write_text("".join(json.dumps(r) + "\n" for r in self._log))
         return Path(folder)
@@ -214,6 +272,7 @@ class FewShotSegmenter:
         seg.model_cfg, seg.classes, seg.meta = cfg, loaded.classes, dict(loaded.config)
         seg.scale = loaded.config.get("scale")
         seg._inputs = [Path(folder)]
+        seg._folder = Path(folder)
         seg._backbone = loaded.model.backbone
         if loaded.kind == "student":
             seg.student = loaded.model  # type: ignore[assignment]
@@ -246,8 +305,16 @@ class FewShotSegmenter:
         return self._backbone
 
     def _predictor(self, which: str) -> Predictor:
-        if which not in ("student", "teacher"):
+        if which not in ("student", "teacher", "probe"):
             raise ValueError(f"model must be 'student' or 'teacher', got {which!r}")
+        if which == "probe" and which not in self._predictors:  # suggest's second opinion, on the support set
+            if self._support is None and self._folder is not None:
+                self._support = load_adapted_teacher(self._folder, self._get_backbone())[1:]
+            if self._support is None:
+                raise ModelError("suggest needs the support set: call fit, or load a folder adapt wrote")
+            x, y = (t.to(self.device) for t in self._support)
+            probe = quick_probe(self._get_backbone(), x, y, len(self.classes) - 1, self.meta.get("probe"))
+            self._predictors[which] = Predictor(probe, self.model_cfg.image_size, scale=self.scale)  # type: ignore[union-attr]
         if which not in self._predictors:
             if which == "student":
                 if self.student is None:

@@ -3,9 +3,15 @@
 Three tabs, one workspace folder (nothing is written outside it):
 
 1. **Label**: add images (upload, or a folder path on this machine), paint each class with its brush colour (or
-   upload a label PNG), save the mask; a table shows which images are labelled.
+   upload a label PNG), save the mask; a table shows which images are labelled. After each saved mask a **live
+   preview** (``preview.Preview``: a linear probe, seconds) shows the other images predicted, the labelled ones by
+   a probe that did not see them. **Start from a prediction** puts the preview's or the adapted model's labels
+   of the picked image into the editor, to correct with the brush and save. After an adaptation, **label next**
+   lists the unlabeled images in ``suggest``'s order.
 2. **Adapt**: TransferFSS + DistillFSS on the labelled images (``FewShotSegmenter.fit``, the same code as
-   ``distillfss adapt``) in a background thread, with a live progress line and loss curve, and a Cancel button.
+   ``distillfss adapt``) in a background thread, with a live progress line and loss curve, and a Cancel button;
+   **adapt again** continues from the current model (a warm start, ``adapt --from``). It ends with the estimate
+   of the model's mIoU on new images and whether labelling more is likely to help.
 3. **Segment**: the student (just adapted, or a student folder opened from disk) on uploaded images or a folder;
    overlays with a legend; downloads: the label PNGs (zip), the student folder (zip) and its ONNX file.
 
@@ -31,10 +37,11 @@ import numpy as np
 from PIL import Image
 
 from .api import FewShotSegmenter
-from .config import AdaptConfig
+from .config import AdaptConfig, model_config, warm_config
 from .data.folder import IMAGE_EXTS, DataError, image_files, list_images, load_image, load_mask
 from .errors import UserError
 from .outputs import GrowingFolder
+from .preview import Preview
 from .viz import PALETTE, class_colour, overlay, with_legend
 
 log = logging.getLogger("distillfss")
@@ -123,6 +130,26 @@ class Workspace:
         return self.folder.write_with(rel, lambda tmp: shutil.make_archive(str(tmp.with_suffix("")), "zip", folder))
 
 
+def layer_of(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> the editor's RGBA layer: each class painted in its brush colour, the rest transparent."""
+    layer = np.zeros((*labels.shape, 4), np.uint8)
+    for c in np.unique(labels):
+        if 0 < c < 255:
+            layer[labels == c] = (*class_colour(int(c)), 255)
+    return layer
+
+
+def preview_panels(ws: Workspace, preview: Preview, classes: Sequence[str]) -> list[tuple[np.ndarray, str]]:
+    """The live preview of the workspace: (overlay, caption) per image (``Preview.run``)."""
+    labelled = {s: (ws.images[s], ws.mask_path(s)) for s in ws.labelled()}
+    others = {s: p for s, p in ws.images.items() if s not in labelled}
+    predicted = preview.run(labelled, others, len(classes))
+    return [
+        (overlay(preview.image(ws.images[s]), labels), f"{s} ({'labelled, held out' if s in labelled else 'preview'})")
+        for s, labels in predicted.items()
+    ]
+
+
 def friendly(fn: Callable) -> Callable:
     """Show errors in the page as one line: UserError as it is, anything else as an internal error."""
     import gradio as gr
@@ -192,11 +219,52 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         image = (load_image(ws.images[stem]) * 255).astype(np.uint8)
         layer = np.zeros((*image.shape[:2], 4), np.uint8)
         if ws.mask_path(stem).is_file():
-            labels = load_mask(ws.mask_path(stem), 254)
-            for c in np.unique(labels):
-                if 0 < c < 255:
-                    layer[labels == c] = (*class_colour(int(c)), 255)
+            layer = layer_of(load_mask(ws.mask_path(stem), 254))
         return {"background": image, "layers": [layer], "composite": None}
+
+    def get_preview() -> Preview:
+        if state.get("preview") is None:
+            name = segmenter_options.get("backbone", "efficientnet_lite2")
+            size = model_config(name, 1, segmenter_options.get("preset", "fast"), segmenter_options.get("image_size"))
+            weights = segmenter_options.get("backbone_weights")
+            state["preview"] = Preview.build(name, size.image_size, weights)
+        return state["preview"]
+
+    def live_preview(names: list[str]):
+        """The preview gallery and its line; left as it is while an adaptation runs (the CPU is busy)."""
+        if state.get("adapting"):
+            return gr.update(), "the preview waits while adapting"
+        t0 = time.perf_counter()
+        panels = preview_panels(ws, get_preview(), names)
+        return panels, f"preview of {len(panels)} image(s) in {time.perf_counter() - t0:.1f} s"
+
+    @friendly
+    def from_prediction(stem: str | None, source: str, class_text: str):
+        """The picked image's predicted labels (the preview's, or the adapted model's) in the editor."""
+        if not stem:
+            raise DataError("choose an image first")
+        names = classes_of(class_text)
+        image = load_image(ws.images[stem])
+        if source == "model":
+            seg = state["seg"]
+            if seg is None:
+                raise DataError("no model yet: adapt first, or start from the preview")
+            labels = seg.predict(image)
+        else:
+            labelled = {s: (ws.images[s], ws.mask_path(s)) for s in ws.labelled() if s != stem}
+            if not labelled:
+                raise DataError("the preview needs one saved mask of another image")
+            labels = get_preview().run(labelled, {stem: ws.images[stem]}, len(names))[stem]
+        value = {"background": (image * 255).astype(np.uint8), "layers": [layer_of(labels)], "composite": None}
+        return value, f"{stem}: the {source}'s prediction is in the editor; correct it with the brush, then save"
+
+    def label_next(seg: FewShotSegmenter | None) -> pd.DataFrame:
+        """The unlabeled images, most informative first (``suggest``); empty without a model."""
+        todo = [s for s in ws.images if s not in set(ws.labelled())]
+        if seg is None or seg.student is None or not todo:
+            return pd.DataFrame({"image": [], "score": []})
+        ranking = seg.suggest([ws.images[s] for s in todo])
+        return pd.DataFrame({"image": [todo[i] for i, _ in ranking], "score": [round(v, 1) for _, v in ranking]})
 
     @friendly
     def save_mask(stem: str | None, edited: dict | None, uploaded: str | None, class_text: str):
@@ -221,18 +289,20 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         if not (labels[(labels > 0) & (labels != 255)]).size:
             raise DataError(f"{stem}: the mask has no class pixel; paint at least one stroke")
         ws.save_mask(stem, labels)
-        return (
-            *refresh(stem),
-            f"saved the mask of {stem} ({', '.join(f'{n}: {int((labels == i + 1).sum())} px' for i, n in enumerate(names))})",
-        )
+        counts = ", ".join(f"{n}: {int((labels == i + 1).sum())} px" for i, n in enumerate(names))
+        panels, line = live_preview(names)
+        return (*refresh(stem), f"saved the mask of {stem} ({counts})", panels, line)
 
-    def adapt_run(class_text: str, n_steps: float):
+    def adapt_run(class_text: str, n_steps: float, warm: bool):
         """A generator: starts the adaptation in a thread and yields progress until it ends."""
         try:
             names = classes_of(class_text)
             stems = ws.labelled()
             if not stems:
                 raise DataError("no labelled image yet: save at least one mask in the Label tab")
+            earlier = state["seg"]
+            if warm and (earlier is None or earlier.student is None):
+                raise DataError("no model to continue from yet: adapt once without 'adapt again'")
         except UserError as e:
             raise gr.Error(str(e)) from None
         state["cancel"].clear()
@@ -244,14 +314,25 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             if state["cancel"].is_set():
                 raise Cancelled("adaptation cancelled")
 
-        seg = FewShotSegmenter(**{**segmenter_options, "iterations": int(n_steps)})
-        cfg = AdaptConfig(**seg.adapt_options)
+        options = {**segmenter_options, "iterations": int(n_steps)}
+        cfg = AdaptConfig(**{k: v for k, v in options.items() if k in AdaptConfig.__dataclass_fields__})
+        if warm:  # a third of the slider's steps and of the student's (warm_config)
+            cfg = warm_config(cfg)
+            seg = earlier
+            seg.adapt_options = {
+                **seg.adapt_options,
+                "iterations": cfg.iterations,
+                "fast_iterations": cfg.fast_iterations,
+            }
+        else:
+            seg = FewShotSegmenter(**options)
         # the fast student's distillation steps follow the teacher's (their log restarts at step 1)
-        total = int(n_steps) + (cfg.fast_iterations if cfg.student == "fast" else 0)
+        total = cfg.iterations + (cfg.fast_iterations if cfg.student == "fast" else 0)
 
         def work() -> None:
             try:
-                seg.fit([ws.images[s] for s in stems], [ws.mask_path(s) for s in stems], classes=names, on_step=on_step)
+                images, masks = [ws.images[s] for s in stems], [ws.mask_path(s) for s in stems]
+                seg.fit(images, masks, classes=names, on_step=on_step, warm_start=warm)
                 seg.save(ws.root / "models" / STUDENT, overwrite=True)
                 result["seg"] = seg
             except Exception as e:  # noqa: BLE001 - reported in the page below
@@ -263,6 +344,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             return pd.DataFrame({"step": list(range(1, len(rows) + 1)), "loss": [r["loss"] for r in rows]})
 
         thread = threading.Thread(target=work, daemon=True)
+        state["adapting"] = True
         thread.start()
         rows: list[dict] = []
         t0 = time.perf_counter()
@@ -276,16 +358,22 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                     rows.append(steps_q.get())
             done = len(rows)
             line = f"adapting on {len(stems)} image(s): step {done} / {total}, {time.perf_counter() - t0:.0f} s"
-            yield line, curve(rows)
+            yield line, curve(rows), gr.update(), gr.update(), gr.update()
+        state["adapting"] = False
         if "error" in result:
             e = result["error"]
             message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             raise gr.Error(message)
         state["seg"] = state["saved"] = result["seg"]  # adapt saved it in models/student
+        state["packed"] = None  # a warm start changes the same segmenter: pack it again
+        how = "continued from the earlier model" if warm else "adapted"
         yield (
-            f"done: {len(stems)} image(s), {total} steps, {time.perf_counter() - t0:.0f} s; the student is in "
-            f"{ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
+            f"done: {how} on {len(stems)} image(s), {total} steps, {time.perf_counter() - t0:.0f} s; the student is "
+            f"in {ws.root / 'models' / STUDENT}. Segment more images in the next tab.",
             curve(rows),
+            f"**Estimate**: {seg.estimate['advice']}",
+            label_next(seg),
+            gr.update(value=True, interactive=True),
         )
 
     def cancel():
@@ -297,7 +385,8 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         state["seg"] = FewShotSegmenter.load(Path(path).expanduser())
         state["opened"] = Path(path).expanduser().resolve()
         seg = state["seg"]
-        return f"opened {path}: {seg.student is not None and 'student' or 'teacher'} for {', '.join(seg.classes[1:])}"
+        line = f"opened {path}: {seg.student is not None and 'student' or 'teacher'} for {', '.join(seg.classes[1:])}"
+        return line, gr.update(value=seg.student is not None, interactive=seg.student is not None)
 
     @friendly
     def segment(files: list[str] | None, folder: str):
@@ -374,13 +463,38 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                 file_types=[".png", ".tif", ".tiff", ".bmp"],
                 elem_id="mask-file",
             )
-            save_btn = gr.Button("Save mask", variant="primary", elem_id="save-mask")
+            with gr.Row():
+                save_btn = gr.Button("Save mask", variant="primary", elem_id="save-mask")
+                source = gr.Radio(
+                    ["preview", "model"], value="preview", label="Start from the prediction of", elem_id="source"
+                )
+                start_btn = gr.Button("Start from the prediction", elem_id="from-prediction")
+            preview_line = gr.Markdown(elem_id="preview-line")
+            preview_gallery = gr.Gallery(
+                label="Live preview (a quick probe; labelled images predicted without their own mask)",
+                columns=4,
+                object_fit="contain",
+                elem_id="preview",
+            )
+            next_table = gr.Dataframe(
+                value=label_next(state["seg"]),
+                label="Label next (after adapting: where the student and a probe disagree most)",
+                interactive=False,
+                elem_id="label-next",
+            )
         with gr.Tab("2 · Adapt", id="adapt"):
             n_steps = gr.Slider(1, 300, value=steps, step=1, label="Adaptation steps", elem_id="steps")
+            warm_box = gr.Checkbox(
+                value=state["seg"] is not None,
+                interactive=state["seg"] is not None,
+                label="Adapt again: continue from the current model (a third of the steps)",
+                elem_id="warm-start",
+            )
             with gr.Row():
                 adapt_btn = gr.Button("Adapt", variant="primary", elem_id="adapt")
                 cancel_btn = gr.Button("Cancel", elem_id="cancel")
             progress = gr.Markdown(elem_id="progress")
+            estimate = gr.Markdown(elem_id="estimate")
             curve = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="curve")
         with gr.Tab("3 · Segment", id="segment"):
             with gr.Row():
@@ -401,10 +515,15 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
         uploads.upload(add_files, [uploads], [images_table, pick, status])
         load_btn.click(add_folder, [folder], [images_table, pick, status])
         pick.change(show, [pick, class_text], [editor])
-        save_btn.click(save_mask, [pick, editor, mask_file, class_text], [images_table, pick, status])
-        adapt_btn.click(adapt_run, [class_text, n_steps], [progress, curve])
+        save_btn.click(
+            save_mask,
+            [pick, editor, mask_file, class_text],
+            [images_table, pick, status, preview_gallery, preview_line],
+        )
+        start_btn.click(from_prediction, [pick, source, class_text], [editor, status])
+        adapt_btn.click(adapt_run, [class_text, n_steps, warm_box], [progress, curve, estimate, next_table, warm_box])
         cancel_btn.click(cancel, None, [progress])
-        open_btn.click(open_model, [model_path], [status])
+        open_btn.click(open_model, [model_path], [status, warm_box])
         seg_btn.click(segment, [seg_files, seg_folder], [gallery, downloads, status])
     return app
 

@@ -181,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(padded, not squashed), whatever its size; a number (1: native pixels, 2: enlarged for small structures). "
         "At a number, images larger than a window are cut into windows",
     )
+    p.add_argument(
+        "--from",
+        dest="warm_from",
+        type=Path,
+        default=None,
+        metavar="MODEL",
+        help="warm start: continue from a model adapt wrote (its adapted teacher and student; its classes, size and "
+        "pixel scale) on the new --support (the earlier images and the new ones), with a third of the steps unless "
+        "--iterations or fast_iterations is given",
+    )
     g = _adapt_flags(p)
     g.add_argument("--seed", type=int, default=None, help="seed of initialisation, episodes and sampling (default 0)")
     _device_flag(g)
@@ -231,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="score with the ground truth resized to N x N (nearest), as the benchmark (384); 0: original resolution",
     )
     _inference_flags(p)
+
+    p = sub.add_parser(
+        "suggest",
+        help="which images to label next: unlabeled images ranked by how much the student and a probe disagree",
+        description="Rank the images of --images (unlabeled ones: images already in the model's support set are "
+        "not told apart) by how much the model's student and a linear probe fitted on the same support set disagree "
+        "on them (100 - their mean foreground IoU). Label the top ones, then adapt --from MODEL. Prints the ranking; "
+        "writes nothing unless --json.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="student folder written by adapt")
+    p.add_argument("--images", required=True, type=Path, help="a folder of unlabeled images")
+    p.add_argument("--top", type=int, default=10, help="print the top N (default %(default)s; 0: all)")
+    _json_flags(p, "suggest", "(the whole ranking; outside the model and images folders)")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
+    _device_flag(p)
 
     p = sub.add_parser("speed", help="time per query and peak memory: teacher vs student vs backbone")
     p.add_argument("--ways", default="1,3,5", help="comma-separated numbers of classes")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .config import AdaptConfig, ModelConfig, read_adapt_config
+from .config import AdaptConfig, ModelConfig, read_adapt_config, warm_config
 from .config import model_config as preset_config
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
@@ -24,9 +24,12 @@ from .errors import UserError
 from .evaluate import evaluate_predictor
 from .model_io import (
     LOG,
+    TEACHER,
     ModelError,
+    load_adapted_teacher,
     load_model,
     load_teacher_weights,
+    read_config,
     resolve_teacher,
     save_model,
 )
@@ -124,14 +127,26 @@ def scale_of(requested: str, files: list[Path], size: int) -> float | None:
 
 def adapt(args: argparse.Namespace) -> int:
     inputs = [args.support, args.unlabeled, args.config, teacher_input(args.teacher), args.backbone_weights]
+    inputs.append(args.warm_from)
     check_output(args.out, args.overwrite, inputs, command=command(args))
     acfg = adapt_config(args)
     acfg.for_unlabeled(args.unlabeled is not None)  # refuse a bad combination before any image is read
+    earlier = warm_source(args) if args.warm_from is not None else None
+    if earlier is not None:
+        acfg = warm_config(acfg, given_steps(args))
     split, stems = resolve_support(args.support, args.shots)
     device = torch.device(args.device)
-    mcfg = model_config(args, split.num_classes)
+    if earlier is not None:
+        if tuple(split.classes) != earlier.classes:
+            raise DataError(
+                f"{args.support}: classes {list(split.classes)} differ from {args.warm_from}'s "
+                f"{list(earlier.classes)}; a warm start keeps the classes (adapt without --from)"
+            )
+        mcfg = earlier.model_cfg
+    else:
+        mcfg = model_config(args, split.num_classes)
     support_files = [s.image for s in split.samples if s.stem in stems]
-    scale = scale_of(args.scale, support_files, mcfg.image_size)
+    scale = earlier.config.get("scale") if earlier is not None else scale_of(args.scale, support_files, mcfg.image_size)
     images, labels = load_support_tensors(split, stems, mcfg.image_size, scale)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
@@ -139,10 +154,17 @@ def adapt(args: argparse.Namespace) -> int:
             args.unlabeled, mcfg.image_size, args.max_unlabeled, support_files, scale
         )
         log.info("%d unlabeled images from %s", len(unlabeled_names), args.unlabeled)
-    backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
-    start, label = resolve_teacher(args.teacher, mcfg)
+    weights = args.backbone_weights or (earlier.config.get("backbone_weights") if earlier is not None else None)
+    backbone = build_backbone(mcfg.backbone, mcfg.image_size, weights).to(device)
+    student_init = None
+    if earlier is not None:
+        teacher, _, _ = load_adapted_teacher(args.warm_from, backbone)
+        student_init = load_model(args.warm_from, backbone=backbone, device=device).model
+        label = f"warm start from {args.warm_from}"
+    else:
+        start, label = resolve_teacher(args.teacher, mcfg)
+        teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
     log.info("starting teacher: %s", label)
-    teacher = load_teacher_weights(start, backbone, mcfg) if start is not None else None
     with output_folder(args.out, args.overwrite, inputs, command=command(args)) as tmp:
         log.info("adapting on %d support images of %s: %s", len(stems), split.root, ", ".join(stems))
         result = run_adapt(
@@ -154,12 +176,14 @@ def adapt(args: argparse.Namespace) -> int:
             teacher=teacher,
             unlabeled=None if unlabeled is None else unlabeled.to(device),
             log_path=tmp / LOG,
+            student_init=student_init,  # type: ignore[arg-type]
+            probe_settings=earlier.config.get("probe") if earlier is not None else None,
         )
         model = result.student if result.student is not None else result.teacher
         meta = {
             "created": timestamp(),
             "adapt": result.config.to_dict(),
-            "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
+            "backbone_weights": str(weights) if weights else None,
             "support": {"dataset": str(split.root.resolve()), "stems": stems, "shots": len(stems)},  # any cwd
             "unlabeled": {"folder": str(args.unlabeled.resolve()), "images": unlabeled_names}
             if args.unlabeled
@@ -167,11 +191,42 @@ def adapt(args: argparse.Namespace) -> int:
             "teacher_init": label,
             "adapt_seconds": round(result.seconds, 2),
             "scale": scale,
+            "estimate": result.estimate.to_dict(),
+            "probe": result.probe_settings,
         }
-        save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels))
+        save_model(tmp, model, mcfg, split.classes, meta, support=(images, labels), teacher=result.teacher)
     kind = "student" if result.student is not None else "teacher"
     log.info("wrote %s (%s, %.1f s)", args.out, kind, result.seconds)
+    print(f"{args.out}: {result.estimate.advice}")
     return 0
+
+
+def warm_source(args: argparse.Namespace):  # noqa: ANN201 - a LoadedModel's config parts
+    """``adapt --from MODEL``: the earlier model's config (its classes, architecture, pixel scale), checked before
+    any training: a student folder written by adapt with its adapted teacher."""
+    if teacher_input(args.teacher) is not None or args.teacher in ("shipped", "random"):
+        raise DataError("--from starts from the earlier model's teacher: leave out --teacher")
+    config = read_config(args.warm_from)
+    if config.get("kind") != "student" or config.get("student") != "fast":
+        raise ModelError(f"{args.warm_from}: --from needs a fast student folder written by adapt")
+    if not (args.warm_from / TEACHER).is_file():
+        raise ModelError(f"{args.warm_from}: no {TEACHER} (written by adapt since this version); adapt without --from")
+    return WarmSource(ModelConfig.from_dict(config["model"]), tuple(config["classes"]), config)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmSource:
+    model_cfg: ModelConfig
+    classes: tuple[str, ...]
+    config: dict
+
+
+def given_steps(args: argparse.Namespace) -> list[str]:
+    """The step counts the user set (flags or --config), which a warm start keeps."""
+    given = [k for k in ("iterations", "fast_iterations") if getattr(args, k, None) is not None]
+    if args.config is not None:
+        given += [k for k in read_adapt_config(args.config) if k in ("iterations", "fast_iterations")]
+    return given
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -312,6 +367,27 @@ def evaluate(args: argparse.Namespace) -> int:
         report["per_image"] = per_image
     print(json.dumps(report, indent=2))
     if args.json:
+        write_json_file(args.json, report, args.overwrite, inputs, command=command(args))
+    return 0
+
+
+def suggest(args: argparse.Namespace) -> int:
+    from .api import FewShotSegmenter
+
+    inputs = [args.model, args.images, args.backbone_weights]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs, command=command(args))
+    if args.top < 0:
+        raise DataError(f"--top: expected >= 0, got {args.top}")
+    files = image_files(args.images)
+    seg = FewShotSegmenter.load(args.model, device=args.device, backbone_weights=args.backbone_weights)
+    ranking = [{"image": str(files[i]), "score": round(score, 2)} for i, score in seg.suggest(files)]
+    shown = ranking[: args.top] if args.top else ranking
+    print(f"label next ({len(shown)} of {len(ranking)}; score: student vs probe disagreement, 0-100)")
+    for rank, row in enumerate(shown, 1):
+        print(f"{rank:4d}  {row['score']:6.2f}  {row['image']}")
+    if args.json:
+        report = {"model": str(args.model), "images": str(args.images), "ranking": ranking}
         write_json_file(args.json, report, args.overwrite, inputs, command=command(args))
     return 0
 

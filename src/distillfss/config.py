@@ -161,6 +161,18 @@ class AdaptConfig(Serializable):
 
 
 _HINTS = typing.get_type_hints(AdaptConfig)
+WARM_FRACTION = 3  # a warm start (adapt --from) runs a third of the steps: its teacher and student already fit
+
+
+def warm_config(cfg: AdaptConfig, given: typing.Iterable[str] = ()) -> AdaptConfig:
+    """The config of a warm start (``adapt --from``, ``fit(..., warm_start=True)``): ``cfg`` with a third of its
+    teacher and student steps (rounded up), except the step counts the user ``given`` explicitly."""
+    steps = {
+        name: -(-getattr(cfg, name) // WARM_FRACTION)
+        for name in ("iterations", "fast_iterations")
+        if name not in set(given)
+    }
+    return dataclasses.replace(cfg, **steps)
 
 
 def read_adapt_config(path: Path) -> dict[str, Any]:

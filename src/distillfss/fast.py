@@ -11,6 +11,7 @@ support views' true labels and the coarse-map MSE to the teacher."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,14 +42,23 @@ class LabelProbes:
 
 @torch.no_grad()
 def fit_label_probes(
-    backbone: FrozenBackbone, support: EncodedSupport, labels: Tensor, full: LinearProbe | None = None
+    backbone: FrozenBackbone,
+    support: EncodedSupport,
+    labels: Tensor,
+    full: LinearProbe | None = None,
+    settings: dict | None = None,
 ) -> LabelProbes:
     """The probes of ``LabelProbes`` on the encoded support images (``labels`` (M, S, S) long, 255 = ignore).
-    full: the probe already fitted (with its cross-validation) on these images at this size, if the caller has it."""
+    full: the probe already fitted (with its cross-validation) on these images at this size, if the caller has it.
+    settings: fixed probe settings (``l2``, ``levels``, ``balanced``; a warm start's, chosen by the earlier
+    adaptation's cross-validation), which is then skipped."""
     m, num_classes = support.flags.shape
     if full is None:
-        full = place(LinearProbe(backbone, num_classes), labels.device)
+        fixed = {k: settings[k] for k in ("l2", "levels", "balanced")} if settings else {}
+        full = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
         full.fit_features(support.pyramid, labels)
+        if settings:
+            full.settings = {**full.settings, "cv": "kept from the earlier adaptation"}
     fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
     without = []
     for i in range(m if m > 1 else 0):
@@ -81,15 +91,21 @@ def distill_fast(
     gen: torch.Generator,
     progress: bool,
     record: Record,
+    init: FastStudent | None = None,
 ) -> FastStudent:
-    """A fresh fast student distilled from the frozen, adapted teacher (left unchanged).
+    """A fast student distilled from the frozen, adapted teacher (left unchanged): a fresh one, or a copy of
+    ``init`` (a warm start; ``init`` is left unchanged).
     images: (M, 3, S, S) support images; labels: (M, S, S); unlabeled: (U, 3, S, S) or None."""
     views = VIEWS[cfg.views]
     bank = view_bank(teacher, support, images, labels, views, unlabeled, views)
     mixed = (bank.soft.float() + probe_labels(probes, bank, tuple(labels.shape[-2:]))) / 2
     bank = replace(bank, soft=mixed.half())
     record = _first_row_with(record, {"probe": probes.full.settings})
-    fast = place(build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1]), images.device)
+    if init is None:
+        fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1])
+    else:
+        fast = copy.deepcopy(init, memo={id(init.backbone): init.backbone})
+    fast = place(fast, images.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
     return fast

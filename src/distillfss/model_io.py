@@ -27,6 +27,7 @@ from .teacher import Teacher, build_teacher, encode_support
 
 FORMAT = "distillfss-model"
 CONFIG, WEIGHTS, LOG = "config.json", "model.safetensors", "train_log.jsonl"
+TEACHER = "teacher.safetensors"  # beside a student: its adapted teacher and support set (adapt --from, suggest)
 
 
 class ModelError(UserError, ValueError):
@@ -45,20 +46,21 @@ def save_model(
     classes: tuple[str, ...],
     meta: dict[str, Any],
     support: tuple[Tensor, Tensor] | None = None,
+    teacher: Teacher | None = None,
 ) -> None:
     """Write config.json and model.safetensors into ``out`` (which must exist).
 
     support: for a teacher, its (images (K,3,S,S) in [0,1], labels (K,S,S)) support set.
+    teacher: for a student, its adapted teacher: written with the support set to teacher.safetensors, for a warm
+    start (``adapt --from``) and ``suggest``; predict and export read only the student.
     """
     kind = "teacher" if isinstance(model, Teacher) else "student"
-    tensors = {f"model.{k}": v for k, v in own_state(model).items()}
     if kind == "teacher":
-        if support is None:
-            raise ValueError("saving a teacher needs its support set")
-        images, labels = support
-        tensors["support.images"] = images.detach().cpu().float().contiguous()  # exact: predictions reload bit-equal
-        tensors["support.labels"] = labels.cpu().to(torch.uint8).contiguous()
-    save_file(tensors, str(out / WEIGHTS))
+        save_file(_with_support(model, support), str(out / WEIGHTS))
+    else:
+        save_file({f"model.{k}": v for k, v in own_state(model).items()}, str(out / WEIGHTS))
+        if teacher is not None:
+            save_file(_with_support(teacher, support), str(out / TEACHER))
     config = {
         "format": FORMAT,
         "version": 1,
@@ -72,6 +74,32 @@ def save_model(
             config["student_version"] = FAST_VERSION
     config.update(meta)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _with_support(teacher: Teacher, support: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+    if support is None:
+        raise ValueError("saving a teacher needs its support set")
+    images, labels = support
+    tensors = {f"model.{k}": v for k, v in own_state(teacher).items()}
+    tensors["support.images"] = images.detach().cpu().float().contiguous()  # exact: predictions reload bit-equal
+    tensors["support.labels"] = labels.cpu().to(torch.uint8).contiguous()
+    return tensors
+
+
+def load_adapted_teacher(folder: Path, backbone: FrozenBackbone) -> tuple[Teacher, Tensor, Tensor]:
+    """A student folder's adapted teacher and support set (teacher.safetensors) -> (teacher, images, labels), on
+    the backbone's device; a teacher folder's own. A ModelError names the folder when it has none."""
+    config = read_config(folder)
+    path = folder / (WEIGHTS if config.get("kind") == "teacher" else TEACHER)
+    if config.get("kind") == "teacher" and config.get("support") is False or not path.is_file():
+        raise ModelError(
+            f"{folder}: no adapted teacher with its support set ({path.name}); adapt it again with this version"
+        )
+    device = next(backbone.parameters()).device
+    tensors = load_file(str(path))
+    teacher = build_teacher(backbone, ModelConfig.from_dict(config["model"]))
+    load_strict(teacher, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    return teacher.to(device).eval(), tensors["support.images"].to(device), tensors["support.labels"].to(device).long()
 
 
 @dataclass
