@@ -108,7 +108,7 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
         teacher="random",
         device="cpu",
     )
-    train = sorted((NUCLEI / "train/images").iterdir())[:3]
+    train = sorted((NUCLEI / "train/images").iterdir())[:4]
     test = sorted((NUCLEI / "test/images").iterdir())[:2]
     try:
         with sync_api.sync_playwright() as p:
@@ -117,29 +117,35 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator("#classes textarea, #classes input").first.fill("nucleus")
             page.locator("#add-images input[type=file]").set_input_files([str(f) for f in train])
-            page.get_by_text("added 3 image(s)").wait_for(timeout=60_000)
-            for f in train:
-                page.locator("#pick input").first.click()
-                page.get_by_role("option", name=f.stem).click()
-                saved = page.get_by_text(f"saved the mask of {f.stem}")
-                unpainted = page.get_by_text(f"{f.stem}: the mask has no class pixel")
-                for _ in range(3):  # on a loaded machine the picked image can arrive after the stroke and clear it
-                    page.wait_for_timeout(1000)
-                    errors = unpainted.count()
-                    _paint_stroke(page)
-                    page.locator("#save-mask").click()
-                    for _ in range(120):  # until the save is answered, either way
-                        if saved.count() or unpainted.count() > errors:
-                            break
-                        page.wait_for_timeout(500)
-                    if saved.count():
-                        break
-                saved.wait_for(timeout=60_000)
-            assert sorted(m.stem for m in (ws / "masks").iterdir()) == sorted(f.stem for f in train)
+            page.get_by_text("added 4 image(s)").wait_for(timeout=60_000)
+            for f in train[:2]:
+                _label(page, f.stem)
+            # the live preview: every image, the labelled ones predicted without their own mask
+            page.get_by_text("preview of 4 image(s)").wait_for(timeout=60_000)
+            assert page.locator("#preview img").count() >= 4
+
+            # start the third image from the preview's prediction, correct it with a stroke, save it
+            _start_from(page, train[2].stem, "preview")
+            _label(page, train[2].stem)
+            assert sorted(m.stem for m in (ws / "masks").iterdir()) == sorted(f.stem for f in train[:3])
 
             page.get_by_role("tab", name="2 · Adapt").click()
             page.locator("#adapt").click()
-            page.get_by_text("done:").wait_for(timeout=300_000)
+            page.get_by_text("done: adapted").wait_for(timeout=300_000)
+            page.locator("#estimate").get_by_text("estimated mIoU on new images").wait_for(timeout=30_000)
+            assert train[3].stem in page.locator("#label-next").inner_text()  # the one unlabeled image
+
+            # correct the model's prediction of the first image, then adapt again from the current model
+            page.get_by_role("tab", name="1 · Label").click()
+            _start_from(page, train[0].stem, "model")
+            _label(page, train[0].stem)
+            page.get_by_role("tab", name="2 · Adapt").click()
+            assert page.locator("#warm-start input").is_checked()
+            page.locator("#adapt").click()
+            page.get_by_text("done: continued from the earlier model").wait_for(timeout=300_000)
+            page.get_by_role("tab", name="1 · Label").click()
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(tmp_path / "loop.png"), full_page=True)
 
             page.get_by_role("tab", name="3 · Segment").click()
             page.locator("#segment-images input[type=file]").set_input_files([str(f) for f in test])
@@ -161,9 +167,41 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
     image = np.asarray(Image.open(test[0]).convert("RGB"), dtype=np.float32) / 255
     assert model.kind == "student" and model.predictor.predict(image).shape == image.shape[:2]
     assert any((ws / ".uploads").rglob("*.png"))  # Gradio's copies of the uploads stay in the workspace
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ws", "student.zip", "student", "app.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ws", "student.zip", "student", "app.png", "loop.png"])
     if os.environ.get("DISTILLFSS_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["DISTILLFSS_SCREENSHOT"])
+        shutil.copyfile(tmp_path / "loop.png", os.environ["DISTILLFSS_SCREENSHOT"])
+
+
+def _label(page, stem: str) -> None:
+    """Pick ``stem`` (unless it is picked), paint a stroke on it and save its mask."""
+    if page.locator("#pick input").first.input_value() != stem:
+        page.locator("#pick input").first.click()
+        page.get_by_role("option", name=stem).click()
+    saved = page.get_by_text(f"saved the mask of {stem}")
+    before = saved.count()
+    unpainted = page.get_by_text(f"{stem}: the mask has no class pixel")
+    for _ in range(3):  # on a loaded machine the picked image can arrive after the stroke and clear it
+        page.wait_for_timeout(1000)
+        errors = unpainted.count()
+        _paint_stroke(page)
+        page.locator("#save-mask").click()
+        for _ in range(120):  # until the save is answered, either way
+            if saved.count() > before or unpainted.count() > errors:
+                break
+            page.wait_for_timeout(500)
+        if saved.count() > before:
+            return
+    raise AssertionError(f"the mask of {stem} was not saved")
+
+
+def _start_from(page, stem: str, source: str) -> None:
+    """Pick ``stem`` and put the ``source``'s prediction of it into the editor."""
+    page.locator("#pick input").first.click()
+    page.get_by_role("option", name=stem).click()
+    page.wait_for_timeout(1000)  # the picked image arrives in the editor first
+    page.locator("#source").get_by_text(source, exact=True).click()
+    page.locator("#from-prediction").click()
+    page.get_by_text(f"{stem}: the {source}'s prediction is in the editor").wait_for(timeout=60_000)
 
 
 def _paint_stroke(page) -> None:

@@ -117,6 +117,12 @@ def test_every_entry_point_writes_only_its_declared_output(sandbox, tmp_path, mo
         ("ev.json",),
         lambda: cli("evaluate", "--model", model, "--data", data, "--json", "ev.json", "--per-image"),
     )
+    warm = ("adapt", "--support", data, "--out", "m2", "--shots", "3", "--from", "m1", "--iterations", "1")
+    run_guarded(root, ("m2",), lambda: cli(*warm, "--config", str(TINY_ADAPT[-1])))
+    run_guarded(root, (), lambda: cli("suggest", "--model", model, "--images", test_images))
+    run_guarded(
+        root, ("sg.json",), lambda: cli("suggest", "--model", model, "--images", test_images, "--json", "sg.json")
+    )
     run_guarded(root, ("m.onnx",), lambda: cli("export", "--model", model, "--out", "m.onnx"))
     run_guarded(root, ("m.onnx",), lambda: cli("export", "--model", model, "--out", "m.onnx", "--overwrite"))
     run_guarded(
@@ -146,6 +152,10 @@ def test_every_entry_point_writes_only_its_declared_output(sandbox, tmp_path, mo
     run_guarded(root, ("api_model",), lambda: seg.save(root / "api_model"))
     run_guarded(root, ("api.onnx",), lambda: seg.export_onnx(root / "api.onnx"))
     run_guarded(root, ("api.onnx",), lambda: seg.export_onnx(root / "api.onnx", overwrite=True))
+    run_guarded(root, (), lambda: seg.fit([*train, train[0]], [*masks, masks[0]], warm_start=True))
+    run_guarded(root, (), lambda: seg.suggest(train))
+    reloaded = FewShotSegmenter.load(root / "api_model")
+    run_guarded(root, (), lambda: reloaded.fit(train, masks, warm_start=True))
 
     pytest.importorskip("gradio")
     from distillfss.app import Workspace
@@ -379,6 +389,7 @@ PREDICT = ["predict", "--model", f"{S}/model", "--images", f"{S}/data/test/image
 EVALUATE = ["evaluate", "--model", f"{S}/model", "--data", f"{S}/data"]
 EXPORT = ["export", "--model", f"{S}/model"]
 BENCH = ["benchmark", "--data", f"{S}/data", "--shots", "1", "--methods", "prototype"]
+SUGGEST = ["suggest", "--model", f"{S}/model", "--images", f"{S}/data/test/images"]
 CLI_CASES = {
     "adapt: missing support folder": (["adapt", "--support", f"{S}/nope", "--out", f"{S}/o"], "nope"),
     "adapt: out inside the support set": ([*ADAPT, "--out", f"{S}/data/m"], "input"),
@@ -442,6 +453,21 @@ CLI_CASES = {
         "no .distillfss-written",
     ),
     "data convert: into its source": (["data", "convert", "kvasir", f"{S}/kvasir", f"{S}/kvasir/out"], "input"),
+    "adapt --from: a folder that is no model": ([*ADAPT, "--out", f"{S}/o", "--from", f"{S}/pred"], "pred"),
+    "adapt --from: with --teacher": (
+        [*ADAPT, "--out", f"{S}/o", "--from", f"{S}/model", "--teacher", "random"],
+        "--from",
+    ),
+    "adapt --from: other classes": (
+        ["adapt", "--support", f"{S}/three", "--out", f"{S}/o", "--from", f"{S}/model"],
+        "classes",
+    ),
+    "adapt --from: out inside the earlier model": ([*ADAPT, "--from", f"{S}/model", "--out", f"{S}/model/x"], "input"),
+    "suggest: missing model": (["suggest", "--model", f"{S}/nomodel", "--images", f"{S}/data/test/images"], "nomodel"),
+    "suggest: no images": (["suggest", "--model", f"{S}/model", "--images", f"{S}/mine"], "no images"),
+    "suggest: negative top": ([*SUGGEST, "--top", "-1"], "--top"),
+    "suggest: json over the user's json": ([*SUGGEST, "--json", f"{S}/notes.json", "--overwrite"], "not written"),
+    "suggest: json inside the model": ([*SUGGEST, "--json", f"{S}/model/s.json"], "input"),
     "demo: unknown dataset": (["demo", "--datasets", "nosuch", "--out", f"{S}/o"], "nosuch"),
     "demo: over a model adapt wrote": (["demo", "--out", f"{S}/model", "--overwrite"], "distillfss adapt"),
 }
@@ -479,6 +505,13 @@ def test_bad_input_sweep_api_and_app(sandbox) -> None:
             [sandbox / "none.png"], [sandbox / "none.png"]
         ),
         "load a folder that is no model": lambda: FewShotSegmenter.load(sandbox / "pred"),
+        "warm start before any fit": lambda: FewShotSegmenter(**API_OPTIONS).fit(
+            [np.zeros((20, 20, 3), np.uint8)], [np.ones((20, 20), np.uint8)], warm_start=True
+        ),
+        "warm start with other classes": lambda: FewShotSegmenter.load(sandbox / "model").fit(
+            [np.zeros((20, 20, 3), np.uint8)], [np.ones((20, 20), np.uint8)], classes=["other"], warm_start=True
+        ),
+        "suggest before any fit": lambda: FewShotSegmenter(**API_OPTIONS).suggest([np.zeros((20, 20, 3), np.uint8)]),
     }
     try:
         from distillfss.app import Workspace

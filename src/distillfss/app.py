@@ -429,6 +429,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             f"Workspace: `{ws.root}` (everything this page writes goes there)."
         )
         status = gr.Markdown(elem_id="status")
+        estimate = gr.Markdown(elem_id="estimate")  # after an adaptation: how good the model is likely to be
         with gr.Tab("1 · Label", id="label"):
             with gr.Row():
                 class_text = gr.Textbox(
@@ -494,7 +495,6 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
                 adapt_btn = gr.Button("Adapt", variant="primary", elem_id="adapt")
                 cancel_btn = gr.Button("Cancel", elem_id="cancel")
             progress = gr.Markdown(elem_id="progress")
-            estimate = gr.Markdown(elem_id="estimate")
             curve = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="curve")
         with gr.Tab("3 · Segment", id="segment"):
             with gr.Row():

@@ -248,6 +248,7 @@ def run_cell(
     configs: dict[str, AdaptConfig] = {}
     plateaus: dict[str, tuple[tuple[int, float], ...]] = {}
     unlabeled_counts: dict[str, int] = {}
+    estimates: dict[str, dict] = {}  # what adapt estimated from the support set alone, beside the test mIoU
     for m in (m for m in UNTRAINED if m in cell.methods and m not in predictors):  # a seeded random start
         predictors[m] = Predictor(_start(None, backbone, cell), mcfg.image_size, prep.support, scale=prep.scale)
         seconds[m] = 0.0
@@ -287,6 +288,7 @@ def run_cell(
             predictors[m] = Predictor(model, mcfg.image_size, support, vote_chunk=cell.vote_chunk, scale=prep.scale)
             seconds[m] = (result.teacher_seconds + prep.encode_seconds) if is_teacher else (result.seconds + extra)
             configs[m] = result.config
+            estimates[m] = result.estimate.to_dict()
             if unlabeled:
                 unlabeled_counts[m] = 0 if pool is None else len(pool)
             focal = "focal_teacher" if is_teacher else "focal_student"
@@ -321,6 +323,7 @@ def run_cell(
                 "ms_per_image": round(ev.seconds_per_image * 1000, 1),
                 "n_images": ev.n_images,
                 "adapt": configs[method].to_dict() if method in configs else None,
+                "estimate": estimates.get(method),
                 "unlabeled_images": unlabeled_counts.get(method),
                 "baseline_settings": prep.settings.get(method),
                 "image_size": cell.probe_size if is_baseline else mcfg.image_size,

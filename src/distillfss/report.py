@@ -188,6 +188,123 @@ def large_image_memory() -> list[str]:
     ]
 
 
+def loop() -> list[str]:
+    """The interactive loop with a simulated user (``benchmarks/loop.py``: ``loop.json``), if measured: suggested
+    against random order, warm start against scratch, and the estimate against the test mIoU."""
+    import numpy as np
+
+    from .stats import mean_std
+
+    path = DOCS / "results" / "loop.json"
+    if not path.is_file():
+        return []
+    d = _load(path)
+    rows = d["rows"]
+    chains = sorted({(r["dataset"], r["draw"], r["seed"]) for r in rows})
+    key = lambda r: (r["dataset"], r["draw"], r["seed"])  # noqa: E731
+    at = {(key(r), r["order"], r["start"], r["k"]): r for r in rows}
+    sched = d["schedule"]
+    names = sorted({c[0] for c in chains})
+    lines = [
+        "## The interactive loop: suggested order, warm start, the estimate",
+        "",
+        f"Made by {_provenance(d)}. A simulated user on {len(chains)} (dataset, draw, seed) chains "
+        f"({', '.join(names)}): one labelled train image, then four more one at a time (ground-truth masks stand in "
+        "for the user's), in the draw's random order or in `suggest`'s order; K = 1 adapted from the shipped teacher, "
+        f"every later K warm-started from the model before it ({sched['warm']['iterations']} teacher + "
+        f"{sched['warm']['fast_iterations']} student steps; from scratch {sched['scratch']['iterations']} + "
+        f"{sched['scratch']['fast_iterations']}, the demo's schedule). Test mIoU (%), mean ± std over the chains.",
+        "",
+        "| order | " + " | ".join(f"K = {k}" for k in range(1, 6)) + " |",
+        "|---|" + "---|" * 5,
+    ]
+    for order in ("random", "suggested"):
+        cells = []
+        for k in range(1, 6):
+            vals = [at[(c, "start" if k == 1 else order, "scratch" if k == 1 else "warm", k)]["miou"] for c in chains]
+            cells.append("{:.1f} ± {:.1f}".format(*mean_std(vals)))
+        lines.append(f"| {order} | " + " | ".join(cells) + " |")
+    sug = [at[(c, "suggested", "warm", 5)]["miou"] for c in chains]
+    rnd = [at[(c, "random", "warm", 5)]["miou"] for c in chains]
+    scr = [at[(c, "random", "scratch", 5)] for c in chains]
+    warm_rows = [at[(c, "random", "warm", 5)] for c in chains]
+    cmp_s = paired_comparison(sug, rnd)
+    cmp_w = paired_comparison([r["miou"] for r in warm_rows], [r["miou"] for r in scr])
+    lines += [
+        "",
+        f"Suggested minus random order at K = 5: {cmp_s.mean:+.1f} [{cmp_s.low:+.1f}, {cmp_s.high:+.1f}] mIoU points "
+        f"over {cmp_s.n} paired chains: {cmp_s.verdict}.",
+        "",
+        f"Warm start (K = 4 model + the fifth image) minus adapting K = 5 from scratch: {cmp_w.mean:+.1f} "
+        f"[{cmp_w.low:+.1f}, {cmp_w.high:+.1f}] mIoU points over {cmp_w.n} paired chains: {cmp_w.verdict} (its "
+        "time: the next section).",
+        "",
+        "The estimate `adapt` reports (leave-one-image-out probe predictions on the support set) against the test "
+        "mIoU of the same model, random order (K = 5 also from scratch):",
+        "",
+        "| K | models | with an estimate | mean abs. error | mean error (estimate - test) | correlation | test "
+        "mIoU inside the interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups = {
+        "1": [at[(c, "start", "scratch", 1)] for c in chains],
+        "2": [at[(c, "random", "warm", 2)] for c in chains],
+        "5": [*warm_rows, *scr],
+    }
+    for k, models in groups.items():
+        est = [r for r in models if r["estimate"]["miou"] is not None]
+        if not est:
+            lines.append(f"| {k} | {len(models)} | 0 (interval 0-100: no estimate from one image) | | | | |")
+            continue
+        e = np.array([r["estimate"]["miou"] for r in est])
+        t = np.array([r["miou"] for r in est])
+        inside = np.mean([r["estimate"]["low"] <= r["miou"] <= r["estimate"]["high"] for r in est])
+        corr = float(np.corrcoef(e, t)[0, 1]) if len(est) > 2 and e.std() > 0 and t.std() > 0 else float("nan")
+        lines.append(
+            f"| {k} | {len(models)} | {len(est)} | {np.abs(e - t).mean():.1f} | {(e - t).mean():+.1f} | "
+            f"{corr:.2f} | {100 * inside:.0f} % |"
+        )
+    per = []
+    for name in names:
+        est = [r for r in rows if r["dataset"] == name and r["k"] in (2, 5) and r["order"] != "suggested"]
+        if est:
+            err = np.mean([abs(r["estimate"]["miou"] - r["miou"]) for r in est])
+            per.append(f"{name} {err:.1f}")
+    lines += ["", "Mean absolute error of the estimate by dataset (K = 2 and 5): " + ", ".join(per) + ".", ""]
+    return lines
+
+
+def preview_time() -> list[str]:
+    """Seconds from saving a mask to the app's preview (``benchmarks/preview_time.py``), if measured."""
+    path = DOCS / "results" / "preview_time.json"
+    if not path.is_file():
+        return []
+    d = _load(path)
+    from .stats import mean_std
+
+    ks = sorted({r["k"] for r in d["rows"]})
+    cells = []
+    for k in ks:
+        vals = [r["seconds"] for r in d["rows"] if r["k"] == k]
+        cells.append("{:.1f} ± {:.1f}".format(*mean_std(vals)))
+    adapt = {r["start"]: r["seconds"] for r in d["adapt"]}
+    return [
+        "## Waiting times of the loop",
+        "",
+        f"Made by {_provenance(d)}. Seconds from saving the K-th mask to the preview of the workspace "
+        f"({d['images']} images of {d['dataset']}, {d['size']} px: the unlabeled ones, and each labelled one from a "
+        f"probe fitted without it; the app's save and preview functions); mean ± std over {d['repeats']} repeats.",
+        "",
+        "| " + " | ".join(f"K = {k}" for k in ks) + " |",
+        "|" + "---|" * len(ks),
+        "| " + " | ".join(cells) + " |",
+        "",
+        f"Adapt again at K = 5 ({d['dataset']}, default steps, one seed): {adapt['warm']:.0f} s warm-started from the "
+        f"K = 4 model against {adapt['scratch']:.0f} s from the shipped teacher.",
+        "",
+    ]
+
+
 def build() -> str:
     parts = [
         "# Results",
@@ -198,6 +315,8 @@ def build() -> str:
         *headline(_load(DOCS / "results" / "headline.json")),
         *removed(),
         "",
+        *loop(),
+        *preview_time(),
         *large_images(),
         *throughput(),
         *large_image_memory(),

@@ -1,0 +1,182 @@
+"""The interactive loop: the accuracy estimate, warm starts (adapt --from), suggest and the live preview."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ADAPT, write_dataset
+from PIL import Image
+
+from distillfss.cli import main
+from distillfss.config import AdaptConfig, warm_config
+from distillfss.estimate import estimate_accuracy
+from distillfss.fast import fit_label_probes
+from distillfss.preview import Preview, disagreement
+from distillfss.teacher import encode_support
+
+
+def _squares(n: int, noise: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 64 px images with one bright square each, labelled by it (or, ``noise``, by random pixels)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 64, 64, generator=gen) * 0.2
+    y = torch.zeros(n, 64, 64, dtype=torch.long)
+    for i in range(n):
+        r, c = 8 + 4 * i, 40 - 4 * i
+        x[i, :, r : r + 16, c : c + 16] = 0.9
+        y[i, r : r + 16, c : c + 16] = 1
+    if noise:
+        y = (torch.rand(n, 64, 64, generator=gen) < 0.1).long()
+    return x, y
+
+
+def _estimate(lite0_64, x, y, seed=0):  # noqa: ANN001, ANN202
+    support = encode_support(lite0_64, x, y, 1)
+    return estimate_accuracy(support, y, fit_label_probes(lite0_64, support, y), seed)
+
+
+def test_the_estimate_follows_how_learnable_the_labels_are_and_its_interval_holds_it(lite0_64) -> None:
+    clear = _estimate(lite0_64, *_squares(4))
+    x, y = _squares(4, noise=True)
+    noise = _estimate(lite0_64, x, y)
+    for e in (clear, noise):
+        assert 0 <= e.low <= e.miou <= e.high <= 100 and e.images == 4
+        assert e.gain is not None and e.gain_low <= e.gain <= e.gain_high
+        assert "estimated mIoU on new images" in e.advice
+    assert clear.miou > 60 and noise.miou < 30, (clear, noise)
+    assert _estimate(lite0_64, *_squares(4)) == clear  # seeded: the same support gives the same estimate
+
+
+def test_one_support_image_gives_no_estimate_and_an_interval_that_says_so(lite0_64) -> None:
+    e = _estimate(lite0_64, *_squares(1))
+    assert e.miou is None and (e.low, e.high) == (0.0, 100.0) and e.gain is None
+    assert "label a second" in e.advice
+    two = _estimate(lite0_64, *_squares(2))  # two images: an estimate, but no trend yet
+    assert two.miou is not None and two.gain is None and "third" in two.advice
+
+
+def test_a_warm_start_runs_a_third_of_the_steps_unless_the_user_set_them() -> None:
+    cfg = AdaptConfig()
+    assert (warm_config(cfg).iterations, warm_config(cfg).fast_iterations) == (20, 67)
+    kept = warm_config(AdaptConfig(iterations=9, fast_iterations=10), given=["iterations"])
+    assert (kept.iterations, kept.fast_iterations) == (9, 4)
+
+
+def test_disagreement_is_0_for_equal_maps_and_100_for_disjoint_ones() -> None:
+    a = np.zeros((8, 8), np.uint8)
+    b = a.copy()
+    a[:4], b[4:] = 1, 1
+    assert disagreement(a, a, 1) == 0.0 and disagreement(a, b, 1) == 100.0
+    assert disagreement(np.zeros_like(a), np.zeros_like(a), 2) == 0.0  # no foreground either side: agreement
+
+
+def test_adapt_from_continues_the_earlier_model_and_leaves_it_alone(tmp_path, capsys) -> None:
+    data = write_dataset(tmp_path / "data", n_train=5, n_test=2)
+    first = tmp_path / "m3"
+    assert main(["adapt", "--support", str(data), "--shots", "3", "--out", str(first), *TINY_ADAPT]) == 0
+    config = json.loads((first / "config.json").read_text())
+    assert (first / "teacher.safetensors").is_file()
+    assert set(config["estimate"]) >= {"miou", "low", "high", "gain", "advice"}
+    assert config["estimate"]["advice"] in capsys.readouterr().out  # the CLI prints it
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    out = tmp_path / "m4"
+    argv = ["adapt", "--support", str(data), "--shots", "4", "--from", str(first), "--out", str(out)]
+    assert main([*argv, "--config", TINY_ADAPT[-1]]) == 0
+    warm = json.loads((out / "config.json").read_text())
+    assert warm["teacher_init"].startswith("warm start from")
+    assert warm["model"] == config["model"] and warm["classes"] == config["classes"]
+    assert warm["adapt"]["iterations"] == -(-AdaptConfig.iterations // 3)  # not given: a third
+    assert warm["adapt"]["fast_iterations"] == 2  # given in the config file: kept
+    assert warm["probe"]["cv"] == "kept from the earlier adaptation" and warm["support"]["shots"] == 4
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    # the warm start starts from the earlier student: with one step of a zero learning rate it is that student
+    same = tmp_path / "same"
+    (tmp_path / "lr0.yaml").write_text("fast_iterations: 1\nlr: 0.0\n")
+    assert main([*argv[:-1], str(same), "--iterations", "1", "--config", str(tmp_path / "lr0.yaml")]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapt_from_a_folder_without_its_teacher_is_refused_by_name(tmp_path, capsys) -> None:
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
+    first = tmp_path / "m"
+    assert main(["adapt", "--support", str(data), "--shots", "2", "--out", str(first), *TINY_ADAPT]) == 0
+    old = tmp_path / "old"
+    shutil.copytree(first, old)
+    (old / "teacher.safetensors").unlink()  # a folder an earlier version wrote
+    capsys.readouterr()
+    assert main(["adapt", "--support", str(data), "--from", str(old), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.safetensors" in err and str(old) in err and not (tmp_path / "o").exists()
+
+
+def test_suggest_ranks_every_image_once_highest_score_first(tmp_path, capsys) -> None:
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=5)
+    model = tmp_path / "m"
+    assert main(["adapt", "--support", str(data), "--shots", "2", "--out", str(model), *TINY_ADAPT]) == 0
+    images = data / "test" / "images"
+    assert (
+        main(
+            [
+                "suggest",
+                "--model",
+                str(model),
+                "--images",
+                str(images),
+                "--top",
+                "2",
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
+    ranking = json.loads((tmp_path / "s.json").read_text())["ranking"]
+    assert sorted(Path(r["image"]).name for r in ranking) == sorted(p.name for p in images.iterdir())
+    scores = [r["score"] for r in ranking]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 100 for s in scores)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(printed) == 2 and ranking[0]["image"] in printed[0]
+
+
+def test_preview_predicts_the_others_and_each_labelled_image_without_its_own_mask(tmp_path, lite0_64) -> None:
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
+    images = sorted((data / "train" / "images").iterdir())
+    masks = {p.stem: data / "train" / "masks" / p.name for p in images}
+    before = {p: p.read_bytes() for p in (*images, *masks.values())}
+    preview = Preview(lite0_64, 64)
+    one = preview.run({images[0].stem: (images[0], masks[images[0].stem])}, {p.stem: p for p in images[1:]}, 1)
+    assert sorted(one) == sorted(p.stem for p in images[1:])  # a single labelled image is not predicted
+    labelled = {p.stem: (p, masks[p.stem]) for p in images[:2]}
+    out = preview.run(labelled, {p.stem: p for p in images[2:]}, 1)
+    assert sorted(out) == sorted(p.stem for p in images)
+    for p in images:
+        assert out[p.stem].shape == np.asarray(Image.open(p)).shape[:2] and out[p.stem].dtype == np.uint8
+    # a labelled image's preview does not use its own mask: blanking that mask leaves its preview unchanged
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(masks[images[0].stem])))).save(blank)
+    again = preview.run({images[0].stem: (images[0], blank), images[1].stem: labelled[images[1].stem]}, {}, 1)
+    assert np.array_equal(again[images[0].stem], out[images[0].stem])
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_api_estimate_and_warm_start_through_a_saved_folder(tmp_path, k) -> None:
+    from distillfss import FewShotSegmenter
+
+    data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
+    images = sorted((data / "train" / "images").iterdir())
+    masks = [data / "train" / "masks" / p.name for p in images]
+    options = {"backbone": "efficientnet_lite0", "image_size": 64, "iterations": 1, "fast_iterations": 2}
+    seg = FewShotSegmenter(**options).fit(images[:k], masks[:k])
+    assert seg.estimate is not None and (seg.estimate["miou"] is None) == (k == 1)
+    seg.save(tmp_path / "m")
+    again = FewShotSegmenter.load(tmp_path / "m").fit(images[: k + 1], masks[: k + 1], warm_start=True)
+    assert again.meta["support"]["shots"] == k + 1 and again.estimate["images"] == k + 1
+    assert again.predict(images[0]).shape == np.asarray(Image.open(images[0])).shape[:2]
