@@ -2,6 +2,8 @@
 
     python benchmarks/loop.py --out docs/results/loop.json [--data all] [--draws 0,1,2] [--seeds 0]
 
+Run again with the same --out, it resumes: finished chains are kept.
+
 For every bundled dataset, support draw and seed, a user who starts from one labelled train image (the draw's first)
 and adds four more, one at a time, the ground-truth masks standing in for the user's:
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -123,9 +126,19 @@ def main() -> int:
         "rows": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.is_file():  # resume: the chains a stopped run finished are kept, with the provenance they had
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("schedule") != result["schedule"]:
+            raise SystemExit(f"{args.out}: made with another schedule; give another --out")
+        resumed = {**result["provenance"], "chains_before": len({(r["dataset"], r["draw"]) for r in earlier["rows"]})}
+        result = {**earlier, "provenance": {**earlier["provenance"]}}
+        result["provenance"]["resumed"] = [*earlier["provenance"].get("resumed", []), resumed]
+    done = {(r["dataset"], r["draw"], r["seed"]) for r in result["rows"]}
     for name in names:
         for draw in draws:
             for seed in seeds:
+                if (name, draw, seed) in done:
+                    continue
                 result["rows"] += chain(name, draw, seed)
                 write_json_atomic(args.out, result)  # a stopped run keeps its finished chains
     return 0

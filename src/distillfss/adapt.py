@@ -7,6 +7,9 @@ Stages, all from one seeded random state (so a run depends on its inputs and ``c
    paper's student, that student trains beside it (``mode`` joint, the original's loss) or after it (two_stage).
 2. **DistillFSS**: the fast student (default, ``fast``) is distilled from the frozen, adapted teacher on a bank of
    views of the support and unlabeled images; or the paper's student is refined on unlabeled images (``refine``).
+3. **The estimate** of the model's mIoU on new images, from the support set alone (``estimate``).
+
+A warm start (``adapt --from``) passes the earlier adaptation's teacher, student and probe settings.
 
 Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen, never moved:
 it must already be on the images' device), and the run's random state and deterministic-algorithms setting are

@@ -224,8 +224,9 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
             prep.fixed_seconds[name] = time.perf_counter() - t0
             prep.settings[name] = model.settings
             prep.fixed[name] = Predictor(model, cell.probe_size)
-    if any(m in ROWS and row_config(cell.adapt_cfg, m).student == "fast" for m in wanted):
-        # the probe baseline at the model's size is the fast student's full label probe: fitted once
+    if any(m in ROWS for m in wanted):
+        # the probe baseline at the model's size is the fast student's full label probe (and the estimate's): fitted
+        # once
         same = cell.probe_size == mcfg.image_size and "linear_probe" in prep.fixed
         full = prep.fixed["linear_probe"].model if same else None
         t0 = time.perf_counter()
@@ -277,7 +278,7 @@ def run_cell(
             progress=False,
             log_path=None if log_to is None else log_to(tag),
             support=prep.support,
-            probes=prep.probes if cfg.method == "distill" and cfg.student == "fast" else None,
+            probes=prep.probes,
         )
         extra = prep.encode_seconds + (prep.probe_seconds if result.config.student == "fast" else 0.0)
         for m in names:
