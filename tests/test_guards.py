@@ -459,7 +459,7 @@ CLI_CASES = {
         "--from",
     ),
     "adapt --from: other classes": (
-        ["adapt", "--support", f"{S}/three", "--out", f"{S}/o", "--from", f"{S}/model"],
+        ["adapt", "--support", f"{S}/three", "--shots", "2", "--out", f"{S}/o", "--from", f"{S}/model"],
         "classes",
     ),
     "adapt --from: out inside the earlier model": ([*ADAPT, "--from", f"{S}/model", "--out", f"{S}/model/x"], "input"),

@@ -74,14 +74,26 @@ def test_disagreement_is_0_for_equal_maps_and_100_for_disjoint_ones() -> None:
     assert disagreement(np.zeros_like(a), np.zeros_like(a), 2) == 0.0  # no foreground either side: agreement
 
 
-def test_adapt_from_continues_the_earlier_model_and_leaves_it_alone(tmp_path, capsys) -> None:
-    data = write_dataset(tmp_path / "data", n_train=5, n_test=2)
-    first = tmp_path / "m3"
-    assert main(["adapt", "--support", str(data), "--shots", "3", "--out", str(first), *TINY_ADAPT]) == 0
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A dataset (5 train, 5 test images), a model adapt wrote on 3 of them, and what adapt printed."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("loop")
+    data = write_dataset(root / "data", n_train=5, n_test=5)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["adapt", "--support", str(data), "--shots", "3", "--out", str(root / "m3"), *TINY_ADAPT]) == 0
+    return data, root / "m3", printed.getvalue()
+
+
+def test_adapt_from_continues_the_earlier_model_and_leaves_it_alone(adapted, tmp_path) -> None:
+    data, first, printed = adapted
     config = json.loads((first / "config.json").read_text())
     assert (first / "teacher.safetensors").is_file()
     assert set(config["estimate"]) >= {"miou", "low", "high", "gain", "advice"}
-    assert config["estimate"]["advice"] in capsys.readouterr().out  # the CLI prints it
+    assert config["estimate"]["advice"] in printed  # the CLI prints it
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     out = tmp_path / "m4"
     argv = ["adapt", "--support", str(data), "--shots", "4", "--from", str(first), "--out", str(out)]
@@ -91,7 +103,7 @@ def test_adapt_from_continues_the_earlier_model_and_leaves_it_alone(tmp_path, ca
     assert warm["model"] == config["model"] and warm["classes"] == config["classes"]
     assert warm["adapt"]["iterations"] == -(-AdaptConfig.iterations // 3)  # not given: a third
     assert warm["adapt"]["fast_iterations"] == 2  # given in the config file: kept
-    assert warm["probe"]["cv"] == "kept from the earlier adaptation" and warm["support"]["shots"] == 4
+    assert warm["probe"]["cv"].startswith("fixed") and warm["support"]["shots"] == 4
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     # the warm start starts from the earlier student: with one step of a zero learning rate it is that student
     same = tmp_path / "same"
@@ -103,10 +115,8 @@ def test_adapt_from_continues_the_earlier_model_and_leaves_it_alone(tmp_path, ca
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adapt_from_a_folder_without_its_teacher_is_refused_by_name(tmp_path, capsys) -> None:
-    data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
-    first = tmp_path / "m"
-    assert main(["adapt", "--support", str(data), "--shots", "2", "--out", str(first), *TINY_ADAPT]) == 0
+def test_adapt_from_a_folder_without_its_teacher_is_refused_by_name(adapted, tmp_path, capsys) -> None:
+    data, first, _ = adapted
     old = tmp_path / "old"
     shutil.copytree(first, old)
     (old / "teacher.safetensors").unlink()  # a folder an earlier version wrote
@@ -116,10 +126,8 @@ def test_adapt_from_a_folder_without_its_teacher_is_refused_by_name(tmp_path, ca
     assert "teacher.safetensors" in err and str(old) in err and not (tmp_path / "o").exists()
 
 
-def test_suggest_ranks_every_image_once_highest_score_first(tmp_path, capsys) -> None:
-    data = write_dataset(tmp_path / "data", n_train=4, n_test=5)
-    model = tmp_path / "m"
-    assert main(["adapt", "--support", str(data), "--shots", "2", "--out", str(model), *TINY_ADAPT]) == 0
+def test_suggest_ranks_every_image_once_highest_score_first(adapted, tmp_path, capsys) -> None:
+    data, model, _ = adapted
     images = data / "test" / "images"
     assert (
         main(
@@ -166,17 +174,16 @@ def test_preview_predicts_the_others_and_each_labelled_image_without_its_own_mas
     assert {p: p.read_bytes() for p in before} == before
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_api_estimate_and_warm_start_through_a_saved_folder(tmp_path, k) -> None:
+def test_api_estimate_and_warm_start_through_a_saved_folder(tmp_path) -> None:
     from distillfss import FewShotSegmenter
 
     data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
     images = sorted((data / "train" / "images").iterdir())
     masks = [data / "train" / "masks" / p.name for p in images]
     options = {"backbone": "efficientnet_lite0", "image_size": 64, "iterations": 1, "fast_iterations": 2}
-    seg = FewShotSegmenter(**options).fit(images[:k], masks[:k])
-    assert seg.estimate is not None and (seg.estimate["miou"] is None) == (k == 1)
+    seg = FewShotSegmenter(**options).fit(images[:1], masks[:1])
+    assert seg.estimate is not None and seg.estimate["miou"] is None  # one image: no estimate
     seg.save(tmp_path / "m")
-    again = FewShotSegmenter.load(tmp_path / "m").fit(images[: k + 1], masks[: k + 1], warm_start=True)
-    assert again.meta["support"]["shots"] == k + 1 and again.estimate["images"] == k + 1
+    again = FewShotSegmenter.load(tmp_path / "m").fit(images[:2], masks[:2], warm_start=True)
+    assert again.meta["support"]["shots"] == 2 and again.estimate["images"] == 2
     assert again.predict(images[0]).shape == np.asarray(Image.open(images[0])).shape[:2]

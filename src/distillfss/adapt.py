@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .backbones import FrozenBackbone, check_on, place
+from .baselines import QUICK
 from .config import AdaptConfig, ModelConfig
 from .errors import UserError
 from .estimate import Estimate, estimate_accuracy
@@ -111,8 +112,9 @@ def adapt(
         teacher.eval()
         teacher_seconds = time.perf_counter() - t0
         student: Student | FastStudent | None = paper
-        if probes is None:
-            probes = fit_label_probes(backbone, support, labels, settings=probe_settings)
+        if probes is None:  # the fast student's labellers (their settings searched), else the estimate's (fixed)
+            fast = cfg.method == "distill" and cfg.student == "fast"
+            probes = fit_label_probes(backbone, support, labels, settings=probe_settings or (None if fast else QUICK))
         if cfg.method == "distill" and cfg.student == "fast":
             student = distill_fast(
                 teacher, support, images, labels, cfg, unlabeled, probes, gen, progress, record, student_init

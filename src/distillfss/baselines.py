@@ -26,6 +26,7 @@ from .losses import IGNORE
 
 LEVEL_SETS: dict[str, tuple[int, ...]] = {"all": (4, 8, 16, 32), "fine": (4, 8), "coarse": (16, 32)}
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3)  # most regularised first: it wins ties
+QUICK = {"l2": 0.1, "levels": "all", "balanced": True}  # fixed settings where there is no time for the search
 CV_PIXELS = 8192  # pixels per cross-validation fit (a seeded, fixed subsample): keeps the search to seconds
 
 

@@ -58,7 +58,7 @@ def fit_label_probes(
         full = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
         full.fit_features(support.pyramid, labels)
         if settings:
-            full.settings = {**full.settings, "cv": "kept from the earlier adaptation"}
+            full.settings = {**full.settings, "cv": "fixed (kept from an earlier adaptation, or quick)"}
     fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
     without = []
     for i in range(m if m > 1 else 0):

@@ -1,7 +1,7 @@
 """Quick predictions while labelling, and the ranking of what to label next.
 
-**Preview** (the app's Label tab): a linear probe on the frozen backbone's features with fixed settings (``PROBE``,
-no cross-validation search), fitted in about a second; every image is fitted into one window at the working size.
+**Preview** (the app's Label tab): a linear probe on the frozen backbone's features with fixed settings
+(``baselines.QUICK``, no cross-validation search), fitted in about a second; every image is fitted into one window at the working size.
 After each saved mask the app shows the probe's predictions of the unlabeled images (fitted on every labelled one)
 and of each labelled image (fitted on the others: what a model that never saw it makes of it). Images are read and
 encoded once (cached by path and modification time).
@@ -21,20 +21,20 @@ import torch
 from torch import Tensor
 
 from .backbones import FrozenBackbone, build_backbone, place
-from .baselines import LinearProbe
+from .baselines import QUICK, LinearProbe
 from .data.folder import load_image, load_mask
 from .predictor import Predictor
 from .tiling import support_windows
 
-PROBE = {"l2": 0.1, "levels": "all", "balanced": True}  # the preview's fixed settings (no search: seconds)
 MAX_SHOWN = 16  # images a preview predicts (labelled ones first, then unlabeled ones in name order)
 
 
 def quick_probe(
     backbone: FrozenBackbone, images: Tensor, labels: Tensor, num_classes: int, settings: Mapping | None = None
 ) -> LinearProbe:
-    """A linear probe fitted on (K, 3, S, S) images and (K, S, S) labels with fixed settings (default ``PROBE``)."""
-    fixed = {k: (settings or PROBE)[k] for k in ("l2", "levels", "balanced")}
+    """A linear probe fitted on (K, 3, S, S) images and (K, S, S) labels with fixed settings (default
+    ``baselines.QUICK``: no search)."""
+    fixed = {k: (settings or QUICK)[k] for k in ("l2", "levels", "balanced")}
     probe = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
     probe.fit(images, labels)
     return probe.eval()
