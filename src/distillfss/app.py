@@ -479,7 +479,8 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
             )
             next_table = gr.Dataframe(
                 value=label_next(state["seg"]),
-                label="Label next (after adapting: where the student and a probe disagree most)",
+                label="Label next (after adapting: where the student and a probe disagree most; measured: no better "
+                "than random order yet)",
                 interactive=False,
                 elem_id="label-next",
             )
