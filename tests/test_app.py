@@ -180,8 +180,8 @@ def _label(page, stem: str) -> None:
     saved = page.get_by_text(f"saved the mask of {stem}")
     before = saved.count()
     unpainted = page.get_by_text(f"{stem}: the mask has no class pixel")
-    for _ in range(3):  # on a loaded machine the picked image can arrive after the stroke and clear it
-        page.wait_for_timeout(1000)
+    for attempt in range(3):  # on a loaded machine the picked image can arrive after the stroke and clear it
+        page.wait_for_timeout(500 * (attempt + 1))
         errors = unpainted.count()
         _paint_stroke(page)
         page.locator("#save-mask").click()

@@ -237,6 +237,7 @@ def test_refined_rows_use_the_train_pool_outside_the_support(tmp_path) -> None:
     assert rows["prototype"]["baseline_settings"]["levels"] in ("all", "fine", "coarse")
 
 
+@pytest.mark.slow  # about 12 s: CI runs it (.ci/run)
 def test_a_benchmark_killed_mid_cell_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
     import distillfss.benchmark as bench
     from distillfss.protocol import run_seeds

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_ADAPT, write_dataset
 from PIL import Image
 
+from distillfss.baselines import QUICK
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, warm_config
 from distillfss.estimate import estimate_accuracy
@@ -36,7 +37,7 @@ def _squares(n: int, noise: bool = False, seed: int = 0) -> tuple[torch.Tensor, 
 
 def _estimate(lite0_64, x, y, seed=0):  # noqa: ANN001, ANN202
     support = encode_support(lite0_64, x, y, 1)
-    return estimate_accuracy(support, y, fit_label_probes(lite0_64, support, y), seed)
+    return estimate_accuracy(support, y, fit_label_probes(lite0_64, support, y, settings=QUICK), seed)
 
 
 def test_the_estimate_follows_how_learnable_the_labels_are_and_its_interval_holds_it(lite0_64) -> None:
