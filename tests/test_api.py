@@ -114,6 +114,7 @@ def test_readme_python_example_runs_on_the_demo_data(tmp_path: Path, monkeypatch
     assert (tmp_path / "nuclei.onnx").is_file()
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_on_step_sees_every_step_and_can_stop_the_fit(tmp_path: Path) -> None:
     """What the app's progress bar and Cancel button rely on: each step's row, and an exception that ends the fit
     with nothing fitted or written."""

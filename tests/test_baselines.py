@@ -31,6 +31,7 @@ def test_simple_baselines_separate_an_obvious_class(lite0_64, cls) -> None:
     assert inter / union > 0.6
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_probe_settings_are_chosen_on_the_support_set_and_recorded(lite0_64) -> None:
     images, labels = _blocks(3)
     probe = LinearProbe(lite0_64, num_classes=1)

@@ -102,6 +102,7 @@ def test_evaluate_per_image_matches_a_per_image_confusion_matrix(student_dir, mu
                 assert abs(row[name] - ref[name]) < 1e-3
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -> None:
     from distillfss.model_io import load_model
 
@@ -219,6 +220,7 @@ def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None
     assert config["classes"] == ["background", "class1"]  # dataset.json one level up is found
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_adapt_can_start_from_a_saved_teacher(tmp_path, binary_dataset, multiclass_dataset) -> None:
     teacher = tmp_path / "teacher"
     base = ["adapt", "--shots", "2", *FAST]
@@ -312,6 +314,7 @@ def test_a_bad_config_file_is_one_line_naming_it_and_writes_nothing(tmp_path, bi
     assert not out.exists()
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_flags_win_over_the_config_file_and_the_model_records_the_result(tmp_path, binary_dataset) -> None:
     config = tmp_path / "adapt.json"
     config.write_text('{"iterations": 5, "fast_iterations": 2, "trainable": "B"}')

@@ -125,6 +125,7 @@ def test_fast_and_refinement_do_not_mix() -> None:
         AdaptConfig(fast_iterations=0)
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_cli_fast_student_saves_loads_predicts_and_exports(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "d", n_train=5)
     unlabeled = data / "train" / "images"

@@ -183,6 +183,7 @@ def test_evaluate_json_never_replaces_an_input_or_a_file_it_did_not_write(sandbo
     assert snapshot(sandbox) == before
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_speed_writes_nothing_by_default_and_never_replaces_a_file_it_did_not_write(
     sandbox, tmp_path, monkeypatch
 ) -> None:

@@ -56,6 +56,7 @@ def test_gathered_episode_keys_equal_attention_over_the_whole_support_restricted
         assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_adapt_with_capped_shots_is_deterministic_and_records_the_cap(lite0_64) -> None:
     images, labels = _support(6)
     cfg = ModelConfig(backbone="efficientnet_lite0", image_size=S, heads=2, num_classes=1)

@@ -67,6 +67,7 @@ def test_speed_table_gives_each_student_over_the_backbone_and_over_one_way() -> 
     assert "- teacher: time over the backbone's 1-way 2.00x" in text  # the support-cached row only
 
 
+@pytest.mark.slow  # a few seconds; CI runs the slow tests (.ci/run)
 def test_export_onnx_matches_pytorch_and_predicts(tmp_path, binary_dataset) -> None:
     model = tmp_path / "m"
     fast = [*SMALL_ADAPT, "--iterations", "1", "--shots", "2"]
