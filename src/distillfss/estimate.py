@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .backbones import place
 from .baselines import LinearProbe
 from .data.folder import IGNORE
-from .fast import LabelProbes
+from .fast import LabelProbes, probe_without
 from .teacher import EncodedSupport
 from .transfer import select
 
@@ -62,7 +61,7 @@ def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProb
     miou, low, high = _with_interval(held, picks)
     gain = gain_low = gain_high = None
     if m >= 3:
-        fewer = [_probe_without(support, labels, probes.full, (i, (i + 1) % m)) for i in range(m)]
+        fewer = [probe_without(support, labels, probes.full, (i, (i + 1) % m)) for i in range(m)]
         one_less = _held_out(support, labels, fewer, n_out)
         diff = (_miou(*held) - _miou(*one_less)).item(), _miou_boot(held, picks) - _miou_boot(one_less, picks)
         gain = diff[0]
@@ -89,15 +88,6 @@ def _advice(m: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa:
     if gain_low > 0:
         return f"{line}; labelling more is likely to help ({trend})"
     return f"{line}; whether labelling more helps is unclear ({trend})"
-
-
-def _probe_without(support: EncodedSupport, labels: Tensor, full: LinearProbe, left_out: tuple[int, ...]):  # noqa: ANN202
-    """A probe with ``full``'s settings fitted on every support image but ``left_out``."""
-    keep = torch.tensor([j for j in range(len(labels)) if j not in left_out], device=labels.device)
-    fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
-    probe = place(LinearProbe(full.backbone, full.num_classes, **fixed), labels.device)
-    probe.fit_features(select(support.pyramid, keep), labels[keep])
-    return probe
 
 
 def _held_out(support: EncodedSupport, labels: Tensor, probes: list[LinearProbe], n_out: int) -> tuple[Tensor, Tensor]:

@@ -59,14 +59,16 @@ def fit_label_probes(
         full.fit_features(support.pyramid, labels)
         if settings:
             full.settings = {**full.settings, "cv": "fixed (kept from an earlier adaptation, or quick)"}
+    return LabelProbes(full, [probe_without(support, labels, full, (i,)) for i in range(m if m > 1 else 0)])
+
+
+def probe_without(support: EncodedSupport, labels: Tensor, full: LinearProbe, left_out: tuple[int, ...]) -> LinearProbe:
+    """A probe with ``full``'s settings fitted on every encoded support image but those in ``left_out``."""
+    keep = torch.tensor([j for j in range(len(labels)) if j not in left_out], device=labels.device)
     fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
-    without = []
-    for i in range(m if m > 1 else 0):
-        keep = torch.tensor([j for j in range(m) if j != i], device=labels.device)
-        probe = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
-        probe.fit_features(select(support.pyramid, keep), labels[keep])
-        without.append(probe)
-    return LabelProbes(full, without)
+    probe = place(LinearProbe(full.backbone, full.num_classes, **fixed), labels.device)
+    probe.fit_features(select(support.pyramid, keep), labels[keep])
+    return probe
 
 
 @torch.no_grad()

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbones import FrozenBackbone, build_backbone, place
+from .backbones import FrozenBackbone, Pyramid, build_backbone, place
 from .baselines import QUICK, LinearProbe
 from .data.folder import load_image, load_mask
 from .predictor import Predictor
 from .tiling import support_windows
+from .transfer import select
 
 MAX_SHOWN = 16  # images a preview predicts (labelled ones first, then unlabeled ones in name order)
 
@@ -85,19 +86,22 @@ class Preview:
         if not windows:
             return out
         stems = list(windows)
+        owner = torch.cat([torch.full((len(windows[s][0]),), i) for i, s in enumerate(stems)])
+        x, y = torch.cat([w[0] for w in windows.values()]), torch.cat([w[1] for w in windows.values()])
+        pyramid = self.backbone(x)  # every labelled window encoded once, for all the probes below
         if len(stems) > 1:
-            for stem in stems[:MAX_SHOWN]:
-                rest = [s for s in stems if s != stem]
-                probe = self._fit([windows[s] for s in rest], num_classes)
+            for i, stem in enumerate(stems[:MAX_SHOWN]):
+                probe = self._fit(pyramid, y, owner != i, num_classes)
                 out[stem] = Predictor(probe, self.size).predict(self.image(labelled[stem][0]))
         targets = [s for s in others if s not in windows][: max(0, MAX_SHOWN - len(out))]
         if targets:
-            predictor = Predictor(self._fit(list(windows.values()), num_classes), self.size)
+            predictor = Predictor(self._fit(pyramid, y, owner >= 0, num_classes), self.size)
             for stem, labels in zip(targets, predictor.predict_batch([self.image(others[s]) for s in targets])):
                 out[stem] = labels
         return out
 
-    def _fit(self, windows: list[tuple[Tensor, Tensor]], num_classes: int) -> LinearProbe:
-        x = torch.cat([w[0] for w in windows])
-        y = torch.cat([w[1] for w in windows])
-        return quick_probe(self.backbone, x, y, num_classes)
+    def _fit(self, pyramid: Pyramid, labels: Tensor, keep: Tensor, num_classes: int) -> LinearProbe:
+        """A quick probe on the encoded windows where ``keep`` is True."""
+        probe = place(LinearProbe(self.backbone, num_classes, **QUICK), labels.device)
+        probe.fit_features(select(pyramid, keep), labels[keep])
+        return probe.eval()
