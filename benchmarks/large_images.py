@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from distillfss.data import load_split
 from distillfss.data.folder import load_image, load_mask
 from distillfss.demo import demo_root
 from distillfss.metrics import IoUMeter
-from distillfss.outputs import machine, timestamp, write_json_atomic
+from distillfss.outputs import provenance, write_json_atomic
 from distillfss.predictor import Predictor
 from distillfss.sampling import sample_support
 from distillfss.stats import mean_std, paired_comparison
@@ -153,14 +152,8 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result: dict = {
-        "provenance": {
-            "command": "python benchmarks/large_images.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": machine("cpu"),
-            "date": timestamp(),
-        },
+        "provenance": provenance("python benchmarks/large_images.py " + " ".join(sys.argv[1:])),
         "seeds": seeds,
         "shots": args.shots,
     }

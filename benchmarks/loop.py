@@ -23,7 +23,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from distillfss.config import warm_config
 from distillfss.data import class_sets, load_split
 from distillfss.demo import DEMO_ADAPT, demo_datasets, demo_root
 from distillfss.evaluate import evaluate_predictor
-from distillfss.outputs import machine, timestamp, write_json_atomic
+from distillfss.outputs import provenance, write_json_atomic
 from distillfss.sampling import sample_support
 
 STEPS = 5  # labelled images at the end of the loop
@@ -114,14 +113,8 @@ def main() -> int:
     draws = [int(d) for d in args.draws.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result: dict = {
-        "provenance": {
-            "command": "python benchmarks/loop.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": machine("cpu"),
-            "date": timestamp(),
-        },
+        "provenance": provenance("python benchmarks/loop.py " + " ".join(sys.argv[1:])),
         "schedule": {"scratch": SCRATCH, "warm": WARM, "adapt": dataclasses.asdict(DEMO_ADAPT)},
         "rows": [],
     }

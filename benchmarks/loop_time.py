@@ -14,7 +14,6 @@ Run it alone: it times wall seconds.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from distillfss import FewShotSegmenter
 from distillfss.app import Workspace, preview_panels
 from distillfss.data import class_sets, load_split
 from distillfss.demo import demo_root
-from distillfss.outputs import machine, timestamp, write_json_atomic
+from distillfss.outputs import provenance, write_json_atomic
 from distillfss.preview import Preview
 from distillfss.sampling import sample_support
 
@@ -77,15 +76,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows, n_images = preview_rows(args.repeats)
     result = {
-        "provenance": {
-            "command": "python benchmarks/loop_time.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": machine("cpu"),
-            "date": timestamp(),
-        },
+        "provenance": provenance("python benchmarks/loop_time.py " + " ".join(sys.argv[1:])),
         "dataset": DATASET,
         "images": n_images,
         "size": 256,

@@ -24,7 +24,7 @@ from PIL import Image
 from distillfss import FewShotSegmenter
 from distillfss.data import class_sets, load_split
 from distillfss.demo import demo_root
-from distillfss.outputs import machine, timestamp, write_json_atomic
+from distillfss.outputs import provenance, write_json_atomic
 from distillfss.sampling import sample_support
 
 
@@ -56,14 +56,8 @@ def main() -> int:
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         with Image.open(scratch / "labels" / "big.png") as labels:
             size = labels.size
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "provenance": {
-            "command": "python benchmarks/memory_large_image.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": machine("cpu"),
-            "date": timestamp(),
-        },
+        "provenance": provenance("python benchmarks/memory_large_image.py " + " ".join(sys.argv[1:])),
         "side": args.side,
         "labels_size": list(size),
         "peak_rss_mb": round(peak_mb, 1),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 
 from distillfss.backbones import build_backbone
 from distillfss.export import OnnxPredictor, export_onnx, quantize_int8
-from distillfss.outputs import machine, timestamp, write_json_atomic
+from distillfss.outputs import provenance, write_json_atomic
 from distillfss.predictor import Predictor
 from distillfss.student import build_fast_student
 
@@ -64,14 +63,8 @@ def main() -> int:
         for batch in (1, 8, 32):
             rows.append({"engine": name, "batch": batch, "images_per_second": round(rate(predictor, images, batch), 2)})
             print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "provenance": {
-            "command": "python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": machine(args.device),
-            "date": timestamp(),
-        },
+        "provenance": provenance("python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:]), args.device),
         "device": args.device,
         "threads": torch.get_num_threads(),
         "rows": rows,

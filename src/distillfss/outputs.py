@@ -349,6 +349,15 @@ def machine(device: torch.device | str = "cpu") -> str:
     return f"{cpu}, torch {torch.__version__}"
 
 
+def provenance(command: str, device: torch.device | str = "cpu", commit: str = "HEAD") -> dict[str, str]:
+    """What a result file records about how it was made: the command, the commit it ran at (short hash; empty
+    outside a git checkout or for an unknown commit), the machine and the date."""
+    import subprocess
+
+    found = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True)
+    return {"command": command, "commit": found.stdout.strip(), "machine": machine(device), "date": timestamp()}
+
+
 def timestamp() -> str:
     """Now, UTC, ISO 8601 to the second (when results and models were made)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -358,20 +358,12 @@ def _other_comparison(line: str) -> bool:
 def stamp(path: Path, commit: str, command: str) -> None:
     """Record in a result file the command that made it, the commit it ran at, the machine and the date (run it
     right after the command, on the same machine)."""
-    import subprocess
-
-    from .outputs import machine, timestamp, write_json_atomic
+    from .outputs import provenance, write_json_atomic
 
     d = _load(path)
-    found = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True)
-    if found.returncode != 0:
+    d["provenance"] = provenance(command, commit=commit)
+    if not d["provenance"]["commit"]:
         raise SystemExit(f"{commit}: not a commit of this repository")
-    d["provenance"] = {
-        "command": command,
-        "commit": found.stdout.strip(),
-        "machine": machine("cpu"),
-        "date": timestamp(),
-    }
     write_json_atomic(path, d)
 
 
