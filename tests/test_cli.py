@@ -117,7 +117,7 @@ def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -
 
 def test_transfer_saves_a_teacher_with_its_support(tmp_path, binary_dataset) -> None:
     out = tmp_path / "t"
-    args = ["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", "--method", "transfer"]
+    args = ["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", "--student", "none"]
     assert main([*args, *FAST]) == 0
     assert json.loads((out / "config.json").read_text())["kind"] == "teacher"
     pred = tmp_path / "p"
@@ -224,7 +224,7 @@ def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None
 def test_adapt_can_start_from_a_saved_teacher(tmp_path, binary_dataset, multiclass_dataset) -> None:
     teacher = tmp_path / "teacher"
     base = ["adapt", "--shots", "2", *FAST]
-    assert main([*base, "--support", str(binary_dataset), "--out", str(teacher), "--method", "transfer"]) == 0
+    assert main([*base, "--support", str(binary_dataset), "--out", str(teacher), "--student", "none"]) == 0
     out = tmp_path / "from_teacher"
     # a binary teacher starts a 3-class adaptation: its attention and decoder do not depend on the classes
     assert main([*base, "--support", str(multiclass_dataset), "--out", str(out), "--teacher", str(teacher)]) == 0
@@ -323,3 +323,15 @@ def test_flags_win_over_the_config_file_and_the_model_records_the_result(tmp_pat
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--config", str(config), *small]) == 0
     recorded = json.loads((out / "config.json").read_text())["adapt"]
     assert recorded["iterations"] == 1 and recorded["trainable"] == "B" and recorded["fast_iterations"] == 2
+
+
+def test_adapt_offers_at_most_twenty_options_and_the_rest_live_in_the_config_file() -> None:
+    from distillfss.cli import build_parser
+
+    adapt = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices.items()
+        if a[0] == "adapt"  # type: ignore[union-attr]
+    )[1]
+    flags = [a for a in adapt._actions if a.option_strings and a.option_strings != ["-h", "--help"]]
+    assert len(flags) <= 20, sorted(a.option_strings[0] for a in flags)

@@ -60,9 +60,10 @@ def _adapt_flags(p: argparse.ArgumentParser, student: bool = True) -> argparse._
         g.add_argument(
             "--student",
             default=None,
-            choices=["fast", "paper"],
+            choices=["fast", "paper", "none"],
             help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the "
-            "adapted teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student",
+            "adapted teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student; "
+            "none: save the adapted teacher (TransferFSS; it needs the support images at inference, stored with it)",
         )
     g.add_argument(
         "--iterations", type=int, default=None, help=f"teacher optimizer steps (default {AdaptConfig.iterations})"
@@ -161,13 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="at most this many unlabeled images (an evenly spread subset of the name-sorted folder; default 64)",
-    )
-    g.add_argument(
-        "--method",
-        default=None,
-        choices=["distill", "transfer"],
-        help="distill (default): TransferFSS + DistillFSS, saves the support-free student; transfer: saves the "
-        "adapted teacher (it needs the support images at inference, stored with it)",
     )
     _teacher_flag(g)
     _model_flags(p)
