@@ -15,9 +15,13 @@ from PIL import Image
 from distillfss.baselines import QUICK
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, warm_config
-from distillfss.estimate import estimate_accuracy
+from distillfss.data import load_split
+from distillfss.data.folder import load_mask
+from distillfss.demo import demo_root
+from distillfss.estimate import estimate_accuracy, near_copies
 from distillfss.fast import fit_label_probes
 from distillfss.preview import Preview, disagreement
+from distillfss.sampling import sample_support
 from distillfss.teacher import encode_support
 
 
@@ -58,6 +62,25 @@ def test_one_support_image_gives_no_estimate_and_an_interval_that_says_so(lite0_
     assert "label a second" in e.advice
     two = _estimate(lite0_64, *_squares(2))  # two images: an estimate, but no trend yet
     assert two.miou is not None and two.gain is None and "third" in two.advice
+
+
+@pytest.mark.parametrize(
+    ("name", "copies"), [("lung_ct", True), ("nuclei", False), ("nuclei_sizes", False), ("aerial_buildings", False)]
+)
+def test_support_slices_of_one_scan_are_recognised_as_near_copies(name: str, copies: bool) -> None:
+    split = load_split(demo_root() / name, "train")
+    stems = sample_support([s.stem for s in split.samples], 5)
+    masks = [load_mask(s.mask, split.num_classes) for s in split.samples if s.stem in stems]
+    assert near_copies(torch.as_tensor(np.stack(masks)).long()) is copies
+
+
+def test_an_estimate_from_near_copies_says_so_and_its_interval_reaches_0(lite0_64) -> None:
+    x, y = _squares(1)
+    x, y = x.repeat(4, 1, 1, 1), y.repeat(4, 1, 1)  # one structure at one place, four times
+    e = _estimate(lite0_64, x + 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), y)
+    assert e.near_copies and e.low == 0.0 and e.miou is not None and e.miou > 60
+    assert "optimistic" in e.advice
+    assert not _estimate(lite0_64, *_squares(4)).near_copies
 
 
 def test_a_warm_start_runs_a_third_of_the_steps_unless_the_user_set_them() -> None:

@@ -9,8 +9,11 @@ paired over the held-out images, says whether more labels are likely to help.
 
 What it estimates is the probe's accuracy on images like the support images; the benchmark records it beside the
 student's test mIoU, and ``docs/results.md`` reports how far apart they are. Support images that are near copies of
-each other (adjacent slices of one scan, overlapping tiles) make it optimistic; with one support image there is no
-estimate (the interval is 0-100).
+each other (adjacent slices of one scan, overlapping tiles) make it optimistic: a held-out slice is predicted by a
+probe that saw its neighbours. Such a set is recognised by its masks: when most support images have a partner whose
+foreground overlaps theirs at the same place far beyond chance (IoU >= ``COPY_IOU``; two unrelated masks covering a
+fraction f each overlap by about f / (2 - f)), the estimate says so and its interval reaches down to 0. With one
+support image there is no estimate (the interval is 0-100).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .transfer import select
 RESAMPLES = 2000
 LEVEL = 0.95
 FLAT = 2.0  # a trend whose whole interval lies below this many points: "unlikely to help much"
+COPY_IOU = 0.5  # foreground overlap of two support masks that chance reaches only above 2/3 coverage
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Estimate:
     gain_low: float | None
     gain_high: float | None
     advice: str  # one line for people: the estimate and whether labelling more is likely to help
+    near_copies: bool = False  # the support images look like near copies: the estimate is optimistic
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +71,15 @@ def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProb
         diff = (_miou(*held) - _miou(*one_less)).item(), _miou_boot(held, picks) - _miou_boot(one_less, picks)
         gain = diff[0]
         gain_low, gain_high = (float(q) for q in diff[1].quantile(torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])))
+    copies = near_copies(labels)
+    if copies:
+        low = 0.0
+    advice = _advice(m, miou, low, high, gain, gain_low, gain_high)
+    if copies:
+        advice += (
+            "; the support masks overlap at the same place (slices of one scan or overlapping tiles?): the estimate "
+            "is optimistic, label images from other scans or scenes"
+        )
     return Estimate(
         round(miou, 1),
         round(low, 1),
@@ -74,8 +88,20 @@ def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProb
         None if gain is None else round(gain, 1),
         None if gain_low is None else round(gain_low, 1),
         None if gain_high is None else round(gain_high, 1),
-        _advice(m, miou, low, high, gain, gain_low, gain_high),
+        advice,
+        copies,
     )
+
+
+def near_copies(labels: Tensor) -> bool:
+    """Whether most support images (labels (M, S, S), 255 = ignore) have a partner whose foreground overlaps theirs
+    with IoU >= ``COPY_IOU``: the same structure at the same place, as in neighbouring slices of one scan."""
+    fg = ((labels > 0) & (labels != IGNORE)).flatten(1).float().cpu()
+    inter = fg @ fg.T
+    area = fg.sum(1)
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp_min(1)
+    iou.fill_diagonal_(0)
+    return bool((iou.amax(1) >= COPY_IOU).float().mean() > 0.5)
 
 
 def _advice(m: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa: ANN001 - floats or None
