@@ -205,6 +205,20 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     assert (out / "miou.png").is_file() and len(list((out / "overlays").glob("nuclei_*.png"))) == 3
 
 
+def test_demo_reports_the_median_seconds_per_step_of_each_stage(tmp_path) -> None:
+    from distillfss.demo import step_seconds
+
+    log = tmp_path / "train_log_a.jsonl"
+    times = [("teacher", 1.0), ("teacher", 1.5), ("teacher", 2.5), ("fast", 9.0), ("fast", 9.1), ("fast", 9.3)]
+    log.write_text(
+        "".join(json.dumps({"step": i, "stage": st, "seconds": t}) + "\n" for i, (st, t) in enumerate(times))
+    )
+    other = tmp_path / "train_log_b.jsonl"
+    other.write_text("".join(json.dumps({"step": i, "stage": "joint", "seconds": 2.0 * i}) + "\n" for i in range(4)))
+    # the first step of a stage (setup included) is not a step time; teacher 0.5, 1.0 -> 0.75
+    assert step_seconds([log, other]) == {"fast": 0.15, "joint": 2.0, "teacher": 0.75}
+
+
 def test_demo_unknown_dataset(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path / "d"), "--datasets", "nope"]) == 2
     assert "unknown demo dataset" in capsys.readouterr().err

@@ -20,6 +20,7 @@ Writes report.md, results.json, overlays/ and miou.png into the output folder.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str =
             "machine": machine(device),
             "threads": torch.get_num_threads(),
             "seeds": seeds,
+            "step_seconds": step_seconds(sorted(tmp.glob("train_log_*.jsonl"))),
             "rows": rows,
         }
         write_json_atomic(tmp / "results.json", results)
@@ -172,6 +174,21 @@ def _summary(rows: list[dict], dataset: str, method: str, key: str = "miou") -> 
     return (*mean_std(values), len(values))
 
 
+def step_seconds(logs: Sequence[Path]) -> dict[str, float]:
+    """Median seconds per optimizer step by stage (teacher, joint, fast, ...) over training logs (JSON lines with
+    cumulative ``seconds``): what to compare machines by."""
+    per_stage: dict[str, list[float]] = {}
+    for path in logs:
+        last: dict[str, float] = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            stage, t = row["stage"], row["seconds"]
+            if stage in last:
+                per_stage.setdefault(stage, []).append(t - last[stage])
+            last = {stage: t}
+    return {stage: round(float(np.median(d)), 3) for stage, d in sorted(per_stage.items())}
+
+
 def report(results: dict) -> str:
     """The demo's report.md: what ran, the mIoU table with paired intervals (``benchmark.table``) and timings."""
     from .benchmark import table
@@ -190,7 +207,10 @@ def report(results: dict) -> str:
         f"{AdaptConfig.iterations} and {AdaptConfig.fast_iterations}); seeds {results['seeds']}.",
         "",
         table(results),
-        "Seconds to adapt (support encoding included; mean over seeds) and milliseconds per test image.",
+        "Seconds to adapt (support encoding included; mean over seeds) and milliseconds per test image; median "
+        "seconds per optimizer step on this machine: "
+        + ", ".join(f"{stage} {t:.2f}" for stage, t in results.get("step_seconds", {}).items())
+        + " (compare machines by these).",
         "",
         "| dataset | " + " | ".join(f"{m} s" for m in methods) + " | " + " | ".join(f"{m} ms" for m in methods) + " |",
         "|---|" + "---|" * (2 * len(methods)),
