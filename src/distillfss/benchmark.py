@@ -207,10 +207,13 @@ def table(results: dict) -> str:
     cols = [(n, k) for n in names for k in sorted({r["shots"] for r in rows if r["dataset"] == n})]
     config = results.get("config", {})
     size = config.get("eval_size")
-    where = f"{size} x {size} (WeedMap native)" if size else "original resolution"
+    weedmap = any(n.lower().startswith("weedmap") for n in names)
+    where = "at original resolution"
+    if size:
+        where = f"with the ground truth resized to {size} x {size}, as in the paper" + (" (WeedMap native)" if weedmap else "")
     seeds, draws = config.get("seeds", [config.get("adapt", {}).get("seed")]), config.get("draws", 1)
     lines = [
-        f"Foreground mIoU (%), dataset-level confusion matrix at {where}; mean ± std over {draws} support draw(s) x "
+        f"Foreground mIoU (%), dataset-level confusion matrix {where}; mean ± std over {draws} support draw(s) x "
         f"seeds {seeds} (the baselines, and a teacher that starts from a saved one, do not depend on the seed: one "
         "run per draw); `mean` = mean of the columns. Configuration in results.json.",
         "",
