@@ -184,6 +184,8 @@ def test_missing_model_folder(tmp_path, capsys) -> None:
 
 @pytest.mark.slow  # CI runs it (.ci/run); left out of make test for its time
 def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
+    from distillfss.demo import report as report_md
+
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--datasets", "nuclei", "--iterations", "1", "--image-size", "64"]
     assert main([*args, "--config", str(SMALL_CONFIG), "--backbone", "efficientnet_lite0", "--seeds", "0,1"]) == 0
@@ -203,6 +205,8 @@ def test_demo_smoke_writes_report_results_overlays_plot(tmp_path) -> None:
     report = (out / "report.md").read_text()
     assert "| distillfss_fast | " in report and " ± " in report and "1 teacher steps" in report  # what it ran
     assert (out / "miou.png").is_file() and len(list((out / "overlays").glob("nuclei_*.png"))) == 3
+    zeros = {**results, "rows": [{**r, "miou": 0.0} for r in results["rows"]]}
+    assert "`nuclei`: every method scores about 0" in report_md(zeros) and "every method" not in report
 
 
 def test_demo_reports_the_median_seconds_per_step_of_each_stage(tmp_path) -> None:

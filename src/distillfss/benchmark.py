@@ -210,7 +210,9 @@ def table(results: dict) -> str:
     weedmap = any(n.lower().startswith("weedmap") for n in names)
     where = "at original resolution"
     if size:
-        where = f"with the ground truth resized to {size} x {size}, as in the paper" + (" (WeedMap native)" if weedmap else "")
+        where = f"with the ground truth resized to {size} x {size}, as in the paper" + (
+            " (WeedMap native)" if weedmap else ""
+        )
     seeds, draws = config.get("seeds", [config.get("adapt", {}).get("seed")]), config.get("draws", 1)
     lines = [
         f"Foreground mIoU (%), dataset-level confusion matrix {where}; mean ± std over {draws} support draw(s) x "

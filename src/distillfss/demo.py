@@ -219,5 +219,15 @@ def report(results: dict) -> str:
         fit = [f"{_summary(rows, n, m, 'adapt_seconds')[0]:.1f}" for m in methods]
         ms = [f"{_summary(rows, n, m, 'ms_per_image')[0]:.0f}" for m in methods]
         lines.append(f"| {n} | " + " | ".join(fit + ms) + " |")
+    for n in names:
+        if max(r["miou"] for r in rows if r["dataset"] == n) < 1.0:
+            scale = next(r["scale"] for r in rows if r["dataset"] == n)
+            lines += [
+                "",
+                f"`{n}`: every method scores about 0. Its structures may be too small at the pixel scale it ran at "
+                f"({scale:.2g} model pixels per image pixel) to span more than one or two of the teacher's stride-8 "
+                "tokens: on lung CT an enlarged scale (`distillfss adapt --scale 2`) is what reached the nodules "
+                "(docs/results.md).",
+            ]
     lines += ["", "![mIoU per dataset and method](miou.png)", "", "Overlays (first seed) are in `overlays/`.", ""]
     return "\n".join(lines)
