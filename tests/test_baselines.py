@@ -43,6 +43,7 @@ def test_probe_settings_are_chosen_on_the_support_set_and_recorded(lite0_64) -> 
     assert again.settings == s and torch.equal(again.weight, probe.weight)  # deterministic
 
 
+@pytest.mark.slow
 def test_one_support_image_is_cross_validated_by_quadrants(lite0_64) -> None:
     images, labels = _blocks(1)
     for model in (LinearProbe(lite0_64, 1), PrototypeMatcher(lite0_64, 1)):

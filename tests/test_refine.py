@@ -77,6 +77,7 @@ def test_pseudo_labels_come_from_the_adapted_teacher(lite0_64) -> None:
     assert present.all()  # every class has a shot: the support views keep the other two images
 
 
+@pytest.mark.slow
 def test_refined_student_learns_the_teachers_labels_on_unlabeled_images(lite0_64) -> None:
     """With only unlabeled views in the bank's soft part and a teacher that says 'foreground everywhere', the
     refined student predicts more foreground on unlabeled images than the student it started from."""
@@ -102,6 +103,7 @@ def test_refined_student_learns_the_teachers_labels_on_unlabeled_images(lite0_64
     assert "soft" in log[-1] and log[-1]["step"] == 30
 
 
+@pytest.mark.slow
 def test_refinement_is_reproducible_from_the_seed(lite0_64) -> None:
     images, labels = _support()
     cfg = AdaptConfig(student="paper", iterations=2, refine_iterations=3, seed=4)
