@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import FrozenBackbone, Pyramid
+from .backbones import FrozenBackbone, Pyramid, place
 from .losses import IGNORE
 
 LEVEL_SETS: dict[str, tuple[int, ...]] = {"all": (4, 8, 16, 32), "fine": (4, 8), "coarse": (16, 32)}
@@ -203,6 +203,17 @@ class LinearProbe(nn.Module):
             "cv_miou": round(100 * scores[best], 2),
             "grid_size": len(grid),
         }
+
+
+def fixed_probe(
+    backbone: FrozenBackbone, num_classes: int, settings: dict[str, Any], pyramid: Pyramid, labels: Tensor
+) -> LinearProbe:
+    """A ``LinearProbe`` with fixed ``settings`` (``l2``, ``levels``, ``balanced``: no search) fitted on the backbone's
+    features of some images (``pyramid``) and their labels, on the labels' device."""
+    fixed = {k: settings[k] for k in ("l2", "levels", "balanced")}
+    probe = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
+    probe.fit_features(pyramid, labels)
+    return probe
 
 
 class PrototypeMatcher(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .backbones import FrozenBackbone, place
-from .baselines import LinearProbe
+from .baselines import LinearProbe, fixed_probe
 from .config import AdaptConfig
 from .student import FastStudent, build_fast_student
 from .symmetry import VIEWS
@@ -53,22 +53,19 @@ def fit_label_probes(
     settings: fixed probe settings (``l2``, ``levels``, ``balanced``; a warm start's, chosen by the earlier
     adaptation's cross-validation), which is then skipped."""
     m, num_classes = support.flags.shape
-    if full is None:
-        fixed = {k: settings[k] for k in ("l2", "levels", "balanced")} if settings else {}
-        full = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
+    if full is None and settings:
+        full = fixed_probe(backbone, num_classes, settings, support.pyramid, labels)
+        full.settings = {**full.settings, "cv": "fixed (kept from an earlier adaptation, or quick)"}
+    elif full is None:  # settings chosen by cross-validation on the support set
+        full = place(LinearProbe(backbone, num_classes), labels.device)
         full.fit_features(support.pyramid, labels)
-        if settings:
-            full.settings = {**full.settings, "cv": "fixed (kept from an earlier adaptation, or quick)"}
     return LabelProbes(full, [probe_without(support, labels, full, (i,)) for i in range(m if m > 1 else 0)])
 
 
 def probe_without(support: EncodedSupport, labels: Tensor, full: LinearProbe, left_out: tuple[int, ...]) -> LinearProbe:
     """A probe with ``full``'s settings fitted on every encoded support image but those in ``left_out``."""
     keep = torch.tensor([j for j in range(len(labels)) if j not in left_out], device=labels.device)
-    fixed = {k: full.settings[k] for k in ("l2", "levels", "balanced")}
-    probe = place(LinearProbe(full.backbone, full.num_classes, **fixed), labels.device)
-    probe.fit_features(select(support.pyramid, keep), labels[keep])
-    return probe
+    return fixed_probe(full.backbone, full.num_classes, full.settings, select(support.pyramid, keep), labels[keep])
 
 
 @torch.no_grad()

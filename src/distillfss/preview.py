@@ -1,7 +1,8 @@
 """Quick predictions while labelling, and the ranking of what to label next.
 
 **Preview** (the app's Label tab): a linear probe on the frozen backbone's features with fixed settings
-(``baselines.QUICK``, no cross-validation search), fitted in about a second; every image is fitted into one window at the working size.
+(``baselines.QUICK``, no cross-validation search), fitted in about a second; every image is fitted into one window at
+the working size.
 After each saved mask the app shows the probe's predictions of the unlabeled images (fitted on every labelled one)
 and of each labelled image (fitted on the others: what a model that never saw it makes of it). Images are read and
 encoded once (cached by path and modification time).
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbones import FrozenBackbone, Pyramid, build_backbone, place
-from .baselines import QUICK, LinearProbe
+from .backbones import FrozenBackbone, Pyramid, build_backbone
+from .baselines import QUICK, LinearProbe, fixed_probe
 from .data.folder import load_image, load_mask
 from .predictor import Predictor
 from .tiling import support_windows
@@ -35,10 +36,9 @@ def quick_probe(
 ) -> LinearProbe:
     """A linear probe fitted on (K, 3, S, S) images and (K, S, S) labels with fixed settings (default
     ``baselines.QUICK``: no search)."""
-    fixed = {k: (settings or QUICK)[k] for k in ("l2", "levels", "balanced")}
-    probe = place(LinearProbe(backbone, num_classes, **fixed), labels.device)
-    probe.fit(images, labels)
-    return probe.eval()
+    with torch.no_grad():
+        pyramid = backbone(images)
+    return fixed_probe(backbone, num_classes, dict(settings or QUICK), pyramid, labels).eval()
 
 
 def disagreement(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
@@ -102,6 +102,4 @@ class Preview:
 
     def _fit(self, pyramid: Pyramid, labels: Tensor, keep: Tensor, num_classes: int) -> LinearProbe:
         """A quick probe on the encoded windows where ``keep`` is True."""
-        probe = place(LinearProbe(self.backbone, num_classes, **QUICK), labels.device)
-        probe.fit_features(select(pyramid, keep), labels[keep])
-        return probe.eval()
+        return fixed_probe(self.backbone, num_classes, QUICK, select(pyramid, keep), labels[keep]).eval()
