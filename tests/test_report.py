@@ -31,3 +31,24 @@ def test_every_headline_dataset_and_removed_option_is_in_the_report(monkeypatch)
 def test_readme_block_needs_its_markers() -> None:
     with pytest.raises(SystemExit, match="markers"):
         report.readme_block("# a README without the results markers\n")
+
+
+def test_estimate_calibration_scores_the_estimate_against_the_test_miou() -> None:
+    def run(dataset: str, test: float, est: float | None, low: float, high: float, copies: bool = False) -> dict:
+        estimate = {"miou": est, "low": low, "high": high, "near_copies": copies}
+        return {"dataset": dataset, "method": "distillfss_fast", "shots": 5, "miou": test, "estimate": estimate}
+
+    rows = [
+        run("a", 50.0, 54.0, 40.0, 60.0),  # error +4, inside
+        run("a", 60.0, 52.0, 45.0, 58.0),  # error -8, outside
+        run("b", 0.0, 30.0, 0.0, 50.0, copies=True),  # error +30, inside (the interval reaches 0)
+        run("b", 10.0, None, 0.0, 100.0),  # no estimate (one image): not scored
+        {"dataset": "a", "method": "linear_probe", "shots": 5, "miou": 1.0, "estimate": None},
+    ]
+    (line, blank) = report.estimate_calibration({"rows": rows})
+    assert (
+        "3 runs" in line and "mean absolute error 14.0 points" in line and "mean error (estimate - test) +8.7" in line
+    )
+    assert "inside the interval in 67 %" in line
+    assert "a 6.0" in line and "b 30.0 (near copies flagged in 1 of 1)" in line and blank == ""
+    assert report.estimate_calibration({"rows": rows[3:]}) == []  # nothing recorded: no lines

@@ -70,6 +70,36 @@ def headline(d: dict) -> list[str]:
         "from noise.",
         "",
         table(d),
+        "",
+        *estimate_calibration(d),
+    ]
+
+
+def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
+    """``adapt``'s estimate (from the support set alone) against the test mIoU of ``method``'s model, over every
+    run of a benchmark that recorded it (none: no lines)."""
+    import numpy as np
+
+    runs = [r for r in d["rows"] if r["method"] == method and (r.get("estimate") or {}).get("miou") is not None]
+    if not runs:
+        return []
+    e = np.array([r["estimate"]["miou"] for r in runs])
+    t = np.array([r["miou"] for r in runs])
+    inside = np.mean([r["estimate"]["low"] <= r["miou"] <= r["estimate"]["high"] for r in runs])
+    corr = float(np.corrcoef(e, t)[0, 1]) if len(runs) > 2 and e.std() > 0 and t.std() > 0 else float("nan")
+    per = []
+    for name in dict.fromkeys(r["dataset"] for r in runs):
+        mine = [r for r in runs if r["dataset"] == name]
+        err = np.mean([abs(r["estimate"]["miou"] - r["miou"]) for r in mine])
+        flagged = sum(bool(r["estimate"].get("near_copies")) for r in mine)
+        per.append(f"{name} {err:.1f}" + (f" (near copies flagged in {flagged} of {len(mine)})" if flagged else ""))
+    shots = sorted({r["shots"] for r in runs})
+    return [
+        f"The estimate `adapt` reported in these runs against the test mIoU of the same `{method}` model "
+        f"(K = {', '.join(map(str, shots))}, {len(runs)} runs): mean absolute error {np.abs(e - t).mean():.1f} "
+        f"points, mean error (estimate - test) {(e - t).mean():+.1f}, correlation {corr:.2f}, test mIoU inside the "
+        f"interval in {100 * inside:.0f} % of the runs. By dataset (mean absolute error): {', '.join(per)}.",
+        "",
     ]
 
 
