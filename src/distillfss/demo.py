@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -93,7 +94,8 @@ def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str =
     backbones = BackboneCache(cfg.backbone, cfg.backbone_weights, device)
     with output_folder(cfg.out, cfg.overwrite, inputs, command=command) as tmp:
         (tmp / "overlays").mkdir()
-        for name in names:
+        t0 = time.perf_counter()
+        for i, name in enumerate(names, 1):
             root = demo_root() / name
             train, test = load_split(root, "train"), load_split(root, "test")
             mcfg = cfg.model_config(train.num_classes)
@@ -112,7 +114,10 @@ def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str =
                 teacher_label=label,
                 vote_chunk=cfg.vote_chunk,
             )
-            log.info("[%s] %d shots, starting teacher: %s, seeds %s", name, cell.shots, label, seeds)
+            log.info(
+                "[%s] dataset %d of %d (%s elapsed): %d shots, starting teacher: %s, seeds %s",
+                *(name, i, len(names), _minutes(time.perf_counter() - t0), cell.shots, label, seeds),
+            )
             cell_rows, predictors = run_seeds(
                 cell, seeds, backbones, log_to=lambda tag, n=name: tmp / f"train_log_{n}_{tag}.jsonl"
             )
@@ -135,8 +140,12 @@ def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str =
         write_json_atomic(tmp / "results.json", results)
         _bar_plot(rows, names, methods, tmp / "miou.png")
         (tmp / "report.md").write_text(report(results))
-    log.info("demo written to %s", cfg.out)
+    log.info("demo written to %s (%s)", cfg.out, _minutes(time.perf_counter() - t0))
     return results
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
 def _write_overlays(folder: Path, name: str, test, predictors: dict[str, Predictor], methods: tuple[str, ...]) -> None:
