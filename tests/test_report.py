@@ -45,7 +45,7 @@ def test_estimate_calibration_scores_the_estimate_against_the_test_miou() -> Non
         run("b", 10.0, None, 0.0, 100.0),  # no estimate (one image): not scored
         {"dataset": "a", "method": "linear_probe", "shots": 5, "miou": 1.0, "estimate": None},
     ]
-    (blank, line) = report.estimate_calibration({"rows": rows})
+    (line, blank) = report.estimate_calibration({"rows": rows})
     assert (
         "3 runs" in line and "mean absolute error 14.0 points" in line and "mean error (estimate - test) +8.7" in line
     )

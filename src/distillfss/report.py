@@ -94,11 +94,11 @@ def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
         per.append(f"{name} {err:.1f}" + (f" (near copies flagged in {flagged} of {len(mine)})" if flagged else ""))
     shots = sorted({r["shots"] for r in runs})
     return [
-        "",
         f"The estimate `adapt` reported in these runs against the test mIoU of the same `{method}` model "
         f"(K = {', '.join(map(str, shots))}, {len(runs)} runs): mean absolute error {np.abs(e - t).mean():.1f} "
         f"points, mean error (estimate - test) {(e - t).mean():+.1f}, correlation {corr:.2f}, test mIoU inside the "
         f"interval in {100 * inside:.0f} % of the runs. By dataset (mean absolute error): {', '.join(per)}.",
+        "",
     ]
 
 
