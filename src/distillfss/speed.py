@@ -384,8 +384,8 @@ def table(result: dict) -> str:
         "|---|" + "---|" * len(combos),
     ]
     kinds = [
-        ("student", False, "DistillFSS student"),
-        ("student_fast", False, "fast student (`--student fast`)"),
+        ("student", False, "paper student (`--student paper`)"),
+        ("student_fast", False, "fast student (the default)"),
         ("onnx", False, "student, onnxruntime"),
         ("onnx-int8", False, "student, onnxruntime int8"),
         ("onnx-fast", False, "fast student, onnxruntime"),
@@ -405,7 +405,8 @@ def table(result: dict) -> str:
                 None,
             )
             cells.append(f"{r['ms_median']:.1f} ms / {r['peak_memory_mb']:.0f} MB" if r else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(c != "-" for c in cells):  # a model the run did not measure has no row
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     bb = next((r for r in rows if r["model"] == "backbone"), None)
     if bb:
         lines += ["", f"Bare backbone forward (the floor): {bb['ms_median']:.1f} ms, {bb['peak_memory_mb']:.0f} MB."]
