@@ -82,10 +82,7 @@ def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
     runs = [r for r in d["rows"] if r["method"] == method and (r.get("estimate") or {}).get("miou") is not None]
     if not runs:
         return []
-    e = np.array([r["estimate"]["miou"] for r in runs])
-    t = np.array([r["miou"] for r in runs])
-    inside = np.mean([r["estimate"]["low"] <= r["miou"] <= r["estimate"]["high"] for r in runs])
-    corr = float(np.corrcoef(e, t)[0, 1]) if len(runs) > 2 and e.std() > 0 and t.std() > 0 else float("nan")
+    mae, bias, corr, inside = _calibration(runs)
     per = []
     for name in dict.fromkeys(r["dataset"] for r in runs):
         mine = [r for r in runs if r["dataset"] == name]
@@ -95,11 +92,23 @@ def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
     shots = sorted({r["shots"] for r in runs})
     return [
         f"The estimate `adapt` reported in these runs against the test mIoU of the same `{method}` model "
-        f"(K = {', '.join(map(str, shots))}, {len(runs)} runs): mean absolute error {np.abs(e - t).mean():.1f} "
-        f"points, mean error (estimate - test) {(e - t).mean():+.1f}, correlation {corr:.2f}, test mIoU inside the "
-        f"interval in {100 * inside:.0f} % of the runs. By dataset (mean absolute error): {', '.join(per)}.",
+        f"(K = {', '.join(map(str, shots))}, {len(runs)} runs): mean absolute error {mae:.1f} points, mean error "
+        f"(estimate - test) {bias:+.1f}, correlation {corr:.2f}, test mIoU inside the interval in {inside:.0f} % of "
+        f"the runs. By dataset (mean absolute error): {', '.join(per)}.",
         "",
     ]
+
+
+def _calibration(runs: list[dict]) -> tuple[float, float, float, float]:
+    """Runs with an estimate (``r["estimate"]``) and a test mIoU (``r["miou"]``) -> mean absolute error, mean error
+    (estimate - test), correlation (nan when undefined) and the percentage of test mIoUs inside the interval."""
+    import numpy as np
+
+    e = np.array([r["estimate"]["miou"] for r in runs])
+    t = np.array([r["miou"] for r in runs])
+    inside = 100 * np.mean([r["estimate"]["low"] <= r["miou"] <= r["estimate"]["high"] for r in runs])
+    corr = float(np.corrcoef(e, t)[0, 1]) if len(runs) > 2 and e.std() > 0 and t.std() > 0 else float("nan")
+    return float(np.abs(e - t).mean()), float((e - t).mean()), corr, float(inside)
 
 
 def removed() -> list[str]:
@@ -288,14 +297,8 @@ def loop() -> list[str]:
         if not est:
             lines.append(f"| {k} | {len(models)} | 0 (interval 0-100: no estimate from one image) | | | | |")
             continue
-        e = np.array([r["estimate"]["miou"] for r in est])
-        t = np.array([r["miou"] for r in est])
-        inside = np.mean([r["estimate"]["low"] <= r["miou"] <= r["estimate"]["high"] for r in est])
-        corr = float(np.corrcoef(e, t)[0, 1]) if len(est) > 2 and e.std() > 0 and t.std() > 0 else float("nan")
-        lines.append(
-            f"| {k} | {len(models)} | {len(est)} | {np.abs(e - t).mean():.1f} | {(e - t).mean():+.1f} | "
-            f"{corr:.2f} | {100 * inside:.0f} % |"
-        )
+        mae, bias, corr, inside = _calibration(est)
+        lines.append(f"| {k} | {len(models)} | {len(est)} | {mae:.1f} | {bias:+.1f} | {corr:.2f} | {inside:.0f} % |")
     per = []
     for name in names:
         est = [r for r in rows if r["dataset"] == name and r["k"] in (2, 5) and r["order"] != "suggested"]
