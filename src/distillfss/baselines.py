@@ -84,8 +84,8 @@ def fit_logistic(
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
     cw = _class_weights(y, n_out) if balanced else None
-    w = torch.zeros(n_out, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_out, requires_grad=True)
+    w = torch.zeros(n_out, x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros(n_out, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -182,12 +182,12 @@ class LinearProbe(nn.Module):
         for levels, l2, balanced in grid:
             x, y = _pixels(feats[levels], labels)
             y = y.reshape(-1)
-            inter, union = torch.zeros(n_out), torch.zeros(n_out)
+            inter, union = torch.zeros(n_out, device=y.device), torch.zeros(n_out, device=y.device)
             for held in folds:
-                held = held.reshape(-1)
+                held = held.reshape(-1).to(y.device)
                 train = (~held & (y != IGNORE)).nonzero().flatten()
                 if len(train) > CV_PIXELS:
-                    train = train[torch.randperm(len(train), generator=gen)[:CV_PIXELS]]
+                    train = train[torch.randperm(len(train), generator=gen)[:CV_PIXELS].to(train.device)]
                 wt, bt, mean, std = fit_logistic(x[train], y[train], n_out, l2, balanced, max_iter // 2)
                 test = held & (y != IGNORE)
                 pred = (((x[test] - mean) / std) @ wt.T + bt).argmax(1)
@@ -258,8 +258,9 @@ class PrototypeMatcher(nn.Module):
             scheme, folds = cv_folds(*y.shape)
             scores = []
             for lv in self.candidates:
-                inter, union = torch.zeros(n_out), torch.zeros(n_out)
+                inter, union = torch.zeros(n_out, device=y.device), torch.zeros(n_out, device=y.device)
                 for held in folds:
+                    held = held.to(y.device)
                     train_y = torch.where(held, torch.full_like(y, IGNORE), y)
                     protos = self._prototypes(feats[lv], train_y, n_out)
                     pred = torch.einsum("bdhw,cd->bchw", feats[lv], protos).argmax(1)

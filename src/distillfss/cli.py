@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -487,9 +488,13 @@ def _engine_flag(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    device = str(getattr(args, "device", "cpu"))
+    if device.startswith("cuda"):
+        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (this process is
+        # ours: a caller's own setting wins)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from . import commands  # heavy imports (torch, timm) only after argument parsing
 
-    device = str(getattr(args, "device", "cpu"))
     if device.startswith("cuda") and not commands.torch.cuda.is_available():
         print(f"distillfss {args.command}: error: --device {device}: no CUDA device is available here", file=sys.stderr)
         return 2

@@ -190,25 +190,32 @@ def large_images() -> list[str]:
 
 
 def throughput() -> list[str]:
-    """``predict``'s engines in images per second (``benchmarks/predict_throughput.py``), when measured."""
-    path = DOCS / "results" / "predict_throughput.json"
-    if not path.is_file():
+    """``predict``'s engines in images per second (``benchmarks/predict_throughput.py``), one table per device."""
+    paths = sorted((DOCS / "results").glob("predict_throughput*.json"))
+    if not paths:
         return []
-    d = _load(path)
-    batches = sorted({r["batch"] for r in d["rows"]})
     lines = [
         "## Prediction throughput",
         "",
-        f"Made by {_provenance(d)}; {d['threads']} threads. Images per second of 256 x 256 px (one window each), "
-        "default fast student, by windows per forward pass (`predict --batch`).",
+        "Images per second of 256 x 256 px (one window each), default fast student, by windows per forward pass "
+        "(`predict --batch`).",
         "",
-        "| engine | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
     ]
-    for engine in dict.fromkeys(r["engine"] for r in d["rows"]):
-        rate = {r["batch"]: r["images_per_second"] for r in d["rows"] if r["engine"] == engine}
-        lines.append(f"| {engine} | " + " | ".join(f"{rate[b]:.1f}" for b in batches) + " |")
-    return [*lines, ""]
+    for path in paths:
+        d = _load(path)
+        batches = sorted({r["batch"] for r in d["rows"]})
+        where = f"{d['threads']} CPU threads" if d["device"] == "cpu" else d["device"]
+        lines += [
+            f"Made by {_provenance(d)}; {where}.",
+            "",
+            "| engine | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---|" * len(batches),
+        ]
+        for engine in dict.fromkeys(r["engine"] for r in d["rows"]):
+            rate = {r["batch"]: r["images_per_second"] for r in d["rows"] if r["engine"] == engine}
+            lines.append(f"| {engine} | " + " | ".join(f"{rate[b]:.1f}" for b in batches) + " |")
+        lines.append("")
+    return lines
 
 
 def large_image_memory() -> list[str]:
