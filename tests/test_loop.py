@@ -18,7 +18,7 @@ from distillfss.config import AdaptConfig, warm_config
 from distillfss.data import load_split
 from distillfss.data.folder import load_mask
 from distillfss.demo import demo_root
-from distillfss.estimate import estimate_accuracy, near_copies
+from distillfss.estimate import copy_groups, estimate_accuracy
 from distillfss.fast import fit_label_probes
 from distillfss.preview import Preview, disagreement
 from distillfss.sampling import sample_support
@@ -26,12 +26,13 @@ from distillfss.teacher import encode_support
 
 
 def _squares(n: int, noise: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n 64 px images with one bright square each, labelled by it (or, ``noise``, by random pixels)."""
+    """n <= 4 64 px images with one bright square each at its own place, labelled by it (or, ``noise``, by random
+    pixels)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, 64, 64, generator=gen) * 0.2
     y = torch.zeros(n, 64, 64, dtype=torch.long)
     for i in range(n):
-        r, c = 8 + 4 * i, 40 - 4 * i
+        r, c = 4 + 12 * i, 44 - 12 * i
         x[i, :, r : r + 16, c : c + 16] = 0.9
         y[i, r : r + 16, c : c + 16] = 1
     if noise:
@@ -65,22 +66,43 @@ def test_one_support_image_gives_no_estimate_and_an_interval_that_says_so(lite0_
 
 
 @pytest.mark.parametrize(
-    ("name", "copies"), [("lung_ct", True), ("nuclei", False), ("nuclei_sizes", False), ("aerial_buildings", False)]
+    ("name", "one_scan"), [("lung_ct", True), ("nuclei", False), ("nuclei_sizes", False), ("aerial_buildings", False)]
 )
-def test_support_slices_of_one_scan_are_recognised_as_near_copies(name: str, copies: bool) -> None:
+def test_support_slices_of_one_scan_are_grouped_as_near_copies(name: str, one_scan: bool) -> None:
     split = load_split(demo_root() / name, "train")
     stems = sample_support([s.stem for s in split.samples], 5)
     masks = [load_mask(s.mask, split.num_classes) for s in split.samples if s.stem in stems]
-    assert near_copies(torch.as_tensor(np.stack(masks)).long()) is copies
+    groups = copy_groups(torch.as_tensor(np.stack(masks)).long())
+    assert groups == ([(0, 1, 2, 3, 4)] if one_scan else [(i,) for i in range(5)])
 
 
-def test_an_estimate_from_near_copies_says_so_and_its_interval_reaches_0(lite0_64) -> None:
-    x, y = _squares(1)
-    x, y = x.repeat(4, 1, 1, 1), y.repeat(4, 1, 1)  # one structure at one place, four times
-    e = _estimate(lite0_64, x + 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), y)
-    assert e.near_copies and e.low == 0.0 and e.miou is not None and e.miou > 60
-    assert "optimistic" in e.advice
-    assert not _estimate(lite0_64, *_squares(4)).near_copies
+def test_masks_overlapping_only_as_chance_allows_are_not_copies() -> None:
+    gen = torch.Generator().manual_seed(0)
+    big = (torch.rand(4, 64, 64, generator=gen) < 0.6).long()  # IoU about 0.43 between any two: chance at 60 %
+    assert copy_groups(big) == [(0,), (1,), (2,), (3,)]
+    empty = torch.zeros(3, 64, 64, dtype=torch.long)
+    empty[0, :8, :8] = 1
+    assert copy_groups(empty) == [(0,), (1,), (2,)]
+
+
+def _copies(places: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image per entry, with the square of ``_squares`` number ``places[i]`` and a little noise of its own."""
+    x, y = _squares(max(places) + 1)
+    x = x[places] + 0.01 * torch.rand(len(places), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return x, y[places]
+
+
+def test_near_copies_are_held_out_together_and_one_group_gives_no_estimate(lite0_64) -> None:
+    one = _estimate(lite0_64, *_copies([0, 0, 0, 0]))  # one structure at one place, four times
+    assert one.near_copies and one.miou is None and (one.low, one.high) == (0.0, 100.0) and one.gain is None
+    assert "no estimate" in one.advice
+    two = _estimate(lite0_64, *_copies([0, 0, 3, 3]))
+    assert copy_groups(_copies([0, 0, 3, 3])[1]) == [(0, 1), (2, 3)]
+    assert two.near_copies and two.miou is not None and two.images == 4
+    assert "4 images in 2 independent groups" in two.advice
+    assert two.gain is not None  # each group held out leaves two images to drop one from
+    apart = _estimate(lite0_64, *_squares(4))
+    assert not apart.near_copies and "groups" not in apart.advice
 
 
 def test_a_warm_start_runs_a_third_of_the_steps_unless_the_user_set_them() -> None:

@@ -42,13 +42,16 @@ def test_estimate_calibration_scores_the_estimate_against_the_test_miou() -> Non
         run("a", 50.0, 54.0, 40.0, 60.0),  # error +4, inside
         run("a", 60.0, 52.0, 45.0, 58.0),  # error -8, outside
         run("b", 0.0, 30.0, 0.0, 50.0, copies=True),  # error +30, inside (the interval reaches 0)
-        run("b", 10.0, None, 0.0, 100.0),  # no estimate (one image): not scored
+        run("b", 10.0, None, 0.0, 100.0),  # no estimate (one image): not scored, but counted as withheld
+        run("c", 5.0, None, 0.0, 100.0, copies=True),  # one group of near copies: no estimate
         {"dataset": "a", "method": "linear_probe", "shots": 5, "miou": 1.0, "estimate": None},
     ]
     (line, blank) = report.estimate_calibration({"rows": rows})
-    assert (
-        "3 runs" in line and "mean absolute error 14.0 points" in line and "mean error (estimate - test) +8.7" in line
-    )
+    assert "3 runs with an estimate; in 2 more `adapt` gave none" in line
+    assert "mean absolute error 14.0 points" in line and "mean error (estimate - test) +8.7" in line
     assert "inside the interval in 67 %" in line
-    assert "a 6.0" in line and "b 30.0 (near copies flagged in 1 of 1)" in line and blank == ""
-    assert report.estimate_calibration({"rows": rows[3:]}) == []  # nothing recorded: no lines
+    assert (
+        "a 6.0, b 30.0 (near copies in 1 of 2, no estimate in 1), c (near copies in 1 of 1, no estimate in 1)" in line
+    )
+    assert blank == ""
+    assert report.estimate_calibration({"rows": rows[3:]}) == []  # no estimate anywhere: no lines

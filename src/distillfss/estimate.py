@@ -9,11 +9,11 @@ paired over the held-out images, says whether more labels are likely to help.
 
 What it estimates is the probe's accuracy on images like the support images; the benchmark records it beside the
 student's test mIoU, and ``docs/results.md`` reports how far apart they are. Support images that are near copies of
-each other (adjacent slices of one scan, overlapping tiles) make it optimistic: a held-out slice is predicted by a
-probe that saw its neighbours. Such a set is recognised by its masks: when most support images have a partner whose
-foreground overlaps theirs at the same place far beyond chance (IoU >= ``COPY_IOU``; two unrelated masks covering a
-fraction f each overlap by about f / (2 - f)), the estimate says so and its interval reaches down to 0. With one
-support image there is no estimate (the interval is 0-100).
+each other (adjacent slices of one scan, overlapping tiles) would make it optimistic: a held-out slice predicted by a
+probe that saw its neighbours. They are recognised by their masks (``copy_groups``: foregrounds that overlap at the
+same place far beyond chance) and held out together, as a patient's slices are in a grouped cross-validation; the
+bootstrap then resamples the groups. When every image is in one group there is no independent image, and no estimate
+(the interval is 0-100), as with one support image.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from .transfer import select
 RESAMPLES = 2000
 LEVEL = 0.95
 FLAT = 2.0  # a trend whose whole interval lies below this many points: "unlikely to help much"
-COPY_IOU = 0.5  # foreground overlap of two support masks that chance reaches only above 2/3 coverage
+COPY_IOU = 0.2  # foreground overlap (IoU) of two support masks that makes them near copies, when it is also
+COPY_FACTOR = 3.0  # this many times what chance gives two unrelated masks of their coverages
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Estimate:
     gain_low: float | None
     gain_high: float | None
     advice: str  # one line for people: the estimate and whether labelling more is likely to help
-    near_copies: bool = False  # the support images look like near copies: the estimate is optimistic
+    near_copies: bool = False  # some support images are near copies of others (held out together)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,27 +60,26 @@ def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProb
     m = len(labels)
     if m < 2:
         return Estimate(None, 0.0, 100.0, m, None, None, None, "no estimate from one labelled image: label a second")
+    groups = copy_groups(labels)
+    if len(groups) == 1:
+        return Estimate(None, 0.0, 100.0, m, None, None, None, ALL_COPIES, True)
+    group_of = {i: g for g in groups for i in g}
     n_out = probes.full.num_classes + 1
-    held = _held_out(support, labels, probes.without, n_out)
+    held = _pooled(_held_out(support, labels, _probes_without(support, labels, probes, group_of, 0), n_out), groups)
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, m, (RESAMPLES, m), generator=gen)
+    picks = torch.randint(0, len(groups), (RESAMPLES, len(groups)), generator=gen)
     miou, low, high = _with_interval(held, picks)
     gain = gain_low = gain_high = None
-    if m >= 3:
-        fewer = [probe_without(support, labels, probes.full, (i, (i + 1) % m)) for i in range(m)]
-        one_less = _held_out(support, labels, fewer, n_out)
+    if all(len(g) <= m - 2 for g in groups):  # every held-out group leaves two or more images to drop one from
+        one_less = _held_out(support, labels, _probes_without(support, labels, probes, group_of, 1), n_out)
+        one_less = _pooled(one_less, groups)
         diff = (_miou(*held) - _miou(*one_less)).item(), _miou_boot(held, picks) - _miou_boot(one_less, picks)
         gain = diff[0]
         gain_low, gain_high = (float(q) for q in diff[1].quantile(torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])))
-    copies = near_copies(labels)
-    if copies:
-        low = 0.0
     advice = _advice(m, miou, low, high, gain, gain_low, gain_high)
+    copies = len(groups) < m
     if copies:
-        advice += (
-            "; the support masks overlap at the same place (slices of one scan or overlapping tiles?): the estimate "
-            "is optimistic, label images from other scans or scenes"
-        )
+        advice += f"; near copies held out together ({m} images in {len(groups)} independent groups)"
     return Estimate(
         round(miou, 1),
         round(low, 1),
@@ -93,15 +93,61 @@ def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProb
     )
 
 
-def near_copies(labels: Tensor) -> bool:
-    """Whether most support images (labels (M, S, S), 255 = ignore) have a partner whose foreground overlaps theirs
-    with IoU >= ``COPY_IOU``: the same structure at the same place, as in neighbouring slices of one scan."""
+ALL_COPIES = (
+    "no estimate: every support mask overlaps another at the same place (slices of one scan or overlapping "
+    "tiles?), so no image is independent of the others; label images from other scans or scenes"
+)
+
+
+def copy_groups(labels: Tensor) -> list[tuple[int, ...]]:
+    """Support images (labels (M, S, S), 255 = ignore) grouped as near copies: the connected components of the
+    graph that joins two images whose foregrounds overlap at the same place far beyond chance (IoU at least
+    ``COPY_IOU`` and ``COPY_FACTOR`` times what two unrelated masks of their coverages reach), in image order."""
     fg = ((labels > 0) & (labels != IGNORE)).flatten(1).float().cpu()
     inter = fg @ fg.T
     area = fg.sum(1)
     iou = inter / (area[:, None] + area[None, :] - inter).clamp_min(1)
-    iou.fill_diagonal_(0)
-    return bool((iou.amax(1) >= COPY_IOU).float().mean() > 0.5)
+    f = area / fg.shape[1]  # coverages; unrelated masks overlap by about fa * fb / (fa + fb - fa * fb)
+    chance = f[:, None] * f[None, :] / (f[:, None] + f[None, :] - f[:, None] * f[None, :]).clamp_min(1e-12)
+    linked = (iou >= COPY_IOU) & (iou >= COPY_FACTOR * chance)
+    parent = list(range(len(labels)))  # union-find over the links
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in linked.triu(1).nonzero().tolist():
+        parent[root(j)] = root(i)
+    roots = [root(i) for i in range(len(labels))]
+    return [tuple(i for i in range(len(labels)) if roots[i] == r) for r in dict.fromkeys(roots)]
+
+
+def _probes_without(
+    support: EncodedSupport, labels: Tensor, probes: LabelProbes, group_of: dict[int, tuple[int, ...]], extra: int
+) -> list[LinearProbe]:
+    """For every support image, a probe fitted without its group (the label probes' own when that is the image
+    alone) and, with ``extra`` = 1, without the next image outside the group too (the estimate with one image
+    fewer)."""
+    m, out, fitted = len(labels), [], {}
+    for i in range(m):
+        left = set(group_of[i])
+        if extra:
+            left.add(next(j for j in (*range(i + 1, m), *range(i)) if j not in group_of[i]))
+        key = tuple(sorted(left))
+        if key == (i,):
+            out.append(probes.without[i])
+            continue
+        if key not in fitted:
+            fitted[key] = probe_without(support, labels, probes.full, key)
+        out.append(fitted[key])
+    return out
+
+
+def _pooled(held: tuple[Tensor, Tensor], groups: list[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+    """Per-image counts (M, n_out) -> per-group counts (G, n_out): the bootstrap resamples independent groups."""
+    inter, union = held
+    return torch.stack([inter[list(g)].sum(0) for g in groups]), torch.stack([union[list(g)].sum(0) for g in groups])
 
 
 def _advice(m: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa: ANN001 - floats or None

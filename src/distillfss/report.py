@@ -79,22 +79,29 @@ def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
     run of a benchmark that recorded it (none: no lines)."""
     import numpy as np
 
-    runs = [r for r in d["rows"] if r["method"] == method and (r.get("estimate") or {}).get("miou") is not None]
+    recorded = [r for r in d["rows"] if r["method"] == method and r.get("estimate")]
+    runs = [r for r in recorded if r["estimate"]["miou"] is not None]
     if not runs:
         return []
     mae, bias, corr, inside = _calibration(runs)
     per = []
-    for name in dict.fromkeys(r["dataset"] for r in runs):
+    for name in dict.fromkeys(r["dataset"] for r in recorded):
         mine = [r for r in runs if r["dataset"] == name]
-        err = np.mean([abs(r["estimate"]["miou"] - r["miou"]) for r in mine])
-        flagged = sum(bool(r["estimate"].get("near_copies")) for r in mine)
-        per.append(f"{name} {err:.1f}" + (f" (near copies flagged in {flagged} of {len(mine)})" if flagged else ""))
+        none = sum(r["estimate"]["miou"] is None for r in recorded if r["dataset"] == name)
+        copies = sum(bool(r["estimate"].get("near_copies")) for r in recorded if r["dataset"] == name)
+        text = f"{name} {np.mean([abs(r['estimate']['miou'] - r['miou']) for r in mine]):.1f}" if mine else name
+        notes = [f"near copies in {copies} of {len(mine) + none}"] if copies else []
+        notes += [f"no estimate in {none}"] if none else []
+        per.append(text + (f" ({', '.join(notes)})" if notes else ""))
     shots = sorted({r["shots"] for r in runs})
+    withheld = len(recorded) - len(runs)
     return [
         f"The estimate `adapt` reported in these runs against the test mIoU of the same `{method}` model "
-        f"(K = {', '.join(map(str, shots))}, {len(runs)} runs): mean absolute error {mae:.1f} points, mean error "
-        f"(estimate - test) {bias:+.1f}, correlation {corr:.2f}, test mIoU inside the interval in {inside:.0f} % of "
-        f"the runs. By dataset (mean absolute error): {', '.join(per)}.",
+        f"(K = {', '.join(map(str, shots))}, {len(runs)} runs with an estimate"
+        + (f"; in {withheld} more `adapt` gave none" if withheld else "")
+        + f"): mean absolute error {mae:.1f} points, mean error (estimate - test) {bias:+.1f}, correlation "
+        f"{corr:.2f}, test mIoU inside the interval in {inside:.0f} % of the runs. By dataset (mean absolute error): "
+        f"{', '.join(per)}.",
         "",
     ]
 
