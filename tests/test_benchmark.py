@@ -320,7 +320,8 @@ def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
         == 0
     )
     saved = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "m" / "model.safetensors").items()}
-    stems = json.loads((tmp_path / "m" / "config.json").read_text())["support"]["stems"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    stems = config["support"]["stems"]
 
     acfg = AdaptConfig(iterations=1, fast_iterations=2)
     mcfg = model_config("efficientnet_lite0", 1, image_size=64)
@@ -330,6 +331,7 @@ def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
     assert rows[0]["support"] == stems and rows[1]["adapt"] == {**acfg.to_dict(), "seed": 2}
     bench = own_state(predictors["distillfss_fast"].model)
     assert set(bench) == set(saved) and all(torch.equal(bench[k], saved[k]) for k in saved)
+    assert rows[1]["estimate"] == config["estimate"]  # the estimate's counts, shared by the seeds: the same
 
     seg = FewShotSegmenter("efficientnet_lite0", image_size=64, iterations=1, fast_iterations=2, seed=2)
     seg.fit([data / "train/images" / f"{s}.png" for s in stems], [data / "train/masks" / f"{s}.png" for s in stems])

@@ -18,7 +18,7 @@ from distillfss.config import AdaptConfig, warm_config
 from distillfss.data import load_split
 from distillfss.data.folder import load_mask
 from distillfss.demo import demo_root
-from distillfss.estimate import copy_groups, estimate_accuracy
+from distillfss.estimate import copy_groups, estimate_accuracy, held_out_counts
 from distillfss.fast import fit_label_probes
 from distillfss.preview import Preview, disagreement
 from distillfss.sampling import sample_support
@@ -55,6 +55,11 @@ def test_the_estimate_follows_how_learnable_the_labels_are_and_its_interval_hold
         assert "estimated mIoU on new images" in e.advice
     assert clear.miou > 60 and noise.miou < 30, (clear, noise)
     assert _estimate(lite0_64, *_squares(4)) == clear  # seeded: the same support gives the same estimate
+    x, y = _squares(4)
+    support = encode_support(lite0_64, x, y, 1)
+    probes = fit_label_probes(lite0_64, support, y, settings=QUICK)
+    counts = held_out_counts(support, y, probes)  # what a benchmark's seeds share
+    assert estimate_accuracy(support, y, probes, 1, counts) == estimate_accuracy(support, y, probes, 1)
 
 
 def test_one_support_image_gives_no_estimate_and_an_interval_that_says_so(lite0_64) -> None:

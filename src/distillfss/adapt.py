@@ -30,7 +30,7 @@ from .backbones import FrozenBackbone, check_on, place
 from .baselines import QUICK
 from .config import AdaptConfig, ModelConfig
 from .errors import UserError
-from .estimate import Estimate, estimate_accuracy
+from .estimate import Estimate, HeldOut, estimate_accuracy
 from .fast import LabelProbes, distill_fast, fit_label_probes
 from .refine import refine
 from .student import FastStudent, Student, build_student
@@ -65,6 +65,7 @@ def adapt(
     probes: LabelProbes | None = None,
     student_init: FastStudent | None = None,
     probe_settings: dict | None = None,
+    held_out: HeldOut | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distil a student.
 
@@ -83,6 +84,8 @@ def adapt(
         student_init: warm start (``adapt --from``): the fast student distils from a copy of this one (an earlier
             adaptation's, same classes) instead of a fresh one; ``teacher`` is then that adaptation's teacher, and
             ``probe_settings`` its label probe's settings (``AdaptResult.probe_settings``: no new search).
+        held_out: the estimate's held-out counts (``estimate.held_out_counts``) from the same support and probes,
+            which do not depend on the seed either (computed here when None; the same result).
     """
     cfg = cfg.for_unlabeled(unlabeled is not None)
     if student_init is not None:
@@ -121,7 +124,7 @@ def adapt(
             )
         elif paper is not None and cfg.refine_iterations:
             student = refine(teacher, paper, support, images, labels, cfg, unlabeled, gen, progress, record)
-        estimate = estimate_accuracy(support, labels, probes, cfg.seed)
+        estimate = estimate_accuracy(support, labels, probes, cfg.seed, held_out)
     if student is not None:
         student.eval()
     return AdaptResult(

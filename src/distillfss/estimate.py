@@ -54,28 +54,55 @@ class Estimate:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """What the estimate rests on, which depends only on the support set and its probes (not on the seed): the
+    near-copy groups and, per group, the held-out (intersection, union) counts (G, n_out) with K images and with one
+    image fewer (None: no estimate, or no trend)."""
+
+    m: int
+    groups: list[tuple[int, ...]]
+    held: tuple[Tensor, Tensor] | None
+    one_less: tuple[Tensor, Tensor] | None
+
+
 @torch.no_grad()
-def estimate_accuracy(support: EncodedSupport, labels: Tensor, probes: LabelProbes, seed: int = 0) -> Estimate:
-    """The estimate from the support set (encoded) and its label probes; ``labels`` (M, S, S), 255 = ignore."""
+def held_out_counts(support: EncodedSupport, labels: Tensor, probes: LabelProbes) -> HeldOut:
+    """The support images predicted by probes fitted without them (and without their near copies); ``labels``
+    (M, S, S), 255 = ignore."""
     m = len(labels)
-    if m < 2:
-        return Estimate(None, 0.0, 100.0, m, None, None, None, "no estimate from one labelled image: label a second")
-    groups = copy_groups(labels)
+    groups = copy_groups(labels) if m > 1 else [(0,)]
     if len(groups) == 1:
-        return Estimate(None, 0.0, 100.0, m, None, None, None, ALL_COPIES, True)
+        return HeldOut(m, groups, None, None)
     group_of = {i: g for g in groups for i in g}
     n_out = probes.full.num_classes + 1
-    held = _pooled(_held_out(support, labels, _probes_without(support, labels, probes, group_of, 0), n_out), groups)
+    held = _pooled(_counts(support, labels, _probes_without(support, labels, probes, group_of, 0), n_out), groups)
+    one_less = None
+    if all(len(g) <= m - 2 for g in groups):  # every held-out group leaves two or more images to drop one from
+        one_less = _counts(support, labels, _probes_without(support, labels, probes, group_of, 1), n_out)
+        one_less = _pooled(one_less, groups)
+    return HeldOut(m, groups, held, one_less)
+
+
+def estimate_accuracy(
+    support: EncodedSupport, labels: Tensor, probes: LabelProbes, seed: int = 0, counts: HeldOut | None = None
+) -> Estimate:
+    """The estimate from the support set (encoded) and its label probes; ``labels`` (M, S, S), 255 = ignore.
+    counts: ``held_out_counts`` of the same support set and probes, if the caller has them (the same result)."""
+    c = held_out_counts(support, labels, probes) if counts is None else counts
+    m, groups = c.m, c.groups
+    if m < 2:
+        return Estimate(None, 0.0, 100.0, m, None, None, None, "no estimate from one labelled image: label a second")
+    if c.held is None:
+        return Estimate(None, 0.0, 100.0, m, None, None, None, ALL_COPIES, True)
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(groups), (RESAMPLES, len(groups)), generator=gen)
-    miou, low, high = _with_interval(held, picks)
+    miou, low, high = _with_interval(c.held, picks)
     gain = gain_low = gain_high = None
-    if all(len(g) <= m - 2 for g in groups):  # every held-out group leaves two or more images to drop one from
-        one_less = _held_out(support, labels, _probes_without(support, labels, probes, group_of, 1), n_out)
-        one_less = _pooled(one_less, groups)
-        diff = (_miou(*held) - _miou(*one_less)).item(), _miou_boot(held, picks) - _miou_boot(one_less, picks)
-        gain = diff[0]
-        gain_low, gain_high = (float(q) for q in diff[1].quantile(torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])))
+    if c.one_less is not None:
+        gain = (_miou(*c.held) - _miou(*c.one_less)).item()
+        boot = _miou_boot(c.held, picks) - _miou_boot(c.one_less, picks)
+        gain_low, gain_high = (float(q) for q in boot.quantile(torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])))
     advice = _advice(m, miou, low, high, gain, gain_low, gain_high)
     copies = len(groups) < m
     if copies:
@@ -162,7 +189,7 @@ def _advice(m: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa:
     return f"{line}; whether labelling more helps is unclear ({trend})"
 
 
-def _held_out(support: EncodedSupport, labels: Tensor, probes: list[LinearProbe], n_out: int) -> tuple[Tensor, Tensor]:
+def _counts(support: EncodedSupport, labels: Tensor, probes: list[LinearProbe], n_out: int) -> tuple[Tensor, Tensor]:
     """Support image i predicted by ``probes[i]`` -> per-image (intersection, union) counts, each (M, n_out)."""
     inter, union = torch.zeros(len(labels), n_out), torch.zeros(len(labels), n_out)
     size = tuple(labels.shape[-2:])

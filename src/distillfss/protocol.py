@@ -25,6 +25,7 @@ from .baselines import LinearProbe, PrototypeMatcher
 from .config import BENCHMARK_METHODS, AdaptConfig, ModelConfig, model_config
 from .data import DataError, Split, class_sets, load_support_tensors, load_unlabeled
 from .data.folder import image_size
+from .estimate import HeldOut, held_out_counts
 from .evaluate import evaluate_predictor
 from .fast import LabelProbes, fit_label_probes
 from .model_io import load_teacher_weights
@@ -168,6 +169,8 @@ class Prepared:
     encode_seconds: float
     probes: LabelProbes | None = None
     probe_seconds: float = 0.0
+    held_out: HeldOut | None = None  # the estimate's held-out counts (from the support set and the probes)
+    held_out_seconds: float = 0.0
     fixed: dict[str, Predictor] = field(default_factory=dict)
     fixed_seconds: dict[str, float] = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)  # the baselines' cross-validated choices
@@ -232,6 +235,9 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
         t0 = time.perf_counter()
         prep.probes = fit_label_probes(backbone, support, labels, full)  # type: ignore[arg-type]
         prep.probe_seconds = time.perf_counter() - t0 + (prep.fixed_seconds["linear_probe"] if same else 0.0)
+        t0 = time.perf_counter()
+        prep.held_out = held_out_counts(support, labels, prep.probes)
+        prep.held_out_seconds = time.perf_counter() - t0
     return prep
 
 
@@ -279,8 +285,11 @@ def run_cell(
             log_path=None if log_to is None else log_to(tag),
             support=prep.support,
             probes=prep.probes,
+            held_out=prep.held_out,
         )
-        extra = prep.encode_seconds + (prep.probe_seconds if result.config.student == "fast" else 0.0)
+        # what adapt would have spent alone: encoding, and the probes and the estimate's counts it shares here
+        shared = prep.held_out_seconds + (prep.probe_seconds if result.config.student == "fast" else 0.0)
+        extra = prep.encode_seconds + shared
         for m in names:
             is_teacher = ROWS[m].model == "teacher"
             model = result.teacher if is_teacher else result.student
