@@ -118,15 +118,15 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
             page.locator("#classes textarea, #classes input").first.fill("nucleus")
             page.locator("#add-images input[type=file]").set_input_files([str(f) for f in train])
             page.get_by_text("added 4 image(s)").wait_for(timeout=60_000)
-            for f in train[:2]:
-                _label(page, f.stem)
+            for f, row in zip(train[:2], (-0.6, 0.0)):  # strokes at different places: no near copies
+                _label(page, f.stem, row)
             # the live preview: every image, the labelled ones predicted without their own mask
             page.get_by_text("preview of 4 image(s)").wait_for(timeout=60_000)
             assert page.locator("#preview img").count() >= 4
 
             # start the third image from the preview's prediction, correct it with a stroke, save it
             _start_from(page, train[2].stem, "preview")
-            _label(page, train[2].stem)
+            _label(page, train[2].stem, 0.6)
             assert sorted(m.stem for m in (ws / "masks").iterdir()) == sorted(f.stem for f in train[:3])
 
             page.get_by_role("tab", name="2 · Adapt").click()
@@ -138,7 +138,7 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
             # correct the model's prediction of the first image, then adapt again from the current model
             page.get_by_role("tab", name="1 · Label").click()
             _start_from(page, train[0].stem, "model")
-            _label(page, train[0].stem)
+            _label(page, train[0].stem, -0.6)
             page.get_by_role("tab", name="2 · Adapt").click()
             assert page.locator("#warm-start input").is_checked()
             page.locator("#adapt").click()
@@ -172,8 +172,8 @@ def test_app_in_a_real_browser(tmp_path: Path) -> None:
         shutil.copyfile(tmp_path / "loop.png", os.environ["DISTILLFSS_SCREENSHOT"])
 
 
-def _label(page, stem: str) -> None:
-    """Pick ``stem`` (unless it is picked), paint a stroke on it and save its mask."""
+def _label(page, stem: str, row: float = 0.0) -> None:
+    """Pick ``stem`` (unless it is picked), paint a stroke on it (``row``: see ``_paint_stroke``) and save its mask."""
     if page.locator("#pick input").first.input_value() != stem:
         page.locator("#pick input").first.click()
         page.get_by_role("option", name=stem).click()
@@ -183,7 +183,7 @@ def _label(page, stem: str) -> None:
     for attempt in range(3):  # on a loaded machine the picked image can arrive after the stroke and clear it
         page.wait_for_timeout(500 * (attempt + 1))
         errors = unpainted.count()
-        _paint_stroke(page)
+        _paint_stroke(page, row)
         page.locator("#save-mask").click()
         for _ in range(120):  # until the save is answered, either way
             if saved.count() > before or unpainted.count() > errors:
@@ -204,15 +204,17 @@ def _start_from(page, stem: str, source: str) -> None:
     page.get_by_text(f"{stem}: the {source}'s prediction is in the editor").wait_for(timeout=60_000)
 
 
-def _paint_stroke(page) -> None:
-    """One brush stroke across the middle of the image editor's canvas (brush tool, first colour = class 1)."""
+def _paint_stroke(page, row: float = 0.0) -> None:
+    """One brush stroke across the image editor's canvas (brush tool, first colour = class 1), at ``row`` (-1 to 1:
+    top to bottom of the image's middle 70 %)."""
     canvas = page.locator("#editor canvas").first
     canvas.wait_for(timeout=30_000)
     page.locator("#editor").get_by_role("button", name="Brush", exact=True).click()
     box = canvas.bounding_box()
     assert box is not None
     # The image is fitted to the canvas height and centred: stroke across its middle, inside it.
-    cx, cy, half = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] * 0.3
+    cx, half = box["x"] + box["width"] / 2, box["height"] * 0.3
+    cy = box["y"] + box["height"] / 2 + row * box["height"] * 0.35
     page.mouse.move(cx - half, cy)
     page.mouse.down()
     for i in range(1, 5):  # few, large moves: every pointer event costs the editor a redraw

@@ -315,10 +315,14 @@ def loop() -> list[str]:
         lines.append(f"| {k} | {len(models)} | {len(est)} | {mae:.1f} | {bias:+.1f} | {corr:.2f} | {inside:.0f} % |")
     per = []
     for name in names:
-        est = [r for r in rows if r["dataset"] == name and r["k"] in (2, 5) and r["order"] != "suggested"]
+        mine = [r for r in rows if r["dataset"] == name and r["k"] in (2, 5) and r["order"] != "suggested"]
+        est = [r for r in mine if r["estimate"]["miou"] is not None]
+        none = f"no estimate in {len(mine) - len(est)} of {len(mine)}" if len(est) < len(mine) else ""
         if est:
             err = np.mean([abs(r["estimate"]["miou"] - r["miou"]) for r in est])
-            per.append(f"{name} {err:.1f}")
+            per.append(f"{name} {err:.1f}" + (f" ({none})" if none else ""))
+        elif none:
+            per.append(f"{name} ({none})")
     lines += ["", "Mean absolute error of the estimate by dataset (K = 2 and 5): " + ", ".join(per) + ".", ""]
     return lines
 
