@@ -294,8 +294,8 @@ def loop() -> list[str]:
         f"[{cmp_w.low:+.1f}, {cmp_w.high:+.1f}] mIoU points over {cmp_w.n} paired chains: {cmp_w.verdict} (its "
         "time: the next section).",
         "",
-        "The estimate `adapt` reports (leave-one-image-out probe predictions on the support set) against the test "
-        "mIoU of the same model, random order (K = 5 also from scratch):",
+        "The estimate `adapt` reports (each support image predicted by a probe fitted without it and its near copies) "
+        "against the test mIoU of the same model, random order (K = 5 also from scratch):",
         "",
         "| K | models | with an estimate | mean abs. error | mean error (estimate - test) | correlation | test "
         "mIoU inside the interval |",
