@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_ADAPT, write_dataset
 from PIL import Image
 
+from distillfss import estimate
 from distillfss.baselines import QUICK
 from distillfss.cli import main
 from distillfss.config import AdaptConfig, warm_config
@@ -50,7 +51,8 @@ def test_the_estimate_follows_how_learnable_the_labels_are_and_its_interval_hold
     x, y = _squares(4, noise=True)
     noise = _estimate(lite0_64, x, y)
     for e in (clear, noise):
-        assert 0 <= e.low <= e.miou <= e.high <= 100 and e.images == 4
+        assert 0 <= e.low <= e.sample_low <= e.miou <= e.sample_high <= e.high <= 100 and e.images == 4
+        assert e.high - e.low >= estimate.Z * estimate.GAP_SD  # the support set's spread and the gap to a test set
         assert e.gain is not None and e.gain_low <= e.gain <= e.gain_high
         assert "estimated mIoU on new images" in e.advice
     assert clear.miou > 60 and noise.miou < 30, (clear, noise)

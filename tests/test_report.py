@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distillfss import report
+from distillfss import estimate, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,25 +33,44 @@ def test_readme_block_needs_its_markers() -> None:
         report.readme_block("# a README without the results markers\n")
 
 
-def test_estimate_calibration_scores_the_estimate_against_the_test_miou() -> None:
+def test_estimate_calibration_scores_the_estimate_against_the_test_miou(monkeypatch) -> None:
     def run(dataset: str, test: float, est: float | None, low: float, high: float, copies: bool = False) -> dict:
         estimate = {"miou": est, "low": low, "high": high, "near_copies": copies}
         return {"dataset": dataset, "method": "distillfss_fast", "shots": 5, "miou": test, "estimate": estimate}
 
     rows = [
-        run("a", 50.0, 54.0, 40.0, 60.0),  # error +4, inside
-        run("a", 60.0, 52.0, 45.0, 58.0),  # error -8, outside
+        run("a", 50.0, 54.0, 40.0, 60.0),  # error +4, inside the bootstrap interval
+        run("a", 60.0, 52.0, 45.0, 58.0),  # error -8, outside it: inside once widened by a gap of 5 (8 < 1.96 x 5)
         run("b", 0.0, 30.0, 0.0, 50.0, copies=True),  # error +30, inside (the interval reaches 0)
         run("b", 10.0, None, 0.0, 100.0),  # no estimate (one image): not scored, but counted as withheld
         run("c", 5.0, None, 0.0, 100.0, copies=True),  # one group of near copies: no estimate
         {"dataset": "a", "method": "linear_probe", "shots": 5, "miou": 1.0, "estimate": None},
     ]
+    monkeypatch.setattr(estimate, "GAP_SD", 0.0)  # the recorded (bootstrap) interval as it is
     (line, blank) = report.estimate_calibration({"rows": rows})
     assert "3 runs with an estimate; in 2 more `adapt` gave none" in line
     assert "mean absolute error 14.0 points" in line and "mean error (estimate - test) +8.7" in line
-    assert "inside the interval in 67 %" in line
+    assert "inside `adapt`'s interval in 67 %" in line
     assert (
         "a 6.0, b 30.0 (near copies in 1 of 2, no estimate in 1), c (near copies in 1 of 1, no estimate in 1)" in line
     )
     assert blank == ""
+    monkeypatch.setattr(estimate, "GAP_SD", 5.0)
+    assert "inside `adapt`'s interval in 100 %" in report.estimate_calibration({"rows": rows})[0]
     assert report.estimate_calibration({"rows": rows[3:]}) == []  # no estimate anywhere: no lines
+
+
+def test_the_shipped_gap_is_the_one_the_committed_runs_measure(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    runs = report.calibration_runs()
+    assert len(runs) >= 10 and all(r["estimate"]["miou"] is not None and r["k"] >= 2 for r in runs)
+    assert round(report.gap_sd(runs), 1) == estimate.GAP_SD  # rerun a benchmark: update GAP_SD with `make results`
+
+
+def test_the_interval_holds_the_bootstrap_interval_and_the_gap() -> None:
+    low, high = estimate.predictive_interval(50.0, 45.0, 52.0, gap_sd=5.0)
+    assert low == pytest.approx(50 - (5**2 + 9.8**2) ** 0.5) and high == pytest.approx(50 + (2**2 + 9.8**2) ** 0.5)
+    assert estimate.predictive_interval(50.0, 45.0, 52.0, gap_sd=0.0) == (45.0, 52.0)
+    # two held-out images that both scored 0: the bootstrap says [0, 0], the interval does not
+    assert estimate.predictive_interval(0.0, 0.0, 0.0) == (0.0, pytest.approx(estimate.Z * estimate.GAP_SD))
+    assert estimate.predictive_interval(99.0, 98.0, 100.0)[1] == 100.0
