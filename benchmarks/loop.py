@@ -102,6 +102,10 @@ def chain(name: str, draw: int, seed: int) -> list[dict]:
     return rows
 
 
+def _key(r: dict) -> tuple[str, int, int]:
+    return r["dataset"], r["draw"], r["seed"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -123,10 +127,10 @@ def main() -> int:
         earlier = json.loads(args.out.read_text())
         if earlier.get("schedule") != result["schedule"]:
             raise SystemExit(f"{args.out}: made with another schedule; give another --out")
-        resumed = {**result["provenance"], "chains_before": len({(r["dataset"], r["draw"]) for r in earlier["rows"]})}
+        resumed = {**result["provenance"], "chains_before": len({_key(r) for r in earlier["rows"]})}
         result = {**earlier, "provenance": {**earlier["provenance"]}}
         result["provenance"]["resumed"] = [*earlier["provenance"].get("resumed", []), resumed]
-    done = {(r["dataset"], r["draw"], r["seed"]) for r in result["rows"]}
+    done = {_key(r) for r in result["rows"]}
     for name in names:
         for draw in draws:
             for seed in seeds:
