@@ -74,3 +74,26 @@ def test_the_interval_holds_the_bootstrap_interval_and_the_gap() -> None:
     # two held-out images that both scored 0: the bootstrap says [0, 0], the interval does not
     assert estimate.predictive_interval(0.0, 0.0, 0.0) == (0.0, pytest.approx(estimate.Z * estimate.GAP_SD))
     assert estimate.predictive_interval(99.0, 98.0, 100.0)[1] == 100.0
+
+
+def test_shot_guidance_pairs_each_advice_with_what_the_next_image_did() -> None:
+    def r(order: str, k: int, miou: float, advice: str, start: str = "warm", seed: int = 0) -> dict:
+        return {"dataset": "a", "draw": 0, "seed": seed, "order": order, "start": start, "k": k, "miou": miou,
+                "estimate": {"advice": advice}}  # fmt: skip
+
+    rows = [
+        r("start", 1, 10.0, "no estimate from one labelled image: label a second", start="scratch"),
+        r("random", 2, 20.0, "...; label a third image to see whether more labels help"),
+        r("suggested", 2, 14.0, "...; label a third image to see whether more labels help"),
+        r("random", 3, 21.0, "...; labelling more is unlikely to help much (+0.1 ...)"),
+        r("suggested", 3, 18.0, "...; labelling more is likely to help (+5.0 ...)"),
+        r("random", 4, 22.0, "...; whether labelling more helps is unclear (...)"),  # no K = 5: not paired
+        r("random", 5, 40.0, "...", start="scratch"),  # a model from scratch is not a step of the loop
+    ]
+    (line, _) = report.shot_guidance(rows)
+    assert "one image, no estimate: +7.0 ± 4.2 (n = 2)" in line  # K = 1 starts both orders: +10 and +4
+    assert "no trend yet (two images): +2.5 ± 2.1 (n = 2)" in line
+    assert "unlikely to help much: +1.0 ± 0.0 (n = 1)" in line and "likely to help: +nan" not in line
+    assert "; likely to help:" not in line  # the K = 3 'likely' step has no K = 4 in its order
+    assert "unclear" not in line
+    assert report.shot_guidance([]) == []

@@ -404,7 +404,45 @@ def loop() -> list[str]:
         elif none:
             per.append(f"{name} ({none})")
     lines += ["", "Mean absolute error of the estimate by dataset (K = 2 and 5): " + ", ".join(per) + ".", ""]
-    return lines
+    return lines + shot_guidance(rows)
+
+
+GUIDANCE = (
+    ("unlikely to help", "unlikely to help much"),
+    ("likely to help", "likely to help"),
+    ("unclear", "unclear"),
+    ("label a third", "no trend yet (two images)"),
+    ("label a second", "one image, no estimate"),
+    ("no estimate", "no estimate"),
+)
+
+
+def shot_guidance(rows: list[dict]) -> list[str]:
+    """What ``adapt`` advised at K (its line: labelling more likely / unlikely to help) against what the next labelled
+    image did to the test mIoU, over the loop's warm-started steps K -> K + 1 (both orders)."""
+    from .stats import mean_std
+
+    warm = {(r["dataset"], r["draw"], r["seed"], r["order"], r["k"]): r for r in rows if r["start"] == "warm"}
+    changes: dict[str, list[float]] = {}
+    for r in (r for r in rows if r["start"] == "warm" or r["order"] == "start"):
+        orders = ("random", "suggested") if r["order"] == "start" else (r["order"],)  # K = 1 starts both orders
+        what = next(label for key, label in GUIDANCE if key in r["estimate"]["advice"])
+        for order in orders:
+            nxt = warm.get((r["dataset"], r["draw"], r["seed"], order, r["k"] + 1))
+            if nxt is not None:
+                changes.setdefault(what, []).append(nxt["miou"] - r["miou"])
+    if not changes:
+        return []
+    cells = []
+    for _, label in GUIDANCE:
+        if label in changes:
+            m, sd = mean_std(changes[label])
+            cells.append(f"{label}: {m:+.1f} ± {sd:.1f} (n = {len(changes[label])})")
+    return [
+        "What `adapt` advised about labelling more, against the change of the test mIoU when the next image was "
+        "labelled (warm-started steps K -> K + 1 of both orders; mean ± std): " + "; ".join(cells) + ".",
+        "",
+    ]
 
 
 def preview_time() -> list[str]:
