@@ -53,8 +53,13 @@ def _load(path: Path) -> dict:
 
 
 def _provenance(d: dict) -> str:
+    """The command, commit, date and machine that made a result file, and those of each run that resumed it."""
     made = d["provenance"]
-    return f"`{made['command']}` at commit {made['commit']}, {made['date'][:10]}, on {made['machine']}"
+    text = f"`{made['command']}` at commit {made['commit']}, {made['date'][:10]}, on {made['machine']}"
+    for more in made.get("resumed", []):
+        text += f"; resumed by `{more['command']}` at commit {more['commit']}"
+        text += "" if more["machine"] == made["machine"] else f" on {more['machine']}"
+    return text
 
 
 def headline(d: dict) -> list[str]:
@@ -121,13 +126,17 @@ def _calibration(runs: list[dict], gap_sd: float | None = None) -> tuple[float, 
     return float(np.abs(e - t).mean()), float((e - t).mean()), corr, float(inside)
 
 
+def _sample(estimate: dict) -> tuple[float, float]:
+    """A recorded estimate's support-set (bootstrap) interval; runs recorded before the interval had its gap term
+    stored it as ``low``, ``high``."""
+    return estimate.get("sample_low", estimate["low"]), estimate.get("sample_high", estimate["high"])
+
+
 def _interval(estimate: dict, gap_sd: float | None = None) -> tuple[float, float]:
-    """The interval ``adapt`` makes today from a recorded estimate's support-set (bootstrap) interval; runs recorded
-    before the interval had its gap term stored that bootstrap interval as ``low``, ``high``."""
+    """The interval ``adapt`` makes today from a recorded estimate."""
     from .estimate import GAP_SD, predictive_interval
 
-    low, high = estimate.get("sample_low", estimate["low"]), estimate.get("sample_high", estimate["high"])
-    return predictive_interval(estimate["miou"], low, high, GAP_SD if gap_sd is None else gap_sd)
+    return predictive_interval(estimate["miou"], *_sample(estimate), GAP_SD if gap_sd is None else gap_sd)
 
 
 def _inside(run: dict, gap_sd: float | None = None) -> bool:
@@ -173,22 +182,13 @@ def estimate_interval() -> list[str]:
         inside = [_inside(r, others) for r in mine]
         held += inside
         per.append(f"{name} {100 * sum(inside) / len(inside):.0f} % of {len(mine)} (gap {others:.1f})")
-    sample = (
-        100
-        * sum(
-            r["estimate"].get("sample_low", r["estimate"]["low"])
-            <= r["miou"]
-            <= r["estimate"].get("sample_high", r["estimate"]["high"])
-            for r in runs
-        )
-        / len(runs)
-    )
+    sample = 100 * sum(low <= r["miou"] <= high for r in runs for low, high in [_sample(r["estimate"])]) / len(runs)
+    ks = ", ".join(map(str, sorted({r["k"] for r in runs})))
     return [
         "## The estimate's interval",
         "",
-        f"Over the {len(runs)} models of the headline and loop runs with an estimate (K = "
-        f"{', '.join(map(str, sorted({r['k'] for r in runs})))}), the test mIoU lay {measured:.1f} points from the estimate (root mean square; `adapt` "
-        f"uses {GAP_SD:.1f}). The support set's bootstrap interval alone held the test mIoU in {sample:.0f} % of "
+        f"Over the {len(runs)} models of the headline and loop runs with an estimate (K = {ks}), the test mIoU lay "
+        f"{measured:.1f} points from the estimate (root mean square; `adapt` uses {GAP_SD:.1f}). The support set's bootstrap interval alone held the test mIoU in {sample:.0f} % of "
         f"them: it knows the support images' spread, not how a probe's leave-one-out score differs from a student's "
         f"on new images. `adapt`'s interval adds that gap (each side: root of the sum of the squares of the bootstrap "
         f"half-width and 1.96 x the gap) and held the test mIoU in {_calibration(runs)[3]:.0f} % of the runs. On a "
@@ -363,12 +363,14 @@ def loop() -> list[str]:
     rnd = [at[(c, "random", "warm", 5)]["miou"] for c in chains]
     scr = [at[(c, "random", "scratch", 5)] for c in chains]
     warm_rows = [at[(c, "random", "warm", 5)] for c in chains]
-    cmp_s = paired_comparison(sug, rnd)
-    cmp_w = paired_comparison([r["miou"] for r in warm_rows], [r["miou"] for r in scr])
+    draws = [c[:2] for c in chains]  # the seeds of one (dataset, draw) share its images: resampled together
+    cmp_s = paired_comparison(sug, rnd, draws)
+    cmp_w = paired_comparison([r["miou"] for r in warm_rows], [r["miou"] for r in scr], draws)
     lines += [
         "",
         f"Suggested minus random order at K = 5: {cmp_s.mean:+.1f} [{cmp_s.low:+.1f}, {cmp_s.high:+.1f}] mIoU points "
-        f"over {cmp_s.n} paired chains: {cmp_s.verdict}.",
+        f"over {cmp_s.n} paired chains ({len(set(draws))} support draws; hierarchical bootstrap: draws, then seeds "
+        f"within them): {cmp_s.verdict}.",
         "",
         f"Warm start (K = 4 model + the fifth image) minus adapting K = 5 from scratch: {cmp_w.mean:+.1f} "
         f"[{cmp_w.low:+.1f}, {cmp_w.high:+.1f}] mIoU points over {cmp_w.n} paired chains: {cmp_w.verdict} (its "
