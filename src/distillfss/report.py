@@ -168,32 +168,32 @@ def gap_sd(runs: list[dict]) -> float:
 def estimate_interval() -> list[str]:
     """How the estimate's interval gets its gap term, and how often the interval held the test mIoU: over the runs
     the gap was measured on, and for each dataset with the gap measured on the other datasets only (a new domain)."""
-    from .estimate import GAP_SD
+    from .estimate import GAP_SD, Z
 
     runs = calibration_runs()
     if not runs:
         return []
     measured = gap_sd(runs)
     names = sorted({r["dataset"] for r in runs})
-    per, held = [], []
+    per, held = [], 0.0
     for name in names:
         mine = [r for r in runs if r["dataset"] == name]
         others = gap_sd([r for r in runs if r["dataset"] != name])
-        inside = [_inside(r, others) for r in mine]
-        held += inside
-        per.append(f"{name} {100 * sum(inside) / len(inside):.0f} % of {len(mine)} (gap {others:.1f})")
-    sample = 100 * sum(low <= r["miou"] <= high for r in runs for low, high in [_sample(r["estimate"])]) / len(runs)
+        inside = _calibration(mine, others)[3]
+        held += inside * len(mine) / len(runs)
+        per.append(f"{name} {inside:.0f} % of {len(mine)} (gap {others:.1f})")
+    sample = _calibration(runs, 0.0)[3]  # no gap: the bootstrap interval alone
     ks = ", ".join(map(str, sorted({r["k"] for r in runs})))
     return [
         "## The estimate's interval",
         "",
         f"Over the {len(runs)} models of the headline and loop runs with an estimate (K = {ks}), the test mIoU lay "
-        f"{measured:.1f} points from the estimate (root mean square; `adapt` uses {GAP_SD:.1f}). The support set's bootstrap interval alone held the test mIoU in {sample:.0f} % of "
-        f"them: it knows the support images' spread, not how a probe's leave-one-out score differs from a student's "
-        f"on new images. `adapt`'s interval adds that gap (each side: root of the sum of the squares of the bootstrap "
-        f"half-width and 1.96 x the gap) and held the test mIoU in {_calibration(runs)[3]:.0f} % of the runs. On a "
-        f"domain the gap was not measured on (each dataset with the gap measured on the others): "
-        f"{100 * sum(held) / len(held):.0f} % overall; {', '.join(per)}.",
+        f"{measured:.1f} points from the estimate (root mean square; `adapt` uses {GAP_SD:.1f}). The support set's "
+        f"bootstrap interval alone held the test mIoU in {sample:.0f} % of them: it knows the support images' spread, "
+        "not how a probe's leave-one-out score differs from a student's on new images. `adapt`'s interval adds that "
+        f"gap (each side: root of the sum of the squares of the bootstrap half-width and {Z} x the gap) and held the "
+        f"test mIoU in {_calibration(runs)[3]:.0f} % of the runs. On a domain the gap was not measured on (each "
+        f"dataset with the gap measured on the others): {held:.0f} % overall; {', '.join(per)}.",
         "",
     ]
 
