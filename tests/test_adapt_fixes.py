@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import subprocess
@@ -15,9 +16,10 @@ from torch.testing import assert_close
 from distillfss.adapt import adapt
 from distillfss.attention import MaskAttention, reference_mask_attention
 from distillfss.config import AdaptConfig, ModelConfig
+from distillfss.fast import fit_label_probes
 from distillfss.predictor import Predictor
 from distillfss.teacher import build_teacher, encode_support
-from distillfss.transfer import episodes, teacher_targets
+from distillfss.transfer import episodes, seeded, teacher_targets
 
 S = 64
 transfer_mod = importlib.import_module("distillfss.transfer")
@@ -188,3 +190,39 @@ def test_predictor_votes_when_a_class_has_more_shots_than_the_chunk(lite0_64) ->
     assert_close(Predictor(teacher, S, support, vote_chunk=2).logits(x), voted, atol=1e-5, rtol=1e-5)
     assert_close(Predictor(teacher, S, support, vote_chunk=0).logits(x), plain, atol=1e-5, rtol=1e-5)
     assert not Predictor(teacher, S, support, vote_chunk=10).voting  # 4 shots fit one chunk
+
+
+def test_another_seed_reuses_the_seed_free_stage_bit_for_bit(lite0_64) -> None:
+    """With a saved start, fixed episodes and no dropout nothing before the student draws a random number: a call
+    at another seed may take the first call's adapted teacher and bank (``stage``) and gives the same weights as
+    computing them again; other inputs are refused, and a stage that drew random numbers is never offered."""
+    images, labels = _two_class_support()
+    with seeded(7):
+        start = build_teacher(lite0_64, _cfg(2))
+    # as the benchmark calls it: the support encoded and the probes fitted once (the same as adapt computes)
+    support = encode_support(lite0_64, images, labels, 2)
+    kept = {"support": support, "probes": fit_label_probes(lite0_64, support, labels), "progress": False}
+    cfg = AdaptConfig(iterations=2, fast_iterations=3, seed=1)
+    first = adapt(lite0_64, images, labels, _cfg(2), cfg, teacher=start, **kept)
+    assert first.stage is not None and first.stage.bank is not None
+    two = dataclasses.replace(cfg, seed=2)
+    alone = adapt(lite0_64, images, labels, _cfg(2), two, teacher=start, **kept)
+    reused = adapt(lite0_64, images, labels, _cfg(2), two, teacher=start, stage=first.stage, **kept)
+    for model in ("teacher", "student"):
+        a, b = getattr(alone, model).state_dict(), getattr(reused, model).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+    assert reused.estimate == alone.estimate and reused.stage is first.stage
+    seed_one = first.student.state_dict()
+    assert any(not torch.equal(v, seed_one[k]) for k, v in alone.student.state_dict().items())  # seeds differ
+    replayed = [r for r in reused.log if r.get("reused")]
+    assert [r["loss"] for r in replayed] == [r["loss"] for r in alone.log if r["stage"] == "teacher"]
+    assert reused.seconds >= first.stage.teacher_seconds + first.stage.bank_seconds  # counted as when it ran
+    with pytest.raises(ValueError, match="other inputs"):
+        adapt(lite0_64, images, labels.flip(0), _cfg(2), two, teacher=start, stage=first.stage, **kept)
+    with pytest.raises(ValueError, match="other inputs"):
+        other = dataclasses.replace(two, iterations=3)
+        adapt(lite0_64, images, labels, _cfg(2), other, teacher=start, stage=first.stage, **kept)
+    # a random start, and the paper student (initialised before the joint stage), draw from the seed: no stage
+    assert adapt(lite0_64, images, labels, _cfg(2), cfg, **kept).stage is None
+    paper = dataclasses.replace(cfg, student="paper")
+    assert adapt(lite0_64, images, labels, _cfg(2), paper, teacher=start, **kept).stage is None

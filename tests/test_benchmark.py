@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,17 +305,26 @@ def test_library_benchmark_matches_the_cli_and_has_fast_student_rows(tmp_path) -
 
 def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
     """One pipeline: the distillfss_fast row at seed s has the weights `distillfss adapt --seed s` saves and
-    FewShotSegmenter.fit gives on the same support set; transferfss is its teacher (one adaptation)."""
+    FewShotSegmenter.fit gives on the same support set; transferfss is its teacher (one adaptation). From a saved
+    starting teacher the second seed reuses the first one's adapted teacher and bank: the weights are the same."""
     from safetensors.torch import load_file
 
     from distillfss import FewShotSegmenter
     from distillfss.config import AdaptConfig, model_config
     from distillfss.data import load_split
-    from distillfss.model_io import own_state
+    from distillfss.model_io import own_state, save_teacher_checkpoint
     from distillfss.protocol import BackboneCache, Cell, run_seeds
+    from distillfss.teacher import build_teacher
+    from distillfss.transfer import seeded
 
     data = write_dataset(tmp_path / "toy", n_train=5, n_test=1)
-    small = TINY_ADAPT
+    acfg = AdaptConfig(iterations=1, fast_iterations=2)
+    mcfg = model_config("efficientnet_lite0", 1, image_size=64)
+    backbones = BackboneCache("efficientnet_lite0", None, torch.device("cpu"))
+    (tmp_path / "start").mkdir()
+    with seeded(3):
+        save_teacher_checkpoint(tmp_path / "start", build_teacher(backbones.get(64), mcfg), mcfg, {})
+    small = [*TINY_ADAPT, "--teacher", str(tmp_path / "start")]
     assert (
         main(["adapt", "--support", str(data), "--shots", "3", "--seed", "2", "--out", str(tmp_path / "m"), *small])
         == 0
@@ -323,17 +333,24 @@ def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     stems = config["support"]["stems"]
 
-    acfg = AdaptConfig(iterations=1, fast_iterations=2)
-    mcfg = model_config("efficientnet_lite0", 1, image_size=64)
     train, test = load_split(data, "train"), load_split(data, "test")
-    cell = Cell("toy", train, test, 3, mcfg, acfg, 64, ("transferfss", "distillfss_fast"))
-    rows, predictors = run_seeds(cell, [2], BackboneCache("efficientnet_lite0", None, torch.device("cpu")))
+    methods = ("transferfss", "distillfss_fast")
+    cell = Cell("toy", train, test, 3, mcfg, acfg, 64, methods, teacher=tmp_path / "start")
+    rows, predictors = run_seeds(cell, [2], backbones)
+    alone = {r["method"]: r["miou"] for r in rows}
     assert rows[0]["support"] == stems and rows[1]["adapt"] == {**acfg.to_dict(), "seed": 2}
     bench = own_state(predictors["distillfss_fast"].model)
     assert set(bench) == set(saved) and all(torch.equal(bench[k], saved[k]) for k in saved)
     assert rows[1]["estimate"] == config["estimate"]  # the estimate's counts, shared by the seeds: the same
+    logs: dict[str, Path] = {}
+    rows, _ = run_seeds(cell, [1, 2], backbones, log_to=lambda tag: logs.setdefault(tag, tmp_path / f"{tag}.jsonl"))
+    assert [r["seed"] for r in rows if r["method"] == "distillfss_fast"] == [1, 2]
+    assert "reused" in logs["seed2_transferfss_distillfss_fast"].read_text()  # the second seed reused the stage
+    assert {r["method"]: r["miou"] for r in rows if r["seed"] == 2} == alone
 
-    seg = FewShotSegmenter("efficientnet_lite0", image_size=64, iterations=1, fast_iterations=2, seed=2)
+    seg = FewShotSegmenter(
+        "efficientnet_lite0", image_size=64, iterations=1, fast_iterations=2, seed=2, teacher=str(tmp_path / "start")
+    )
     seg.fit([data / "train/images" / f"{s}.png" for s in stems], [data / "train/masks" / f"{s}.png" for s in stems])
     api = own_state(seg.student)
     assert all(torch.equal(api[k], saved[k]) for k in saved)

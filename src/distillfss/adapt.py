@@ -11,6 +11,11 @@ Stages, all from one seeded random state (so a run depends on its inputs and ``c
 
 A warm start (``adapt --from``) passes the earlier adaptation's teacher, student and probe settings.
 
+With the defaults (a saved starting teacher, fixed leave-one-out episodes, no dropout) nothing before the student's
+first step draws a random number: the adapted teacher and the fast student's labelled bank are the same for every
+seed. ``AdaptResult.stage`` then holds them, and a call that differs only in its seed reuses them (``stage=``) with
+bit-identical results: the demo and the benchmark adapt a support set once per seed that way.
+
 Nothing the caller passes in is changed: the starting teacher is copied (its backbone shared, frozen, never moved:
 it must already be on the images' device), and the run's random state and deterministic-algorithms setting are
 private to it (``seeded``), whichever entry point calls it.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +36,13 @@ from .baselines import QUICK
 from .config import AdaptConfig, ModelConfig
 from .errors import UserError
 from .estimate import Estimate, HeldOut, estimate_accuracy
-from .fast import LabelProbes, distill_fast, fit_label_probes
+from .fast import LabelProbes, distill_fast, fast_bank, fit_label_probes
+from .model_io import own_state
 from .refine import refine
 from .student import FastStudent, Student, build_student
 from .teacher import EncodedSupport, Teacher, build_teacher, encode_support
 from .transfer import private_copy, seeded, step_log, train_stage
+from .views import ViewBank
 
 
 @dataclass
@@ -48,6 +55,39 @@ class AdaptResult:
     config: AdaptConfig  # the config as run (``AdaptConfig.for_unlabeled`` applied)
     estimate: Estimate  # the expected mIoU on new images, from the support set alone (``estimate``)
     probe_settings: dict  # the label probe's settings (chosen by cross-validation on the support set)
+    stage: TeacherStage | None = None  # what another seed may reuse; None when the stage drew random numbers
+
+
+@dataclass(frozen=True)
+class TeacherStage:
+    """An adaptation's seed-independent part (see the module docstring): its adapted teacher, that stage's log
+    rows and seconds, the fast student's bank and the seconds it took (None for other students), and what it was
+    computed from, so that ``adapt(stage=...)`` refuses other inputs."""
+
+    config: AdaptConfig  # seed 0
+    inputs: tuple[Tensor | None, ...]  # support images, labels, unlabeled images
+    start: dict[str, Tensor]  # the starting teacher's state
+    probe_settings: dict | None  # the label probes' (the bank's second labeller), None without a bank
+    teacher: Teacher
+    rows: tuple[dict, ...]
+    teacher_seconds: float
+    bank: ViewBank | None
+    bank_seconds: float
+
+    def check(
+        self, cfg: AdaptConfig, inputs: tuple[Tensor | None, ...], start: Teacher | None, probes: LabelProbes | None
+    ) -> None:
+        """Raise ``ValueError`` unless a call with these arguments would compute this stage (``probes`` None: not
+        known yet, checked again once fitted)."""
+        same = (
+            replace(cfg, seed=0) == self.config
+            and start is not None
+            and _same_state(own_state(start), self.start)
+            and all(_same(a, b) for a, b in zip(inputs, self.inputs, strict=True))
+            and (probes is None or self.bank is None or probes.full.settings == self.probe_settings)
+        )
+        if not same:
+            raise ValueError("stage: computed from other inputs, config or starting teacher than this call's")
 
 
 def adapt(
@@ -66,6 +106,7 @@ def adapt(
     student_init: FastStudent | None = None,
     probe_settings: dict | None = None,
     held_out: HeldOut | None = None,
+    stage: TeacherStage | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distil a student.
 
@@ -86,6 +127,9 @@ def adapt(
             ``probe_settings`` its label probe's settings (``AdaptResult.probe_settings``: no new search).
         held_out: the estimate's held-out counts (``estimate.held_out_counts``) from the same support and probes,
             which do not depend on the seed either (computed here when None; the same result).
+        stage: ``AdaptResult.stage`` of a call with the same arguments but the seed: its adapted teacher and bank
+            are used instead of computing them again (the same result; ``seconds`` and the log count the stage's
+            seconds as measured when it ran, its log rows are marked ``reused``).
     """
     cfg = cfg.for_unlabeled(unlabeled is not None)
     if student_init is not None:
@@ -96,37 +140,101 @@ def adapt(
                 f"warm start: the earlier model has {student_init.num_classes} class(es), this support set "
                 f"{model_cfg.num_classes}; adapt from the starting teacher instead"
             )
-    t0 = time.perf_counter()
+    clock = Clock()
+    start = teacher
     device = images.device
     check_on(backbone, device)
-    with seeded(cfg.seed, device), step_log(log_path, t0, on_step) as (record, rows):
+    fast = cfg.method == "distill" and cfg.student == "fast"
+    inputs = (images, labels, unlabeled)
+    if stage is not None:
+        stage.check(cfg, inputs, teacher, probes)
+    with seeded(cfg.seed, device), step_log(log_path, clock, on_step) as (record, rows):
         gen = torch.Generator().manual_seed(cfg.seed)
-        teacher = place(build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher), device)
+        draws = _random_states(gen, device)
+        paper = None
+        if stage is not None:  # the same teacher stage, computed by an earlier call
+            teacher = private_copy(stage.teacher)
+            clock.credit += stage.teacher_seconds
+            for row in stage.rows:
+                record({**row, "reused": True}, stamp=False)
+        else:
+            teacher = place(build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher), device)
         if support is None:
             support = encode_support(backbone, images, labels, model_cfg.num_classes)
-        paper = None
-        if cfg.method == "distill" and cfg.student == "paper":
-            paper = place(build_student(backbone, teacher.decoder, model_cfg.num_classes), device)
-        joint = paper if cfg.mode == "joint" else None
-        train_stage(teacher, joint, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
-        if paper is not None and cfg.mode == "two_stage":
-            steps = cfg.iterations if cfg.student_iterations is None else cfg.student_iterations
-            train_stage(teacher, paper, support, labels, cfg, steps, "student", gen, progress, record)
-        teacher.eval()
-        teacher_seconds = time.perf_counter() - t0
+        if stage is None:
+            if cfg.method == "distill" and cfg.student == "paper":
+                paper = place(build_student(backbone, teacher.decoder, model_cfg.num_classes), device)
+            joint = paper if cfg.mode == "joint" else None
+            train_stage(teacher, joint, support, labels, cfg, cfg.iterations, "teacher", gen, progress, record)
+            if paper is not None and cfg.mode == "two_stage":
+                steps = cfg.iterations if cfg.student_iterations is None else cfg.student_iterations
+                train_stage(teacher, paper, support, labels, cfg, steps, "student", gen, progress, record)
+            teacher.eval()
+        teacher_seconds = clock()
+        stage_rows = tuple(rows)
         student: Student | FastStudent | None = paper
         if probes is None:  # the fast student's labellers (their settings searched), else the estimate's (fixed)
-            fast = cfg.method == "distill" and cfg.student == "fast"
             probes = fit_label_probes(backbone, support, labels, settings=probe_settings or (None if fast else QUICK))
-        if cfg.method == "distill" and cfg.student == "fast":
-            student = distill_fast(
-                teacher, support, images, labels, cfg, unlabeled, probes, gen, progress, record, student_init
+        bank, bank_seconds = None, 0.0
+        if fast and stage is not None:
+            stage.check(cfg, inputs, start, probes)
+            bank, bank_seconds = stage.bank, stage.bank_seconds
+            clock.credit += bank_seconds
+        elif fast:
+            t_bank = clock()
+            bank = fast_bank(teacher, support, images, labels, cfg, unlabeled, probes)
+            bank_seconds = clock() - t_bank
+        if stage is None and start is not None and _same_all(_random_states(gen, device), draws):
+            stage = TeacherStage(
+                replace(cfg, seed=0),
+                inputs,
+                {k: v.clone() for k, v in own_state(start).items()},
+                probes.full.settings if fast else None,
+                private_copy(teacher),
+                stage_rows,
+                teacher_seconds,
+                bank,
+                bank_seconds,
             )
+        if fast:
+            assert bank is not None
+            student = distill_fast(teacher, bank, labels, cfg, probes, gen, progress, record, student_init)
         elif paper is not None and cfg.refine_iterations:
             student = refine(teacher, paper, support, images, labels, cfg, unlabeled, gen, progress, record)
         estimate = estimate_accuracy(support, labels, probes, cfg.seed, held_out)
     if student is not None:
         student.eval()
-    return AdaptResult(
-        teacher, student, rows, time.perf_counter() - t0, teacher_seconds, cfg, estimate, probes.full.settings
-    )
+    return AdaptResult(teacher, student, rows, clock(), teacher_seconds, cfg, estimate, probes.full.settings, stage)
+
+
+class Clock:
+    """Seconds since it was made, plus ``credit``: the seconds of work an adaptation reused instead of redoing."""
+
+    def __init__(self) -> None:
+        self.t0, self.credit = time.perf_counter(), 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0 + self.credit
+
+
+def _random_states(gen: torch.Generator, device: torch.device) -> list[Tensor]:
+    """The states of every generator an adaptation draws from (its own, torch's default, the device's)."""
+    states = [gen.get_state(), torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Both None, or equal tensors (shape and values)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def _same_all(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)

@@ -185,12 +185,14 @@ def _summary(rows: list[dict], dataset: str, method: str, key: str = "miou") -> 
 
 def step_seconds(logs: Sequence[Path]) -> dict[str, float]:
     """Median seconds per optimizer step by stage (teacher, joint, fast, ...) over training logs (JSON lines with
-    cumulative ``seconds``): what to compare machines by."""
+    cumulative ``seconds``; rows an adaptation reused from another seed are skipped): what to compare machines by."""
     per_stage: dict[str, list[float]] = {}
     for path in logs:
         last: dict[str, float] = {}
         for line in path.read_text().splitlines():
             row = json.loads(line)
+            if row.get("reused"):  # another seed's stage, counted where it ran
+                continue
             stage, t = row["stage"], row["seconds"]
             if stage in last:
                 per_stage.setdefault(stage, []).append(t - last[stage])

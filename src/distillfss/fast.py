@@ -79,7 +79,7 @@ def probe_labels(probes: LabelProbes, bank: ViewBank, size: tuple[int, int]) -> 
     return out
 
 
-def distill_fast(
+def fast_bank(
     teacher: Teacher,
     support: EncodedSupport,
     images: Tensor,
@@ -87,24 +87,35 @@ def distill_fast(
     cfg: AdaptConfig,
     unlabeled: Tensor | None,
     probes: LabelProbes,
+) -> ViewBank:
+    """The bank the fast student learns from: the views of the support (and unlabeled) images, their soft labels
+    the mean of the frozen, adapted teacher's and the probes' (see the module docstring). No randomness.
+    images: (M, 3, S, S) support images; labels: (M, S, S); unlabeled: (U, 3, S, S) or None."""
+    views = VIEWS[cfg.views]
+    bank = view_bank(teacher, support, images, labels, views, unlabeled, views)
+    mixed = (bank.soft.float() + probe_labels(probes, bank, tuple(labels.shape[-2:]))) / 2
+    return replace(bank, soft=mixed.half())
+
+
+def distill_fast(
+    teacher: Teacher,
+    bank: ViewBank,
+    labels: Tensor,
+    cfg: AdaptConfig,
+    probes: LabelProbes,
     gen: torch.Generator,
     progress: bool,
     record: Record,
     init: FastStudent | None = None,
 ) -> FastStudent:
-    """A fast student distilled from the frozen, adapted teacher (left unchanged): a fresh one, or a copy of
-    ``init`` (a warm start; ``init`` is left unchanged).
-    images: (M, 3, S, S) support images; labels: (M, S, S); unlabeled: (U, 3, S, S) or None."""
-    views = VIEWS[cfg.views]
-    bank = view_bank(teacher, support, images, labels, views, unlabeled, views)
-    mixed = (bank.soft.float() + probe_labels(probes, bank, tuple(labels.shape[-2:]))) / 2
-    bank = replace(bank, soft=mixed.half())
+    """A fast student distilled from the frozen, adapted teacher (left unchanged) on its bank (``fast_bank``): a
+    fresh one, or a copy of ``init`` (a warm start; ``init`` is left unchanged). labels: (M, S, S) support labels."""
     record = _first_row_with(record, {"probe": probes.full.settings})
     if init is None:
-        fast = build_fast_student(teacher.backbone, support.flags.shape[1], labels.shape[-1])
+        fast = build_fast_student(teacher.backbone, bank.present.shape[1], labels.shape[-1])
     else:
         fast = copy.deepcopy(init, memo={id(init.backbone): init.backbone})
-    fast = place(fast, images.device)
+    fast = place(fast, labels.device)
     params = [p for n, p in fast.named_parameters() if not n.startswith("backbone.")]
     fit_on_bank(fast, params, bank, labels, cfg, cfg.fast_iterations, "fast", True, gen, progress, record)
     return fast

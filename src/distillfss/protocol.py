@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .adapt import adapt
+from .adapt import TeacherStage, adapt
 from .backbones import FrozenBackbone, build_backbone
 from .baselines import LinearProbe, PrototypeMatcher
 from .config import BENCHMARK_METHODS, AdaptConfig, ModelConfig, model_config
@@ -174,6 +174,9 @@ class Prepared:
     fixed: dict[str, Predictor] = field(default_factory=dict)
     fixed_seconds: dict[str, float] = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)  # the baselines' cross-validated choices
+    # the seed-independent stages of the adaptations (``AdaptResult.stage``), by (row config without seed, start,
+    # unlabeled), filled by the first seed and reused by the others
+    stages: dict[tuple, TeacherStage] = field(default_factory=dict)
 
 
 def run_seeds(
@@ -273,6 +276,7 @@ def run_cell(
         # a random start is built by adapt itself from the seed, as `distillfss adapt --teacher random` does
         teacher = _start(cell.teacher, backbone, cell) if start == "cell" and cell.teacher is not None else None
         tag = "_".join(names)
+        key = (dataclasses.replace(cfg, seed=0), start, unlabeled)
         result = adapt(
             backbone,
             prep.images,
@@ -286,7 +290,10 @@ def run_cell(
             support=prep.support,
             probes=prep.probes,
             held_out=prep.held_out,
+            stage=prep.stages.get(key),
         )
+        if result.stage is not None:
+            prep.stages[key] = result.stage
         # what adapt would have spent alone: encoding, and the probes and the estimate's counts it shares here
         shared = prep.held_out_seconds + (prep.probe_seconds if result.config.student == "fast" else 0.0)
         extra = prep.encode_seconds + shared

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -233,15 +232,17 @@ def train_stage(
 
 @contextlib.contextmanager
 def step_log(
-    log_path: Path | None, t0: float, on_step: Callable[[dict], None] | None = None
-) -> Iterator[tuple[Record, list[dict]]]:
-    """-> (record, rows): ``record(row)`` stamps the seconds since ``t0``, keeps the row, appends it as one JSON
-    line to ``log_path`` (closed on exit) and passes it to ``on_step``."""
+    log_path: Path | None, clock: Callable[[], float], on_step: Callable[[dict], None] | None = None
+) -> Iterator[tuple[Callable[..., None], list[dict]]]:
+    """-> (record, rows): ``record(row)`` stamps ``clock()`` (seconds since the adaptation started) as the row's
+    ``seconds`` (unless ``stamp=False``: a row that has them), keeps the row, appends it as one JSON line to
+    ``log_path`` (closed on exit) and passes it to ``on_step``."""
     rows: list[dict] = []
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
 
-    def record(row: dict) -> None:
-        row["seconds"] = round(time.perf_counter() - t0, 3)
+    def record(row: dict, stamp: bool = True) -> None:
+        if stamp:
+            row["seconds"] = round(clock(), 3)
         rows.append(row)
         if log_file:
             log_file.write(json.dumps(row) + "\n")
