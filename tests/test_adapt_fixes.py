@@ -226,3 +226,6 @@ def test_another_seed_reuses_the_seed_free_stage_bit_for_bit(lite0_64) -> None:
     assert adapt(lite0_64, images, labels, _cfg(2), cfg, **kept).stage is None
     paper = dataclasses.replace(cfg, student="paper")
     assert adapt(lite0_64, images, labels, _cfg(2), paper, teacher=start, **kept).stage is None
+    images.mul_(0.5)  # the caller changes its own tensor in place: the stage kept a copy and sees it
+    with pytest.raises(ValueError, match="other inputs"):
+        adapt(lite0_64, images, labels, _cfg(2), two, teacher=start, stage=first.stage, **kept)

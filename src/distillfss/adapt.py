@@ -187,7 +187,7 @@ def adapt(
         if stage is None and start is not None and _same_all(_random_states(gen, device), draws):
             stage = TeacherStage(
                 replace(cfg, seed=0),
-                inputs,
+                tuple(None if t is None else t.clone() for t in inputs),  # copies: the caller may change its own
                 {k: v.clone() for k, v in own_state(start).items()},
                 probes.full.settings if fast else None,
                 private_copy(teacher),
