@@ -219,8 +219,12 @@ def test_demo_reports_the_median_seconds_per_step_of_each_stage(tmp_path) -> Non
     )
     other = tmp_path / "train_log_b.jsonl"
     other.write_text("".join(json.dumps({"step": i, "stage": "joint", "seconds": 2.0 * i}) + "\n" for i in range(4)))
+    # another seed's reused teacher rows (their seconds counted where they ran) are not this run's steps
+    reused = tmp_path / "train_log_c.jsonl"
+    rows = [{"step": i, "stage": "teacher", "seconds": 50.0 * i, "reused": True} for i in range(4)]
+    reused.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # the first step of a stage (setup included) is not a step time; teacher 0.5, 1.0 -> 0.75
-    assert step_seconds([log, other]) == {"fast": 0.15, "joint": 2.0, "teacher": 0.75}
+    assert step_seconds([log, other, reused]) == {"fast": 0.15, "joint": 2.0, "teacher": 0.75}
 
 
 def test_demo_unknown_dataset(tmp_path, capsys) -> None:

@@ -115,9 +115,11 @@ def run_demo(cfg: DemoConfig, inputs: Sequence[Path | None] = (), command: str =
                 teacher_label=label,
                 vote_chunk=cfg.vote_chunk,
             )
+            elapsed = time.perf_counter() - t0
+            left = "" if i == 1 else f", about {_minutes(elapsed / (i - 1) * (len(names) - i + 1))} left"
             log.info(
-                "[%s] dataset %d of %d (%s elapsed): %d shots, starting teacher: %s, seeds %s",
-                *(name, i, len(names), _minutes(time.perf_counter() - t0), cell.shots, label, seeds),
+                "[%s] dataset %d of %d (%s elapsed%s): %d shots, starting teacher: %s, seeds %s",
+                *(name, i, len(names), _minutes(elapsed), left, cell.shots, label, seeds),
             )
             cell_rows, predictors = run_seeds(
                 cell, seeds, backbones, log_to=lambda tag, n=name: tmp / f"train_log_{n}_{tag}.jsonl"
