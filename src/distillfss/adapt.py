@@ -50,7 +50,7 @@ class AdaptResult:
     teacher: Teacher  # the adapted teacher (eval mode)
     student: Student | FastStudent | None  # None for method "transfer"
     log: list[dict]  # one row per optimizer step
-    seconds: float  # wall time of the whole adaptation, support encoding included
+    seconds: float  # wall time of the whole adaptation, support encoding included (a reused stage: as it ran)
     teacher_seconds: float  # ... until the teacher's stage ended (what TransferFSS alone costs)
     config: AdaptConfig  # the config as run (``AdaptConfig.for_unlabeled`` applied)
     estimate: Estimate  # the expected mIoU on new images, from the support set alone (``estimate``)
