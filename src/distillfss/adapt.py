@@ -74,20 +74,22 @@ class TeacherStage:
     bank: ViewBank | None
     bank_seconds: float
 
-    def check(
-        self, cfg: AdaptConfig, inputs: tuple[Tensor | None, ...], start: Teacher | None, probes: LabelProbes | None
-    ) -> None:
-        """Raise ``ValueError`` unless a call with these arguments would compute this stage (``probes`` None: not
-        known yet, checked again once fitted)."""
+    def check(self, cfg: AdaptConfig, inputs: tuple[Tensor | None, ...], start: Teacher | None) -> None:
+        """Raise ``ValueError`` unless a call with these arguments would compute this stage (the probes are
+        checked by ``check_probes`` once known)."""
         same = (
             replace(cfg, seed=0) == self.config
             and start is not None
             and _same_state(own_state(start), self.start)
             and all(_same(a, b) for a, b in zip(inputs, self.inputs, strict=True))
-            and (probes is None or self.bank is None or probes.full.settings == self.probe_settings)
         )
         if not same:
             raise ValueError("stage: computed from other inputs, config or starting teacher than this call's")
+
+    def check_probes(self, probes: LabelProbes) -> None:
+        """Raise ``ValueError`` unless the bank's second labeller had these probes' settings."""
+        if self.bank is not None and probes.full.settings != self.probe_settings:
+            raise ValueError("stage: its bank was labelled with other inputs (probe settings) than this call's")
 
 
 def adapt(
@@ -147,10 +149,14 @@ def adapt(
     fast = cfg.method == "distill" and cfg.student == "fast"
     inputs = (images, labels, unlabeled)
     if stage is not None:
-        stage.check(cfg, inputs, teacher, probes)
+        stage.check(cfg, inputs, teacher)
+        if probes is not None:
+            stage.check_probes(probes)
     with seeded(cfg.seed, device), step_log(log_path, clock, on_step) as (record, rows):
         gen = torch.Generator().manual_seed(cfg.seed)
         draws = _random_states(gen, device)
+        if support is None:  # deterministic: draws no random number
+            support = encode_support(backbone, images, labels, model_cfg.num_classes)
         paper = None
         if stage is not None:  # the same teacher stage, computed by an earlier call
             teacher = private_copy(stage.teacher)
@@ -159,9 +165,6 @@ def adapt(
                 record({**row, "reused": True}, stamp=False)
         else:
             teacher = place(build_teacher(backbone, model_cfg) if teacher is None else private_copy(teacher), device)
-        if support is None:
-            support = encode_support(backbone, images, labels, model_cfg.num_classes)
-        if stage is None:
             if cfg.method == "distill" and cfg.student == "paper":
                 paper = place(build_student(backbone, teacher.decoder, model_cfg.num_classes), device)
             joint = paper if cfg.mode == "joint" else None
@@ -177,7 +180,7 @@ def adapt(
             probes = fit_label_probes(backbone, support, labels, settings=probe_settings or (None if fast else QUICK))
         bank, bank_seconds = None, 0.0
         if fast and stage is not None:
-            stage.check(cfg, inputs, start, probes)
+            stage.check_probes(probes)
             bank, bank_seconds = stage.bank, stage.bank_seconds
             clock.credit += bank_seconds
         elif fast:
