@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -13,7 +14,7 @@ from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.data import load_split, load_support_tensors
 from distillfss.demo import demo_root
 from distillfss.meta import sha256_file
-from distillfss.model_io import WEIGHTS, load_teacher_weights, resolve_teacher
+from distillfss.model_io import WEIGHTS, ModelError, load_teacher_weights, resolve_teacher
 
 
 def test_the_default_start_is_the_shipped_teacher_with_the_checksum_of_its_card() -> None:
@@ -22,6 +23,22 @@ def test_the_default_start_is_the_shipped_teacher_with_the_checksum_of_its_card(
     card = (folder / "MODEL_CARD.md").read_text()
     documented = re.search(r"sha256 `([0-9a-f]{64})`", card).group(1)
     assert sha256_file(folder / WEIGHTS) == documented
+
+
+def test_a_size_without_a_shipped_teacher_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """auto falls back to a random start, with a warning naming what is shipped; shipped refuses."""
+    cfg = ModelConfig(num_classes=1, image_size=128)
+    with caplog.at_level(logging.WARNING, logger="distillfss"):
+        assert resolve_teacher("auto", cfg) == (None, "random")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "at 128 px" in warning and "256 px" in warning and "randomly initialised" in warning
+    with pytest.raises(ModelError, match="no shipped teacher fits backbone efficientnet_lite2 at 128 px"):
+        resolve_teacher("shipped", cfg)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distillfss"):
+        resolve_teacher("random", cfg)  # asked for: nothing to warn about
+        resolve_teacher("auto", ModelConfig(num_classes=1))
+    assert not caplog.records
 
 
 @pytest.mark.slow

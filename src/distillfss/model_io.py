@@ -9,6 +9,7 @@ starting point for ``adapt --teacher``, not a predictor.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from .outputs import replace_atomically, write_json_atomic
 from .predictor import VOTE_CHUNK, Predictor
 from .student import FAST_VERSION, STUDENT_KINDS, FastStudent, Student, build_fast_student, build_student
 from .teacher import Teacher, build_teacher, encode_support
+
+log = logging.getLogger("distillfss")
 
 FORMAT = "distillfss-model"
 CONFIG, WEIGHTS, LOG = "config.json", "model.safetensors", "train_log.jsonl"
@@ -249,13 +252,23 @@ def resolve_teacher(spec: str | None, model_cfg: ModelConfig) -> tuple[Path | No
         for name, folder in shipped_teachers().items():
             if {**read_config(folder)["model"], "num_classes": None} == want:
                 return folder, f"shipped:{name}"
+        missing = (
+            f"no shipped teacher fits backbone {model_cfg.backbone} at {model_cfg.image_size} px with this preset "
+            f"(shipped: {_shipped_summary()})"
+        )
         if spec == "shipped":
-            raise ModelError(
-                f"no shipped teacher fits backbone {model_cfg.backbone} at {model_cfg.image_size} px with this "
-                f"preset (shipped: {', '.join(shipped_teachers()) or 'none'}); train one with distillfss meta-train"
-            )
+            raise ModelError(f"{missing}; train one with distillfss meta-train")
+        log.warning(
+            "%s: starting from a randomly initialised teacher (not meta-trained; see the README's Backbones)", missing
+        )
         return None, "random"
     return Path(spec), str(spec)
+
+
+def _shipped_summary() -> str:
+    """The shipped teachers' names with their backbone and working size, for messages."""
+    models = {name: read_config(folder)["model"] for name, folder in shipped_teachers().items()}
+    return ", ".join(f"{n} ({m['backbone']}, {m['image_size']} px)" for n, m in models.items()) or "none"
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:
