@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +43,22 @@ def test_adapt_writes_a_self_describing_model(student_dir) -> None:
         ("fast", 2),
     ]
     assert config["student"] == "fast" and config["adapt"]["student"] == "fast"  # the default student
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_only_on_a_terminal(tmp_path, multiclass_dataset, capsys, monkeypatch, terminal) -> None:
+    """Redirected to a file or a pipe (CI, logs), stderr gets no progress bars; a terminal gets them."""
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+    out = tmp_path / "model"
+    assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), "--shots", "2", *FAST]) == 0
+    err = sys.stderr.getvalue() if terminal else capsys.readouterr().err
+    assert ("adapt (teacher)" in err) == terminal and ("fast (student)" in err) == terminal
 
 
 def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:

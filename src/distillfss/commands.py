@@ -270,7 +270,10 @@ def predict(args: argparse.Namespace) -> int:
             yield img
 
     journal = args.out / f"{JOURNAL}{rank}"
-    with open(journal, "a") as written, tqdm(total=len(mine), desc="predict", disable=rank != 0) as bar:
+    with (
+        open(journal, "a") as written,
+        tqdm(total=len(mine), desc="predict", disable=None if rank == 0 else True) as bar,
+    ):
         for labels in predictor.stream(images(), batch=args.batch):
             f, img = loaded.pop(0)
             pngs = {f"{f.stem}.png": labels}

@@ -47,7 +47,7 @@ def evaluate_predictor(
     ``miou`` is the mean over the foreground classes that are defined (None if none is)."""
     meter = IoUMeter(split.classes)
     seconds = 0.0
-    for sample in tqdm(split.samples, desc=f"evaluate {split.name}", disable=not progress, leave=False):
+    for sample in tqdm(split.samples, desc=f"evaluate {split.name}", disable=None if progress else True, leave=False):
         image, mask = load_pair(sample, split.num_classes)
         if eval_size:
             mask = label_tensor(mask, eval_size).to(torch.uint8).numpy()

@@ -94,7 +94,9 @@ class FeatureCache:
         )
 
     def fill(self, split: str, items: list[int], progress: bool) -> None:
-        for start in tqdm(range(0, len(items), 64), desc=f"features ({split})", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(items), 64), desc=f"features ({split})", disable=None if progress else True, leave=False
+        ):
             self.get(split, items[start : start + 64])
 
 
@@ -294,7 +296,11 @@ def _meta_train(
     t0 = time.perf_counter()
     forward.train()
     bar = tqdm(
-        range(start, cfg.steps), desc="meta-train", disable=not progress or rank != 0, initial=start, total=cfg.steps
+        range(start, cfg.steps),
+        desc="meta-train",
+        disable=None if progress and rank == 0 else True,
+        initial=start,
+        total=cfg.steps,
     )
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout; the same after a resume

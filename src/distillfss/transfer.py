@@ -188,7 +188,7 @@ def train_stage(
     episode: tuple | None = None
     coarse: list[Tensor] | None = None
     name = "joint" if stage == "teacher" and student is not None else stage  # how the log names the stage
-    bar = tqdm(range(steps), desc=f"adapt ({name})", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"adapt ({name})", disable=None if progress else True, leave=False)
     for step in bar:
         if episode is None or not fixed_episodes:
             picks = None

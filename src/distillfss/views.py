@@ -145,7 +145,7 @@ def fit_on_bank(
     model.train()
     order = torch.zeros(0, dtype=torch.long)
     n = len(bank.source)
-    bar = tqdm(range(steps), desc=f"{stage} (student)", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"{stage} (student)", disable=None if progress else True, leave=False)
     for step in bar:
         if len(order) < cfg.view_batch:  # an epoch over the bank in a seeded order, then the next
             order = torch.cat([order, torch.randperm(n, generator=gen)])

@@ -159,7 +159,7 @@ class PascalSource(_LabelledSource):
                 }
             )
             present = []
-            for i in tqdm(ids, desc=f"pascal {split} index", leave=False):
+            for i in tqdm(ids, desc=f"pascal {split} index", leave=False, disable=None):
                 values = np.unique(self._labels(split, i))
                 present.append({int(v) for v in values if 0 < v <= len(PASCAL_CLASSES)})
             self._index(split, ids, present)
