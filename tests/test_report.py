@@ -28,6 +28,16 @@ def test_every_headline_dataset_and_removed_option_is_in_the_report(monkeypatch)
     assert all(what in text for *_, what in report.REMOVED)
 
 
+def test_the_paper_ablations_pair_each_variant_with_the_row_it_changes(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    section = "\n".join(report.ablations())
+    pairs = [(f"{s}_{v}", s) for s in ("transferfss", "distillfss") for v in ("random", "setB", "setC")]
+    for variant, changed in [*pairs, ("distillfss_two_stage", "distillfss"), ("distillfss_nodistill", "distillfss")]:
+        assert f"| {variant} | {changed} |" in section
+    datasets = {r["dataset"] for r in report._load(Path("docs/results/ablations.json"))["rows"]}
+    assert datasets == {"aerial_buildings", "lung_ct", "nuclei", "nuclei_sizes"}  # every bundled set, lung CT too
+
+
 def test_readme_block_needs_its_markers() -> None:
     with pytest.raises(SystemExit, match="markers"):
         report.readme_block("# a README without the results markers\n")

@@ -6,6 +6,7 @@ command, commit, machine and date that made it.
 * ``headline.json`` (``benchmark`` output): the product's table -- every bundled dataset, every method, mean ± std
   over seeds, and the paired differences of the default student against the others (mean over every dataset of the
   run, weak ones included).
+* ``ablations.json`` (``benchmark`` output): the paper's ablation rows beside the rows they change.
 * ``measured/*.json``: earlier benchmark runs of options that were measured and removed (``REMOVED``): the option's
   row against the row without it, paired, with the run's machine.
 * ``speed/*.json`` (``speed`` output): time per image and memory of the student, teacher and backbone.
@@ -77,6 +78,32 @@ def headline(d: dict) -> list[str]:
         table(d),
         *estimate_calibration(d),
     ]
+
+
+def ablations() -> list[str]:
+    """The paper's ablations (``ablations.json``, a ``benchmark`` run of its rows)."""
+    d = _load(DOCS / "results" / "ablations.json")
+    head = {_key(r): r["miou"] for r in _load(DOCS / "results" / "headline.json")["rows"]}
+    shared = [(r["miou"], head[_key(r)]) for r in d["rows"] if _key(r) in head]
+    same = sum(a == b for a, b in shared)
+    return [
+        "## The paper's ablations",
+        "",
+        f"Made by {_provenance(d)}. The rows `distillfss benchmark` keeps for the paper's ablation study, each an "
+        "`AdaptConfig` change of the default run: `*_random` a randomly initialised starting teacher instead of the "
+        "shipped meta-trained one (`teacher_random`: that teacher before adaptation); `*_setB` / `*_setC` the "
+        "trainable sets B (all but the backbone) and C (set A + attention) instead of A; `distillfss_two_stage` the "
+        "paper student trained after the teacher instead of beside it; `distillfss_nodistill` without the "
+        "distillation loss. Each variant is paired with the row it changes. The headline's configuration at two of "
+        f"its seeds: of the {len(shared)} runs both made (same dataset, method and seed), {same} have the same mIoU; "
+        "with one seed fewer, the intervals here are not the headline's.",
+        "",
+        table(d),
+    ]
+
+
+def _key(row: dict) -> tuple:
+    return row["dataset"], row["shots"], row.get("draw", 0), row["method"], row["seed"]
 
 
 def estimate_calibration(d: dict, method: str = "distillfss_fast") -> list[str]:
@@ -486,6 +513,7 @@ def build() -> str:
         "edit by hand.",
         "",
         *headline(_load(DOCS / "results" / "headline.json")),
+        *ablations(),
         *removed(),
         "",
         *loop(),
