@@ -148,7 +148,7 @@ def adapt(
     check_on(backbone, device)
     fast = cfg.method == "distill" and cfg.student == "fast"
     inputs = (images, labels, unlabeled)
-    if stage is not None:
+    if stage is not None:  # refused before anything is logged; probes fitted below are checked once they exist
         stage.check(cfg, inputs, teacher)
         if probes is not None:
             stage.check_probes(probes)
