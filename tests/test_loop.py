@@ -112,6 +112,32 @@ def test_near_copies_are_held_out_together_and_one_group_gives_no_estimate(lite0
     assert not apart.near_copies and "groups" not in apart.advice
 
 
+def test_the_windows_of_one_image_are_held_out_together_and_counted_as_one_image(lite0_64) -> None:
+    x, y = _squares(4)
+    support = encode_support(lite0_64, x, y, 1)
+    probes = fit_label_probes(lite0_64, support, y, settings=QUICK)
+    pairs = held_out_counts(support, y, probes, torch.tensor([0, 0, 1, 1]))  # two images, two windows each
+    assert pairs.groups == [(0, 1), (2, 3)] and (pairs.images, pairs.windows) == (2, 4)
+    e = estimate_accuracy(support, y, probes, 0, pairs)
+    assert e.images == 2 and e.miou is not None and e.gain is None and not e.near_copies
+    assert "(from 2 held-out support images, 4 windows)" in e.advice and "third" in e.advice
+    # each window predicted without its image's other window: not the per-window estimate
+    assert pairs.held is not None and not torch.equal(pairs.held[0], held_out_counts(support, y, probes).held[0])
+    one = estimate_accuracy(support, y, probes, 0, held_out_counts(support, y, probes, torch.zeros(4).long()))
+    assert one.miou is None and one.images == 1 and "label a second" in one.advice
+    with pytest.raises(ValueError, match="one entry per support window"):
+        held_out_counts(support, y, probes, torch.tensor([0, 1]))
+
+
+def test_adapt_holds_out_a_large_support_images_windows_together(tmp_path: Path) -> None:
+    """Three 96 x 64 px images at scale 1 with 64 px windows: six windows, an estimate from three images."""
+    data = write_dataset(tmp_path / "data", n_train=3, n_test=1, size=(96, 64))
+    out = tmp_path / "m"
+    assert main(["adapt", "--support", str(data), "--shots", "3", "--scale", "1", "--out", str(out), *TINY_ADAPT]) == 0
+    est = json.loads((out / "config.json").read_text())["estimate"]
+    assert est["images"] == 3 and "3 held-out support images, 6 windows" in est["advice"], est
+
+
 def test_a_warm_start_runs_a_third_of_the_steps_unless_the_user_set_them() -> None:
     cfg = AdaptConfig()
     assert (warm_config(cfg).iterations, warm_config(cfg).fast_iterations) == (20, 67)

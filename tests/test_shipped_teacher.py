@@ -49,7 +49,7 @@ def test_adapting_from_the_shipped_teacher_on_a_tiny_support_set() -> None:
     teacher = load_teacher_weights(folder, backbone, cfg)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     train = load_split(demo_root() / "nuclei", "train")
-    images, labels = load_support_tensors(train, [s.stem for s in train.samples[:2]], cfg.image_size)
+    images, labels, _ = load_support_tensors(train, [s.stem for s in train.samples[:2]], cfg.image_size)
     result = adapt(backbone, images, labels, cfg, AdaptConfig(iterations=2), teacher=teacher, progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log)
     changed = [k for k, v in result.teacher.state_dict().items() if not torch.equal(v, before[k])]

@@ -35,7 +35,7 @@ from .backbones import FrozenBackbone, check_on, place
 from .baselines import QUICK
 from .config import AdaptConfig, ModelConfig
 from .errors import UserError
-from .estimate import Estimate, HeldOut, estimate_accuracy
+from .estimate import Estimate, HeldOut, estimate_accuracy, held_out_counts
 from .fast import LabelProbes, distill_fast, fast_bank, fit_label_probes
 from .model_io import own_state
 from .refine import refine
@@ -109,12 +109,16 @@ def adapt(
     probe_settings: dict | None = None,
     held_out: HeldOut | None = None,
     stage: TeacherStage | None = None,
+    sources: Tensor | None = None,
 ) -> AdaptResult:
     """Fine-tune a teacher on a support set and (``cfg.method == 'distill'``) distil a student.
 
     Args:
         backbone: the frozen backbone (shared by teacher and student).
         images: (M, 3, S, S) support images in [0, 1]; labels: (M, S, S) long, 0 = background, 255 = ignore.
+        sources: (M,) long, the support image each of them is a window of (``load_support_tensors``), when large
+            images were cut into windows: the estimate holds out an image's windows together and counts images.
+            None: every entry is an image of its own.
         teacher: the starting teacher (e.g. the shipped meta-trained one; copied, never changed); a fresh one
             initialised from ``cfg.seed`` when None.
         unlabeled: (U, 3, S, S) images of the target domain without masks; the student learns from the adapted
@@ -127,8 +131,8 @@ def adapt(
         student_init: warm start (``adapt --from``): the fast student distils from a copy of this one (an earlier
             adaptation's, same classes) instead of a fresh one; ``teacher`` is then that adaptation's teacher, and
             ``probe_settings`` its label probe's settings (``AdaptResult.probe_settings``: no new search).
-        held_out: the estimate's held-out counts (``estimate.held_out_counts``) from the same support and probes,
-            which do not depend on the seed either (computed here when None; the same result).
+        held_out: the estimate's held-out counts (``estimate.held_out_counts``) from the same support, sources and
+            probes, which do not depend on the seed either (computed here when None; the same result).
         stage: ``AdaptResult.stage`` of a call with the same arguments but the seed: its adapted teacher and bank
             are used instead of computing them again (the same result; ``seconds`` and the log count the stage's
             seconds as measured when it ran, its log rows are marked ``reused``).
@@ -204,6 +208,8 @@ def adapt(
             student = distill_fast(teacher, bank, labels, cfg, probes, gen, progress, record, student_init)
         elif paper is not None and cfg.refine_iterations:
             student = refine(teacher, paper, support, images, labels, cfg, unlabeled, gen, progress, record)
+        if held_out is None:
+            held_out = held_out_counts(support, labels, probes, sources)
         estimate = estimate_accuracy(support, labels, probes, cfg.seed, held_out)
     if student is not None:
         student.eval()

@@ -51,7 +51,7 @@ def scaling_support(shots: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .demo import demo_root
 
     split = load_split(demo_root() / DATASET, "train")
-    images, labels = load_support_tensors(split, [s.stem for s in split.samples], size)
+    images, labels, _ = load_support_tensors(split, [s.stem for s in split.samples], size)
     if shots > 8 * len(images):
         raise UserError(f"speed --adapt: at most {8 * len(images)} shots (the nuclei images and their 8 symmetries)")
     views = [(dihedral(images, k), dihedral(labels, k)) for k in range(8)]

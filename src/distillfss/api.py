@@ -32,7 +32,7 @@ from .adapt import adapt
 from .backbones import FrozenBackbone, build_backbone
 from .config import AdaptConfig, ModelConfig, model_config, warm_config
 from .data.folder import IGNORE, DataError, list_images, load_image, load_mask
-from .data.tensors import check_support_labels, unlabeled_windows
+from .data.tensors import check_support_labels, stack_windows, unlabeled_windows
 from .model_io import (
     LOG,
     ModelError,
@@ -130,7 +130,7 @@ class FewShotSegmenter:
             cfg = warm_config(cfg, given=self.adapt_options)
         else:
             self.model_cfg = model_config(self.backbone_name, len(classes), self.preset, self.image_size)
-        x, y = self._support_tensors(images, masks, classes, choose_scale=warm is None)
+        x, y, sources = self._support_tensors(images, masks, classes, choose_scale=warm is None)
         given = [*images, *masks, *([unlabeled] if isinstance(unlabeled, (str, Path)) else unlabeled or [])]
         self._inputs += [Path(p) for p in given if isinstance(p, (str, Path))]
         if self.teacher_spec not in ("auto", "shipped", "random"):
@@ -154,6 +154,7 @@ class FewShotSegmenter:
             unlabeled=None if u is None else u.to(self.device),
             student_init=None if warm is None else warm[1],
             probe_settings=self.meta.get("probe") if warm is not None else None,
+            sources=sources,
         )
         cfg = result.config
         self.classes, self.teacher, self.student = ("background", *classes), result.teacher, result.student
@@ -211,7 +212,7 @@ class FewShotSegmenter:
             self.classes = ("background", *classes)
         elif classes is not None and tuple(classes) != self.classes[1:]:
             raise DataError(f"set_support: classes {list(classes)} differ from the fitted {list(self.classes[1:])}")
-        self._support = self._support_tensors(images, masks, self.classes[1:], choose_scale=fresh)
+        self._support = self._support_tensors(images, masks, self.classes[1:], choose_scale=fresh)[:2]
         self._predictors.pop("teacher", None)
         return self
 
@@ -347,7 +348,7 @@ class FewShotSegmenter:
         masks: Sequence[ImageLike],
         classes: Sequence[str],
         choose_scale: bool = False,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         assert self.model_cfg is not None
         if isinstance(images, (str, Path, np.ndarray)) or isinstance(masks, (str, Path, np.ndarray)):
             raise DataError("images and masks: expected lists (one entry per support image)")
@@ -368,10 +369,9 @@ class FewShotSegmenter:
             names.append(name)
         if choose_scale:  # fit chooses the scale; set_support keeps a fitted model's
             self.scale = pick_scale([img.shape[:2] for img, _ in pairs], size, self.scale_option)
-        windows = [support_windows(img, lab, size, self.scale) for img, lab in pairs]
-        y = torch.cat([w[1] for w in windows])
+        x, y, sources = stack_windows([support_windows(img, lab, size, self.scale) for img, lab in pairs])
         check_support_labels(y, ("background", *classes), "support set", names)
-        return torch.cat([w[0] for w in windows]), y
+        return x, y, sources
 
     def _unlabeled(self, unlabeled: Sequence[ImageLike] | str | Path) -> Tensor:
         assert self.model_cfg is not None

@@ -1,4 +1,4 @@
-"""Command line: ``distillfss adapt | predict | evaluate | demo | benchmark | speed | export | meta-train | data convert``.
+"""Command line: ``distillfss adapt | predict | evaluate | suggest | app | export | demo | benchmark | speed | ...``.
 
 Flags become config objects; the library does the work. Errors a user can act on end in one line on stderr and
 exit status 2; nothing is written half-way (outputs go to a temporary folder moved into place on success).

@@ -149,7 +149,7 @@ def adapt(args: argparse.Namespace) -> int:
         mcfg = model_config(args, split.num_classes)
     support_files = [s.image for s in split.samples if s.stem in stems]
     scale = earlier.config.get("scale") if earlier is not None else scale_of(args.scale, support_files, mcfg.image_size)
-    images, labels = load_support_tensors(split, stems, mcfg.image_size, scale)
+    images, labels, sources = load_support_tensors(split, stems, mcfg.image_size, scale)
     unlabeled, unlabeled_names = None, []
     if args.unlabeled is not None:
         unlabeled, unlabeled_names = load_unlabeled(
@@ -180,6 +180,7 @@ def adapt(args: argparse.Namespace) -> int:
             log_path=tmp / LOG,
             student_init=student_init,  # type: ignore[arg-type]
             probe_settings=earlier.config.get("probe") if earlier is not None else None,
+            sources=sources,
         )
         model = result.student if result.student is not None else result.teacher
         meta = {
@@ -542,7 +543,7 @@ def _calibration_set(args: argparse.Namespace, loaded) -> tuple[np.ndarray, np.n
         split, stems, where = load_split(Path(recorded), "train"), loaded.config["support"]["stems"], "its support set"
     if split.classes != loaded.classes:
         raise DataError(f"{split.root}: classes {list(split.classes)} differ from the model's {list(loaded.classes)}")
-    images, labels = load_support_tensors(split, stems, size, loaded.config.get("scale"))
+    images, labels, _ = load_support_tensors(split, stems, size, loaded.config.get("scale"))
     return images.numpy(), labels.numpy(), where
 
 

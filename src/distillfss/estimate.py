@@ -15,8 +15,10 @@ student's test mIoU, and ``docs/results.md`` reports how far apart they are and 
 Support images that are near copies of each other (adjacent slices of one scan, overlapping tiles) would make it
 optimistic: a held-out slice predicted by a probe that saw its neighbours. They are recognised by their masks
 (``copy_groups``: foregrounds that overlap at the same place far beyond chance) and held out together, as a
-patient's slices are in a grouped cross-validation; the bootstrap then resamples the groups. When every image is in
-one group there is no independent image, and no estimate (the interval is 0-100), as with one support image.
+patient's slices are in a grouped cross-validation; the bootstrap then resamples the groups. The windows a large
+support image is cut into (``tiling.support_windows``) are held out together for the same reason, and the estimate
+counts images, not windows. When every image is in one group there is no independent image, and no estimate (the
+interval is 0-100), as with one support image.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Estimate:
     miou: float | None  # None with a single support image
     low: float
     high: float
-    images: int  # held-out support images it rests on
+    images: int  # held-out support images it rests on (a large image's windows count once)
     gain: float | None  # the estimate with K images minus the one with K-1 (None below 3 images)
     gain_low: float | None
     gain_high: float | None
@@ -67,31 +69,41 @@ class Estimate:
 @dataclass(frozen=True)
 class HeldOut:
     """What the estimate rests on, which depends only on the support set and its probes (not on the seed): the
-    near-copy groups and, per group, the held-out (intersection, union) counts (G, n_out) with K images and with one
-    image fewer (None: no estimate, or no trend)."""
+    support images, the windows held out together (near copies, windows of one image) and, per group, the held-out
+    (intersection, union) counts (G, n_out) with K images and with one image fewer (None: no estimate, or no
+    trend)."""
 
-    m: int
+    images: int
+    windows: int
     groups: list[tuple[int, ...]]
     held: tuple[Tensor, Tensor] | None
     one_less: tuple[Tensor, Tensor] | None
 
 
 @torch.no_grad()
-def held_out_counts(support: EncodedSupport, labels: Tensor, probes: LabelProbes) -> HeldOut:
-    """The support images predicted by probes fitted without them (and without their near copies); ``labels``
-    (M, S, S), 255 = ignore."""
+def held_out_counts(
+    support: EncodedSupport, labels: Tensor, probes: LabelProbes, sources: Tensor | None = None
+) -> HeldOut:
+    """The support windows predicted by probes fitted without them, without the other windows of their image and
+    without their near copies; ``labels`` (M, S, S), 255 = ignore; ``sources`` (M,) the support image each window
+    comes from (None: one window per image)."""
     m = len(labels)
-    groups = copy_groups(labels) if m > 1 else [(0,)]
-    if len(groups) == 1:
-        return HeldOut(m, groups, None, None)
+    src = list(range(m)) if sources is None else [int(s) for s in sources.tolist()]
+    if len(src) != m:
+        raise ValueError(f"sources: one entry per support window expected ({m}), got {len(src)}")
+    images = len(set(src))
+    groups = independent_groups(labels, src)
+    if images < 2 or len(groups) == 1:
+        return HeldOut(images, m, groups, None, None)
     group_of = {i: g for g in groups for i in g}
     n_out = probes.full.num_classes + 1
-    held = _pooled(_counts(support, labels, _probes_without(support, labels, probes, group_of, 0), n_out), groups)
+    held = _counts(support, labels, _probes_without(support, labels, probes, group_of, src, 0), n_out)
     one_less = None
-    if all(len(g) <= m - 2 for g in groups):  # every held-out group leaves two or more images to drop one from
-        one_less = _counts(support, labels, _probes_without(support, labels, probes, group_of, 1), n_out)
+    # every held-out group leaves two or more images to drop one from
+    if all(len({src[i] for i in g}) <= images - 2 for g in groups):
+        one_less = _counts(support, labels, _probes_without(support, labels, probes, group_of, src, 1), n_out)
         one_less = _pooled(one_less, groups)
-    return HeldOut(m, groups, held, one_less)
+    return HeldOut(images, m, groups, _pooled(held, groups), one_less)
 
 
 def estimate_accuracy(
@@ -100,7 +112,7 @@ def estimate_accuracy(
     """The estimate from the support set (encoded) and its label probes; ``labels`` (M, S, S), 255 = ignore.
     counts: ``held_out_counts`` of the same support set and probes, if the caller has them (the same result)."""
     c = held_out_counts(support, labels, probes) if counts is None else counts
-    m, groups = c.m, c.groups
+    m, groups = c.images, c.groups
     if m < 2:
         return Estimate(None, 0.0, 100.0, m, None, None, None, "no estimate from one labelled image: label a second")
     if c.held is None:
@@ -114,7 +126,7 @@ def estimate_accuracy(
         gain = (_miou(*c.held) - _miou(*c.one_less)).item()
         boot = _miou_boot(c.held, picks) - _miou_boot(c.one_less, picks)
         gain_low, gain_high = (float(q) for q in boot.quantile(torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])))
-    advice = _advice(m, miou, low, high, gain, gain_low, gain_high)
+    advice = _advice(m, c.windows, miou, low, high, gain, gain_low, gain_high)
     copies = len(groups) < m
     if copies:
         advice += f"; near copies held out together ({m} images in {len(groups)} independent groups)"
@@ -160,30 +172,52 @@ def copy_groups(labels: Tensor) -> list[tuple[int, ...]]:
     f = area / fg.shape[1]  # coverages; unrelated masks overlap by about fa * fb / (fa + fb - fa * fb)
     chance = f[:, None] * f[None, :] / (f[:, None] + f[None, :] - f[:, None] * f[None, :]).clamp_min(1e-12)
     linked = (iou >= COPY_IOU) & (iou >= COPY_FACTOR * chance)
-    parent = list(range(len(labels)))  # union-find over the links
+    return _components(len(labels), linked.triu(1).nonzero().tolist())
+
+
+def independent_groups(labels: Tensor, sources: list[int]) -> list[tuple[int, ...]]:
+    """Support windows (labels (M, S, S)) grouped so that the groups are independent of each other: the windows of
+    one image (``sources[i]``: window i's image) and near copies (``copy_groups``) together, in window order."""
+    links = [(g[0], i) for g in copy_groups(labels) for i in g[1:]]
+    first: dict[int, int] = {}  # each image's first window
+    for i, s in enumerate(sources):
+        links.append((first.setdefault(s, i), i))
+    return _components(len(labels), links)
+
+
+def _components(n: int, links: list) -> list[tuple[int, ...]]:
+    """The connected components of the graph on 0..n-1 with edges ``links`` (pairs), each in order, ordered by their
+    first member."""
+    parent = list(range(n))  # union-find over the links
 
     def root(i: int) -> int:
         while parent[i] != i:
             i = parent[i]
         return i
 
-    for i, j in linked.triu(1).nonzero().tolist():
+    for i, j in links:
         parent[root(j)] = root(i)
-    roots = [root(i) for i in range(len(labels))]
-    return [tuple(i for i in range(len(labels)) if roots[i] == r) for r in dict.fromkeys(roots)]
+    roots = [root(i) for i in range(n)]
+    return [tuple(i for i in range(n) if roots[i] == r) for r in dict.fromkeys(roots)]
 
 
 def _probes_without(
-    support: EncodedSupport, labels: Tensor, probes: LabelProbes, group_of: dict[int, tuple[int, ...]], extra: int
+    support: EncodedSupport,
+    labels: Tensor,
+    probes: LabelProbes,
+    group_of: dict[int, tuple[int, ...]],
+    sources: list[int],
+    extra: int,
 ) -> list[LinearProbe]:
-    """For every support image, a probe fitted without its group (the label probes' own when that is the image
-    alone) and, with ``extra`` = 1, without the next image outside the group too (the estimate with one image
-    fewer)."""
+    """For every support window, a probe fitted without its group (the label probes' own when that is the window
+    alone) and, with ``extra`` = 1, without the windows of the next image outside the group too (the estimate with
+    one image fewer)."""
     m, out, fitted = len(labels), [], {}
     for i in range(m):
         left = set(group_of[i])
         if extra:
-            left.add(next(j for j in (*range(i + 1, m), *range(i)) if j not in group_of[i]))
+            j = next(j for j in (*range(i + 1, m), *range(i)) if j not in group_of[i])
+            left.update(k for k in range(m) if sources[k] == sources[j])
         key = tuple(sorted(left))
         if key == (i,):
             out.append(probes.without[i])
@@ -200,8 +234,9 @@ def _pooled(held: tuple[Tensor, Tensor], groups: list[tuple[int, ...]]) -> tuple
     return torch.stack([inter[list(g)].sum(0) for g in groups]), torch.stack([union[list(g)].sum(0) for g in groups])
 
 
-def _advice(m: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa: ANN001 - floats or None
-    line = f"estimated mIoU on new images {miou:.1f} [{low:.1f}, {high:.1f}] (from {m} held-out support images)"
+def _advice(m: int, windows: int, miou, low, high, gain, gain_low, gain_high) -> str:  # noqa: ANN001 - floats/None
+    cut = f", {windows} windows" if windows > m else ""
+    line = f"estimated mIoU on new images {miou:.1f} [{low:.1f}, {high:.1f}] (from {m} held-out support images{cut})"
     if gain is None:
         return f"{line}; label a third image to see whether more labels help"
     trend = f"{gain:+.1f} [{gain_low:+.1f}, {gain_high:+.1f}] points from {m - 1} to {m} images"

@@ -211,7 +211,7 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
     backbone = backbones.get(mcfg.image_size)
     files = [s.image for s in cell.train.samples if s.stem in stems]
     scale = choose_scale([image_size(f) for f in files], mcfg.image_size, cell.scale)
-    images, labels = load_support_tensors(cell.train, stems, mcfg.image_size, scale)
+    images, labels, sources = load_support_tensors(cell.train, stems, mcfg.image_size, scale)
     images, labels = images.to(device), labels.to(device)
     t0 = time.perf_counter()
     support = encode_support(backbone, images, labels, mcfg.num_classes)
@@ -223,7 +223,7 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
     for name, cls in (("linear_probe", LinearProbe), ("prototype", PrototypeMatcher)):
         if name in wanted:
             pb = backbones.get(cell.probe_size)
-            p_images, p_labels = load_support_tensors(cell.train, stems, cell.probe_size)
+            p_images, p_labels, _ = load_support_tensors(cell.train, stems, cell.probe_size)
             t0 = time.perf_counter()
             model = cls(pb, mcfg.num_classes).to(device)
             model.fit(p_images.to(device), p_labels.to(device))
@@ -239,7 +239,7 @@ def prepare(cell: Cell, backbones: BackboneCache) -> Prepared:
         prep.probes = fit_label_probes(backbone, support, labels, full)  # type: ignore[arg-type]
         prep.probe_seconds = time.perf_counter() - t0 + (prep.fixed_seconds["linear_probe"] if same else 0.0)
         t0 = time.perf_counter()
-        prep.held_out = held_out_counts(support, labels, prep.probes)
+        prep.held_out = held_out_counts(support, labels, prep.probes, sources)
         prep.held_out_seconds = time.perf_counter() - t0
     return prep
 

@@ -38,23 +38,28 @@ def class_sets(split: Split) -> list[set[int]]:
 
 def load_support_tensors(
     split: Split, stems: Sequence[str], size: int, scale: float | None = None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Load the chosen support images -> windows (N, 3, S, S) in [0, 1], labels (N, S, S) long (255 = ignore), at
-    the pixel scale (``tiling.support_windows``: one window per image when it fits, N = K).
+    the pixel scale (``tiling.support_windows``: one window per image when it fits, N = K), and sources (N,) long:
+    the index in ``stems`` of each window's image.
 
     Raises DataError when the support set has no foreground pixel at all, or (after resizing) a class of the
     dataset that appears in some image vanishes.
     """
     by_stem: dict[str, Sample] = {s.stem: s for s in split.samples}
-    images, labels = [], []
+    windows = []
     for stem in stems:
         img, mask = load_pair(by_stem[stem], split.num_classes)
-        x, y = support_windows(img, mask, size, scale)
-        images.append(x)
-        labels.append(y)
-    lab = torch.cat(labels)
+        windows.append(support_windows(img, mask, size, scale))
+    images, lab, sources = stack_windows(windows)
     check_support_labels(lab, split.classes, f"{split.root}", stems)
-    return torch.cat(images), lab
+    return images, lab, sources
+
+
+def stack_windows(windows: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image, its (windows, labels) -> all windows, all labels and the sources (N,) long: each window's image."""
+    sources = torch.cat([torch.full((len(x),), i, dtype=torch.long) for i, (x, _) in enumerate(windows)])
+    return torch.cat([x for x, _ in windows]), torch.cat([y for _, y in windows]), sources
 
 
 def check_support_labels(labels: Tensor, classes: Sequence[str], where: str, names: Sequence[str]) -> None:
