@@ -15,7 +15,8 @@ Episodes (one optimizer step = one pass over all episodes, batched into a single
   class, plus up to two random other shots (the original's pairs).
 
 Train as you infer: in every episode class c attends only to the shots that contain c, and the query's own image is
-never among its keys. The teacher's target sets classes with no shot in the episode to background (the teacher
+never among its keys (for a large image cut into windows: the query's window; its other windows may be shots). The
+teacher's target sets classes with no shot in the episode to background (the teacher
 cannot know them); the paper student takes no support, so its focal loss uses the query's full labels. The
 distillation MSE is averaged over the classes present per episode, then over episodes (the original's weighting).
 """
