@@ -53,6 +53,23 @@ def test_support_without_foreground(binary_dataset) -> None:
         load_support_tensors(split, ["img00", "img01"], 32)
 
 
+def test_binary_masks_saved_as_0_and_255_are_explained(binary_dataset) -> None:
+    for p in (binary_dataset / "train/masks").iterdir():
+        Image.fromarray(np.asarray(Image.open(p)) * 255).save(p)  # objects 255: "ignore" in this format
+    split = load_split(binary_dataset, "train")
+    with pytest.raises(DataError, match=r"no foreground pixel; its masks hold only 0 and 255.*objects as 1"):
+        load_support_tensors(split, ["img00", "img01"], 32)
+
+
+def test_a_jpeg_mask_is_told_to_be_a_png(binary_dataset) -> None:
+    mask = binary_dataset / "train/masks/img00.png"
+    m = np.asarray(Image.open(mask)) * 255
+    mask.unlink()
+    Image.fromarray(m).save(mask.with_suffix(".jpg"), quality=75)  # lossy: values between 0 and 255 appear
+    with pytest.raises(DataError, match=r"img00\.jpg: label values .* save masks as PNG"):
+        class_sets(load_split(binary_dataset, "train"))
+
+
 def test_corrupt_image(binary_dataset) -> None:
     (binary_dataset / "train/images/img03.png").write_bytes(b"this is not a png")
     split = load_split(binary_dataset, "train")
@@ -64,7 +81,7 @@ def test_colour_mask_with_differing_channels(binary_dataset) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 2, (40, 48, 3), dtype=np.uint8)).save(
         binary_dataset / "train/masks/img00.png"
     )
-    with pytest.raises(DataError, match="single-channel"):
+    with pytest.raises(DataError, match="single-channel label map of class indices"):
         class_sets(load_split(binary_dataset, "train"))
 
 

@@ -179,7 +179,10 @@ def load_mask(path: Path, num_classes: int, expect_size: tuple[int, int] | None 
         if a.shape[2] == 4:
             a = a[..., :3]
         if not (a == a[..., :1]).all():
-            raise DataError(f"{path}: mask has {a.shape[2]} differing channels; need a single-channel label map")
+            raise DataError(
+                f"{path}: mask has {a.shape[2]} differing channels; need a single-channel label map of class indices "
+                "(0 = background, 1..C; a palette PNG is fine, colours are not read as classes)"
+            )
         a = a[..., 0]
     if a.dtype == bool:
         a = a.astype(np.uint8)
@@ -188,7 +191,11 @@ def load_mask(path: Path, num_classes: int, expect_size: tuple[int, int] | None 
     values = np.unique(a)
     bad = values[(values > num_classes) & (values != IGNORE)]
     if bad.size:
-        raise DataError(f"{path}: label values {bad[:5].tolist()} outside the classes 0..{num_classes} (255 = ignore)")
+        lossy = Path(path).suffix.lower() in (".jpg", ".jpeg")
+        hint = "; JPEG compression changes label values: save masks as PNG" if lossy else ""
+        raise DataError(
+            f"{path}: label values {bad[:5].tolist()} outside the classes 0..{num_classes} (255 = ignore){hint}"
+        )
     return a.astype(np.uint8)
 
 

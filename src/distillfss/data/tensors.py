@@ -66,10 +66,10 @@ def check_support_labels(labels: Tensor, classes: Sequence[str], where: str, nam
     """A support set's labels at the working size (K, S, S) must show every foreground class of ``classes``
     (background first); DataError naming ``where`` and the images otherwise."""
     if not ((labels > 0) & (labels != IGNORE)).any():
-        raise DataError(
-            f"{where}: the support set ({', '.join(names)}) has no foreground pixel; "
-            "pick images that show the classes (or more shots)"
-        )
+        hint = "pick images that show the classes (or more shots)"
+        if (labels == IGNORE).any():  # every labelled pixel 0 or 255: binary masks saved as 0/255?
+            hint = "its masks hold only 0 and 255, and 255 means 'ignore' here: binary masks need their objects as 1"
+        raise DataError(f"{where}: the support set ({', '.join(names)}) has no foreground pixel; {hint}")
     missing = [classes[c] for c in range(1, len(classes)) if not (labels == c).any()]
     if missing:
         raise DataError(
