@@ -232,6 +232,21 @@ def test_suggest_ranks_every_image_once_highest_score_first(adapted, tmp_path, c
     assert len(printed) == 2 and ranking[0]["image"] in printed[0]
 
 
+def test_suggest_ranks_the_readable_images_and_names_an_unreadable_one(adapted, tmp_path, capsys) -> None:
+    data, model, _ = adapted
+    images = tmp_path / "images"
+    shutil.copytree(data / "test" / "images", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    args = ["suggest", "--model", str(model), "--images", str(images), "--json", str(tmp_path / "s.json")]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert len(report["ranking"]) == 5 and "broken.png" not in out
+    assert "broken.png: not a readable image" in report["unreadable"][0]
+    assert "1 of 6 images could not be read" in err and "broken.png" in err
+
+
 def test_preview_predicts_the_others_and_each_labelled_image_without_its_own_mask(tmp_path, lite0_64) -> None:
     data = write_dataset(tmp_path / "data", n_train=4, n_test=1)
     images = sorted((data / "train" / "images").iterdir())

@@ -387,15 +387,33 @@ def suggest(args: argparse.Namespace) -> int:
         raise DataError(f"--top: expected >= 0, got {args.top}")
     files = image_files(args.images)
     seg = FewShotSegmenter.load(args.model, device=args.device, backbone_weights=args.backbone_weights)
-    ranking = [{"image": str(files[i]), "score": round(score, 2)} for i, score in seg.suggest(files)]
+    scored, unreadable = [], []
+    for start in range(0, len(files), SUGGEST_BATCH):  # a batch of images in memory at a time
+        chunk = []
+        for f in files[start : start + SUGGEST_BATCH]:
+            try:
+                chunk.append((f, load_image(f)))
+            except DataError as e:  # named at the end, as predict does; the other images are ranked
+                unreadable.append(str(e))
+        scored += [(chunk[i][0], score) for i, score in seg.suggest([im for _, im in chunk])] if chunk else []
+    scored.sort(key=lambda t: (-t[1], t[0]))
+    ranking = [{"image": str(f), "score": round(score, 2)} for f, score in scored]
     shown = ranking[: args.top] if args.top else ranking
     print(f"label next ({len(shown)} of {len(ranking)}; score: student vs probe disagreement, 0-100)")
     for rank, row in enumerate(shown, 1):
         print(f"{rank:4d}  {row['score']:6.2f}  {row['image']}")
     if args.json:
-        report = {"model": str(args.model), "images": str(args.images), "ranking": ranking}
+        report = {"model": str(args.model), "images": str(args.images), "ranking": ranking, "unreadable": unreadable}
         write_json_file(args.json, report, args.overwrite, inputs, command=command(args))
+    if unreadable:
+        raise DataError(
+            f"{len(unreadable)} of {len(files)} images could not be read (every other image is ranked above): "
+            + "; ".join(unreadable)
+        )
     return 0
+
+
+SUGGEST_BATCH = 32  # images read at a time by suggest
 
 
 def speed(args: argparse.Namespace) -> int:
