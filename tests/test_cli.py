@@ -375,3 +375,13 @@ def test_adapt_offers_at_most_twenty_options_and_the_rest_live_in_the_config_fil
     )[1]
     flags = [a for a in adapt._actions if a.option_strings and a.option_strings != ["-h", "--help"]]
     assert len(flags) <= 20, sorted(a.option_strings[0] for a in flags)
+
+
+def test_verbose_turns_on_our_debug_lines_only(tmp_path) -> None:
+    import logging
+
+    assert main(["-v", "evaluate", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
+    assert logging.getLogger("distillfss").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("PIL").getEffectiveLevel() > logging.DEBUG
+    assert main(["evaluate", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
+    assert logging.getLogger("distillfss").getEffectiveLevel() > logging.DEBUG

@@ -487,7 +487,9 @@ def _engine_flag(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # -v: our debug lines, not every library's (Pillow logs each PNG chunk it reads)
+    logging.getLogger("distillfss").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     device = str(getattr(args, "device", "cpu"))
     if device.startswith("cuda"):
         # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (this process is
