@@ -385,3 +385,11 @@ def test_verbose_turns_on_our_debug_lines_only(tmp_path) -> None:
     assert logging.getLogger("PIL").getEffectiveLevel() > logging.DEBUG
     assert main(["evaluate", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
     assert logging.getLogger("distillfss").getEffectiveLevel() > logging.DEBUG
+
+
+def test_a_dataset_with_fewer_train_images_than_the_default_shots_uses_them_all(tmp_path) -> None:
+    data = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    assert main(["adapt", "--support", str(data), "--out", str(tmp_path / "m"), *FAST]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["support"]["shots"] == 3
+    assert main(["adapt", "--support", str(data), "--out", str(tmp_path / "m4"), "--shots", "4", *FAST]) == 2
+    assert not (tmp_path / "m4").exists()  # asked for more than there are: refused

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shots",
         type=int,
         default=None,
-        help="support images K (default: 5 sampled from a dataset's train/, or every image of a plain folder)",
+        help="support images K (default: 5 sampled from a dataset's train/, all of them if it has fewer, or every "
+        "image of a plain folder)",
     )
     g.add_argument(
         "--unlabeled",

@@ -91,14 +91,17 @@ def adapt_config(args: argparse.Namespace, base: AdaptConfig | None = None) -> A
         raise UserError(f"{e} (flags and {args.config})") from None
 
 
+DEFAULT_SHOTS = 5  # support images sampled from a dataset's train/ when --shots is not given
+
+
 def resolve_support(path: Path, shots: int | None) -> tuple[Split, list[str]]:
     """A dataset folder (K sampled from train/) or a plain images/+masks/ folder (all, or K sampled)."""
     if not path.is_dir():
         raise DataError(f"{path}: support folder not found")
     split = load_split(path, "train")
     stems = [s.stem for s in split.samples]
-    if shots is None:
-        shots = 5 if (path / "train").is_dir() else len(stems)
+    if shots is None:  # a dataset's train/ with fewer than 5 images: all of them
+        shots = min(DEFAULT_SHOTS, len(stems)) if (path / "train").is_dir() else len(stems)
     if shots > len(stems):
         raise DataError(f"{path}: {shots} shots requested but the pool has only {len(stems)} images")
     sets = class_sets(split)  # also validates every mask of the pool
