@@ -71,9 +71,12 @@ def test_choose_scale_keeps_the_old_behaviour_for_images_about_the_working_size(
     assert choose_scale([(512, 512)], 256, "auto") == 0.5  # at most twice the size: one window each, as before
     assert choose_scale([(4000, 3000), (5000, 5000)], 256, "auto") == 1.0  # large: native pixels, windows
     assert choose_scale([(100, 100)], 256, "2") == 2.0 and choose_scale([], 256, "fit") is None
-    for bad in ("0", "-1", "big", "nan"):
+    for bad in ("0", "-1", "big", "nan", "inf"):
         with pytest.raises(ValueError, match="scale"):
             choose_scale([], 256, bad)
+    assert choose_scale([(10_000, 10_000)], 256, "1") == 1.0
+    with pytest.raises(ValueError, match=r"scale 1e\+09 makes a 500 x 300 px support image .* crop the image"):
+        choose_scale([(300, 500)], 256, "1e9")  # not a crash allocating 1.5e23 pixels
 
 
 def test_support_windows_take_foreground_first_and_ignore_padding() -> None:

@@ -368,7 +368,10 @@ class FewShotSegmenter:
             pairs.append((img, lab))
             names.append(name)
         if choose_scale:  # fit chooses the scale; set_support keeps a fitted model's
-            self.scale = pick_scale([img.shape[:2] for img, _ in pairs], size, self.scale_option)
+            try:
+                self.scale = pick_scale([img.shape[:2] for img, _ in pairs], size, self.scale_option)
+            except ValueError as e:  # a valid number too large for these images
+                raise DataError(f"support set: {e}") from None
         x, y, sources = stack_windows([support_windows(img, lab, size, self.scale) for img, lab in pairs])
         check_support_labels(y, ("background", *classes), "support set", names)
         return x, y, sources

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 OVERLAP = 0.25  # fraction of a window shared with its neighbour at inference
+MAX_PIXELS = 2**28  # the most pixels a support image may have at its pixel scale (resized whole: 3 GiB as float)
 WINDOWS_PER_IMAGE = 4  # at most this many training windows from one large support image
 IGNORE = 255
 STRIP = 1024  # output rows resized at a time when the output is large and the scale is not 1 (bounded memory)
@@ -65,6 +66,12 @@ def choose_scale(sizes: Sequence[tuple[int, int]], size: int, requested: str | f
         value = float("nan")
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"scale must be 'auto', 'fit' or a positive number, got {requested!r}")
+    for h, w in sizes:
+        if h * w * value**2 > MAX_PIXELS:
+            raise ValueError(
+                f"scale {value:g} makes a {w} x {h} px support image {round(w * value)} x {round(h * value)} px, "
+                f"over {MAX_PIXELS:.3g} pixels (it is resized whole): a smaller scale, or crop the image"
+            )
     return value
 
 
