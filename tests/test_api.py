@@ -10,6 +10,7 @@ import pytest
 
 from distillfss import FastStudent, FewShotSegmenter, load_model
 from distillfss.data import DataError
+from distillfss.errors import UserError
 
 SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "teacher": "random", "iterations": 2, "fast_iterations": 2}
 
@@ -91,6 +92,8 @@ def test_bad_support_is_a_data_error_naming_the_input(change, message: str) -> N
 def test_unknown_option_and_missing_files_are_clear(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="iteratons"):
         FewShotSegmenter(iteratons=3)
+    with pytest.raises(UserError, match="image size 50: a multiple of 32"):
+        FewShotSegmenter(image_size=50)  # refused when made, not at fit
     images, masks = _support()
     with pytest.raises(DataError, match="nope.png"):
         FewShotSegmenter(**SMALL).fit([tmp_path / "nope.png"] * 3, masks)

@@ -393,3 +393,20 @@ def test_a_dataset_with_fewer_train_images_than_the_default_shots_uses_them_all(
     assert json.loads((tmp_path / "m" / "config.json").read_text())["support"]["shots"] == 3
     assert main(["adapt", "--support", str(data), "--out", str(tmp_path / "m4"), "--shots", "4", *FAST]) == 2
     assert not (tmp_path / "m4").exists()  # asked for more than there are: refused
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-size", "50"], "image size 50: a multiple of 32"),
+        (["--image-size", "0"], "image size 0: a multiple of 32"),
+        (["--image-size", "100000"], "from 64 to 1024 px"),
+        (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:abc"], "--device cuda:abc: expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_a_bad_image_size_or_device_is_a_one_line_error(tmp_path, multiclass_dataset, capsys, flags, message) -> None:
+    out = tmp_path / "m"
+    assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()

@@ -82,6 +82,7 @@ class FewShotSegmenter:
             raise TypeError(f"unknown adaptation option(s) {unknown}; see distillfss.AdaptConfig")
         AdaptConfig(**adapt_options)
         pick_scale([], 1, scale)  # a bad value fails here, as the flag does
+        model_config(backbone, 1, preset, image_size)  # so do a bad preset and image size
         self.scale_option: str | float | None = scale
         self.scale: float | None = None  # the pixel scale fit chose (None: each image fitted to one window)
         self.backbone_name, self.preset, self.image_size = backbone, preset, image_size

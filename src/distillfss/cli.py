@@ -498,7 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from . import commands  # heavy imports (torch, timm) only after argument parsing
 
-    if device.startswith("cuda") and not commands.torch.cuda.is_available():
+    try:
+        kind = commands.torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):  # others (mps, xpu) are untested here
+        print(f"distillfss {args.command}: error: --device {device}: expected cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
+    if kind == "cuda" and not commands.torch.cuda.is_available():
         print(f"distillfss {args.command}: error: --device {device}: no CUDA device is available here", file=sys.stderr)
         return 2
     try:

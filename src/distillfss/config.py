@@ -54,9 +54,17 @@ def model_config(backbone: str, num_classes: int, preset: str = "fast", image_si
     if preset not in PRESETS:
         raise UserError(f"preset {preset!r}: unknown; choose from {', '.join(sorted(PRESETS))}")
     fields = dict(PRESETS[preset])
-    if image_size:
+    if image_size is not None:
+        if not (MIN_SIZE <= image_size <= MAX_SIZE and image_size % 32 == 0):
+            raise UserError(
+                f"image size {image_size}: a multiple of 32 (the backbone's coarsest stride) from {MIN_SIZE} to "
+                f"{MAX_SIZE} px; larger images are windowed at this size (see --scale)"
+            )
         fields["image_size"] = image_size
     return ModelConfig(backbone=backbone, num_classes=num_classes, **fields)
+
+
+MIN_SIZE, MAX_SIZE = 64, 1024  # the working sizes model_config accepts (px)
 
 
 # What `distillfss benchmark` runs when --methods names none (row names: see protocol.ROWS): the paper's methods,
