@@ -362,6 +362,9 @@ def test_a_benchmark_row_is_the_model_adapt_ships(tmp_path) -> None:
         ({"methods": ("distillfss_turbo",)}, "unknown"),
         ({"draws": 0}, "--draws"),
         ({"shots": ()}, "--shots"),
+        ({"eval_size": -5}, "--eval-size"),  # crashed after the first adaptations
+        ({"probe_size": 50}, "--probe-size: image size 50"),
+        ({"image_size": 50}, "image size 50"),
     ],
 )
 def test_benchmark_config_rejects_bad_values(tmp_path, change, message) -> None:

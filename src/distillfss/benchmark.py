@@ -77,6 +77,8 @@ class BenchmarkConfig(RunConfig):
             raise DataError(f"--methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
         if self.max_unlabeled < 1:
             raise DataError(f"--max-unlabeled: expected a positive number, got {self.max_unlabeled}")
+        if not (self.eval_size == 0 or 32 <= self.eval_size <= 4096):
+            raise DataError(f"--eval-size: 0 (each image's own size) or 32 to 4096 px, got {self.eval_size}")
         try:
             choose_scale([], 1, self.scale)
         except ValueError as e:

@@ -25,6 +25,7 @@ from .baselines import LinearProbe, PrototypeMatcher
 from .config import BENCHMARK_METHODS, AdaptConfig, ModelConfig, model_config
 from .data import DataError, Split, class_sets, load_support_tensors, load_unlabeled
 from .data.folder import image_size
+from .errors import UserError
 from .estimate import HeldOut, held_out_counts
 from .evaluate import evaluate_predictor
 from .fast import LabelProbes, fit_label_probes
@@ -104,6 +105,12 @@ class RunConfig:
             raise DataError(f"--seeds: expected integers >= 0, got {list(self.seeds)}")
         if self.vote_chunk < 0:
             raise DataError(f"--vote-chunk: expected >= 0, got {self.vote_chunk}")
+        # a bad preset, image size or probe size fails here, before any work
+        for flag, size in (("--image-size", self.image_size), ("--probe-size", self.probe_size or None)):
+            try:
+                model_config(self.backbone, 1, self.preset, size)
+            except UserError as e:
+                raise DataError(f"{flag}: {e}") from None
 
     def model_config(self, num_classes: int) -> ModelConfig:
         return model_config(self.backbone, num_classes, self.preset, self.image_size)
