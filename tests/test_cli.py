@@ -410,3 +410,20 @@ def test_a_bad_image_size_or_device_is_a_one_line_error(tmp_path, multiclass_dat
     assert main(["adapt", "--support", str(multiclass_dataset), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--iters", "0"), ("--warmup", "-1"), ("--threads", "0"), ("--timeout", "0")])
+def test_speed_refuses_counts_that_cannot_measure(capsys, flag, value) -> None:
+    assert main(["speed", flag, value]) == 2  # --iters 0 died in its child process as "out of memory?"
+    assert f"{flag}: expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--steps", "0"), ("--lr", "-1"), ("--shots", "0"), ("--batch", "0"), ("--val-every", "0"), ("--save-every", "0")],
+)
+def test_meta_train_refuses_bad_numbers_before_it_starts(tmp_path, capsys, flag, value) -> None:
+    out = tmp_path / "teacher"  # --steps 0 wrote a teacher; the others crashed with tracebacks
+    assert main(["meta-train", "--source", "selfsup", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "expected" in err and "Traceback" not in err and not out.exists()

@@ -426,6 +426,13 @@ def speed(args: argparse.Namespace) -> int:
         check_output_file(args.json, args.overwrite, [args.backbone_weights], command=command(args))
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
+    least = {"--warmup": (args.warmup, 0), "--iters": (args.iters, 1), "--steps": (args.steps, 1)}
+    least |= {"--threads": (args.threads if args.threads is not None else 1, 1), "--chunk": (args.chunk, 0)}
+    for flag, (value, low) in least.items():
+        if value < low:
+            raise DataError(f"{flag}: expected >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise DataError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     if args.adapt:
         return _speed_adapt(args, shots)
     models = tuple(m.strip() for m in args.models.split(","))
@@ -654,6 +661,9 @@ def meta_train(args: argparse.Namespace) -> int:
         GrowingFolder.check(args.out, inputs, command=command(args))  # refused before the source is read
         cfg = config_from_args(MetaConfig, args)
         mcfg = model_config(args, 1)
+        if args.save_every < 1 or args.cache_gb < 0:
+            flag, value = ("--save-every", args.save_every) if args.save_every < 1 else ("--cache-gb", args.cache_gb)
+            raise DataError(f"{flag}: expected {'>= 1' if flag == '--save-every' else '>= 0'}, got {value}")
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
         backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
         # Rank 0 claims the folder (started, resumed, or started again with --overwrite); the others wait for it.

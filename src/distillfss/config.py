@@ -6,6 +6,7 @@ Every saved model and every result carries the config that made it (``to_dict`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,20 @@ class MetaConfig(Serializable):
     val_episodes: int = 60
     views: int = 24  # selfsup: augmented views per source image in the bank
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .errors import UserError
+
+        least = {"steps": 1, "batch": 1, "shots": 1, "val_every": 1, "val_episodes": 1, "views": 1, "fold": 0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name}: expected >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "ce_weight", "bce_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)) or (name == "lr" and value == 0):
+                raise UserError(
+                    f"{name}: expected a {'positive' if name == 'lr' else 'non-negative'} number, got {value}"
+                )
 
 
 @dataclass(frozen=True)
