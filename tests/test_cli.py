@@ -427,3 +427,18 @@ def test_meta_train_refuses_bad_numbers_before_it_starts(tmp_path, capsys, flag,
     assert main(["meta-train", "--source", "selfsup", "--out", str(out), flag, value]) == 2
     err = capsys.readouterr().err
     assert "expected" in err and "Traceback" not in err and not out.exists()
+
+
+def test_app_refuses_a_bad_or_busy_port_before_making_its_workspace(tmp_path, capsys) -> None:
+    import socket
+
+    pytest.importorskip("gradio")
+    ws = tmp_path / "ws"
+    assert main(["app", "--workspace", str(ws), "--port", "99999"]) == 2  # was an OverflowError traceback
+    assert "--port: expected 0" in capsys.readouterr().err and not ws.exists()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--workspace", str(ws), "--port", str(port)]) == 2
+    assert "in use" in capsys.readouterr().err and not ws.exists()

@@ -490,11 +490,26 @@ def app(args: argparse.Namespace) -> int:
         raise DataError(f"distillfss app needs Gradio: pip install 'distillfss[app]' ({e})") from None
     if args.steps < 1:
         raise DataError(f"--steps: expected >= 1, got {args.steps}")
+    if not 0 <= args.port <= 65535:
+        raise DataError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
+    if args.port and not _port_free(args.port):  # before the workspace is made
+        raise DataError(f"--port {args.port}: in use on 127.0.0.1 (another app?); pick another, or 0 for any free one")
     options = {"backbone": args.backbone, "preset": args.preset, "image_size": args.image_size, "teacher": args.teacher}
     options.update(backbone_weights=args.backbone_weights, device=args.device)
     log.info("workspace %s; open http://127.0.0.1:%d in a browser (Ctrl-C stops)", args.workspace, args.port)
     launch(args.workspace, args.port or None, args.model, steps=args.steps, **options)
     return 0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def export(args: argparse.Namespace) -> int:
@@ -614,6 +629,8 @@ def _shared_run_flags(args: argparse.Namespace) -> dict:
 def data(args: argparse.Namespace) -> int:
     from .data.paper import convert
 
+    if not args.src.is_dir():  # before anything else is said about it
+        raise DataError(f"{args.src}: folder not found (the {args.name} dataset as downloaded)")
     with output_folder(args.dst, args.overwrite, [args.src], command=command(args)) as tmp:
         counts = convert(args.name, args.src, tmp, args.fold, args.trust_pickle)
     log.info("wrote %s: %d train, %d test images", args.dst, counts["train"], counts["test"])
