@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from distillfss.data import DataError, class_sets, load_image, load_split, load_support_tensors
+from distillfss.data.folder import image_files
 from distillfss.errors import UserError
 
 
@@ -165,3 +166,10 @@ def test_bundled_two_class_set_is_its_documented_derivation_of_nuclei(tmp_path) 
             split_by_size(odd, tmp_path / out, "x")
         assert not (tmp_path / out).exists()
         Image.fromarray(mask.clip(0, 1)).save(path)
+
+
+def test_a_folder_whose_images_are_in_subfolders_says_so(tmp_path) -> None:
+    (tmp_path / "scans" / "day1").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "scans" / "day1" / "a.png")
+    with pytest.raises(DataError, match=r"scans: no images .*; subfolders \(day1\) are not searched"):
+        image_files(tmp_path / "scans")

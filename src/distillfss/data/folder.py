@@ -71,7 +71,11 @@ def image_files(path: Path) -> list[Path]:
         raise DataError(f"{path}: no such file or folder")
     files = list(list_images(path).values())
     if not files:
-        raise DataError(f"{path}: no images (.png, .jpg, .tif, .bmp)")
+        subs = [d.name for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        where = (
+            f"; subfolders ({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}) are not searched" if subs else ""
+        )
+        raise DataError(f"{path}: no images (.png, .jpg, .tif, .bmp){where}")
     return files
 
 
