@@ -116,6 +116,34 @@ def test_predict_overwrite_keeps_the_users_other_files(student_dir, multiclass_d
     assert {p.stem for p in images.iterdir()} <= {p.stem for p in out.glob("*.png")}
 
 
+def test_predict_resumes_only_what_the_same_model_and_settings_began(
+    student_dir, multiclass_dataset, tmp_path, capsys
+) -> None:
+    import shutil
+
+    images = multiclass_dataset / "test" / "images"
+    out = tmp_path / "masks"
+    other = tmp_path / "other_model"
+    shutil.copytree(student_dir, other)
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # another model (its last weight changed)
+    assert main(["predict", "--model", str(student_dir), "--images", str(images), "--out", str(out)]) == 0
+    labels = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    capsys.readouterr()
+    # was: "wrote 0 label maps", every label silently kept from the first model
+    for change in (["--model", str(other)], ["--model", str(student_dir), "--precision", "bf16"]):
+        assert main(["predict", *change, "--images", str(images), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "holds labels predicted with another" in err and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in out.glob("*.png")} == labels  # nothing touched
+    moved = tmp_path / "moved_model"
+    shutil.copytree(student_dir, moved)  # the same model elsewhere: resumes (nothing left to do)
+    assert main(["predict", "--model", str(moved), "--images", str(images), "--out", str(out)]) == 0
+    assert main(["predict", "--model", str(other), "--images", str(images), "--out", str(out), "--overwrite"]) == 0
+    record = json.loads((out / ".distillfss-predict.json").read_text())
+    assert record["model"] == str(other.resolve())
+
+
 def test_json_results_are_replaced_atomically(tmp_path) -> None:
     path = tmp_path / "results.json"
     write_json(path, {"rows": [1]})

@@ -13,8 +13,8 @@ from distillfss.backbones import build_backbone
 from distillfss.config import AdaptConfig, ModelConfig
 from distillfss.data import load_split, load_support_tensors
 from distillfss.demo import demo_root
-from distillfss.meta import sha256_file
 from distillfss.model_io import WEIGHTS, ModelError, load_teacher_weights, resolve_teacher
+from distillfss.outputs import sha256_file
 
 
 def test_the_default_start_is_the_shipped_teacher_with_the_checksum_of_its_card() -> None:

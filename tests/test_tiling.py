@@ -152,7 +152,8 @@ def test_a_stopped_predict_resumes_without_recomputing_finished_images(
     out, whole = tmp_path / "p", tmp_path / "whole"
     assert all((out / f"i{i}.png").read_bytes() == (whole / f"i{i}.png").read_bytes() for i in range(5))
     manifest = json.loads((out / ".distillfss-written.json").read_text())
-    assert manifest["files"] == [f"i{i}.png" for i in range(5)] and not list(out.glob(".distillfss-journal*"))
+    files = [".distillfss-predict.json", *(f"i{i}.png" for i in range(5))]  # the labels and what made them
+    assert manifest["files"] == files and not list(out.glob(".distillfss-journal*"))
 
 
 def test_two_names_with_one_stem_are_refused_before_anything_is_written(wide_data, tmp_path, capsys) -> None:
@@ -178,5 +179,5 @@ def test_two_processes_write_the_same_labels_as_one(wide_data, wide_model, tmp_p
     names = sorted(p.name for p in one.glob("*.png"))
     assert names == sorted(p.name for p in two.glob("*.png")) and len(names) == 3
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
-    assert json.loads((two / ".distillfss-written.json").read_text())["files"] == names
+    assert json.loads((two / ".distillfss-written.json").read_text())["files"] == [".distillfss-predict.json", *names]
     assert not list(two.glob(".distillfss-journal*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -41,6 +42,7 @@ from .outputs import (
     output_file,
     output_folder,
     replace_atomically,
+    sha256_file,
     timestamp,
     write_json_file,
 )
@@ -246,7 +248,18 @@ def predict(args: argparse.Namespace) -> int:
     inputs = [args.images, args.model, args.backbone_weights]
     if args.batch < 1:
         raise DataError(f"--batch: expected >= 1, got {args.batch}")
-    GrowingFolder.check(args.out, inputs, command=command(args))
+    earlier = GrowingFolder.check(args.out, inputs, command=command(args))
+    settings = _predict_settings(args)
+    if earlier is not None and not args.overwrite:  # resume only what the same model and settings began
+        record = args.out / PREDICT_RECORD
+        before = json.loads(record.read_text()) if record.is_file() else None
+        changed = [k for k in settings if k != "model" and before is not None and before.get(k) != settings[k]]
+        if changed:
+            what = " and ".join("model" if k == "model_sha256" else "--" + k.replace("_", "-") for k in changed)
+            raise DataError(
+                f"{args.out}: holds labels predicted with another {what} (from {before.get('model')}); resuming "
+                "would mix them: --overwrite starts it again, or choose another --out"
+            )
     files = image_files(args.images)
     stems: dict[str, Path] = {}
     for f in files:
@@ -255,6 +268,8 @@ def predict(args: argparse.Namespace) -> int:
         stems[f.stem] = f
     predictor, classes, _ = _predictor(args)
     folder = _predict_folder(args, inputs, rank, world)
+    if rank == 0 and PREDICT_RECORD not in folder.files():
+        folder.write_json(PREDICT_RECORD, settings)
     outputs = ("{}.png", "{}_overlay.png") if args.overlay else ("{}.png",)
     done = set(folder.files())
     mine = [f for f in files[rank::world] if not all(o.format(f.stem) in done for o in outputs)]
@@ -311,6 +326,23 @@ def predict(args: argparse.Namespace) -> int:
 
 
 JOURNAL = ".distillfss-journal."  # per process: the files predict wrote, merged into the manifest at the end
+PREDICT_RECORD = ".distillfss-predict.json"  # what made the labels in a predict folder: a resume must match it
+
+
+def _predict_settings(args: argparse.Namespace) -> dict:
+    """What decides predict's labels besides the images: the model's files (their SHA-256), the engine, precision,
+    voting chunk and backbone weights. ``model`` (where it was read) is kept for messages, not compared."""
+    model = args.model.resolve()
+    parts = [model] if model.is_file() else sorted(model.glob("*.json")) + sorted(model.glob("*.safetensors"))
+    digest = "".join(f"{p.name}:{sha256_file(p)};" for p in parts if not p.name.startswith("."))
+    return {
+        "model": str(model),
+        "model_sha256": hashlib.sha256(digest.encode()).hexdigest(),
+        "engine": args.engine,
+        "precision": args.precision,
+        "vote_chunk": args.vote_chunk,
+        "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
+    }
 
 
 def _predict_folder(args: argparse.Namespace, inputs: list, rank: int, world: int) -> GrowingFolder:

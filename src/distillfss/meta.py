@@ -39,7 +39,7 @@ from .data.episodes import EpisodeSource, EpisodeSpec, episode_generator, sample
 from .errors import UserError
 from .losses import IGNORE
 from .model_io import CONFIG, LOG, WEIGHTS, ModelError, own_state, save_teacher_checkpoint
-from .outputs import GrowingFolder, replace_atomically
+from .outputs import GrowingFolder, replace_atomically, sha256_file
 from .teacher import Teacher, build_teacher
 from .transfer import seeded, trainable_parameters
 
@@ -500,16 +500,6 @@ def recipe(cfg: MetaConfig, model_cfg: ModelConfig, out: str = "OUT") -> str:
     elif preset != "fast":
         flags.append(f"--preset {preset}")
     return "distillfss meta-train " + " ".join(flags)
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_card(out: Path) -> str:

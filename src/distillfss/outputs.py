@@ -17,6 +17,7 @@ a file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -383,3 +384,12 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(name, path)
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
