@@ -464,6 +464,10 @@ CLI_CASES = {
         "classes",
     ),
     "adapt --from: out inside the earlier model": ([*ADAPT, "--from", f"{S}/model", "--out", f"{S}/model/x"], "input"),
+    "adapt --from: another image size": (
+        [*ADAPT, "--out", f"{S}/o", "--from", f"{S}/model", "--image-size", "96"],
+        "leave out --image-size 96",
+    ),
     "suggest: missing model": (["suggest", "--model", f"{S}/nomodel", "--images", f"{S}/data/test/images"], "nomodel"),
     "suggest: no images": (["suggest", "--model", f"{S}/model", "--images", f"{S}/mine"], "no images"),
     "suggest: negative top": ([*SUGGEST, "--top", "-1"], "--top"),

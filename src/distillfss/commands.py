@@ -219,7 +219,39 @@ def warm_source(args: argparse.Namespace):  # noqa: ANN201 - a LoadedModel's con
         raise ModelError(f"{args.warm_from}: --from needs a fast student folder written by adapt")
     if not (args.warm_from / TEACHER).is_file():
         raise ModelError(f"{args.warm_from}: no {TEACHER} (written by adapt since this version); adapt without --from")
-    return WarmSource(ModelConfig.from_dict(config["model"]), tuple(config["classes"]), config)
+    earlier = ModelConfig.from_dict(config["model"])
+    _check_kept(args, earlier, config.get("scale"))
+    return WarmSource(earlier, tuple(config["classes"]), config)
+
+
+def _check_kept(args: argparse.Namespace, earlier: ModelConfig, scale: float | None) -> None:
+    """A warm start keeps the earlier model's backbone, preset, size and pixel scale: a flag that asks for others
+    is refused (it would be ignored)."""
+    from .tiling import choose_scale
+
+    def same_scale(requested: str) -> bool:
+        try:
+            return requested != "auto" and choose_scale([], 1, requested) == scale
+        except ValueError:
+            return False
+
+    def same_preset(preset: str) -> bool:
+        kept = dataclasses.replace(earlier, num_classes=1)
+        return preset_config(earlier.backbone, 1, preset, earlier.image_size) == kept
+
+    asked = {
+        f"--backbone {args.backbone}": args.backbone not in (ModelConfig.backbone, earlier.backbone),
+        f"--preset {args.preset}": args.preset != "fast" and not same_preset(args.preset),
+        f"--image-size {args.image_size}": args.image_size not in (None, earlier.image_size),
+        f"--scale {args.scale}": args.scale != "auto" and not same_scale(args.scale),
+    }
+    refused = [flag for flag, differs in asked.items() if differs]
+    if refused:
+        raise DataError(
+            f"--from keeps {args.warm_from}'s backbone, preset, size and pixel scale ({earlier.backbone}, "
+            f"{earlier.image_size} px, scale {'fit' if scale is None else f'{scale:g}'}): leave out {', '.join(refused)}"
+            " (or adapt without --from)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
