@@ -471,6 +471,9 @@ CLI_CASES = {
     "suggest: missing model": (["suggest", "--model", f"{S}/nomodel", "--images", f"{S}/data/test/images"], "nomodel"),
     "suggest: no images": (["suggest", "--model", f"{S}/model", "--images", f"{S}/mine"], "no images"),
     "suggest: negative top": ([*SUGGEST, "--top", "-1"], "--top"),
+    "export: a name that is no .onnx": ([*EXPORT, "--out", f"{S}/graph"], "ends in .onnx"),
+    "predict: negative voting chunk": ([*PREDICT, "--out", f"{S}/o", "--vote-chunk", "-1"], "--vote-chunk"),
+    "evaluate: negative voting chunk": ([*EVALUATE, "--vote-chunk", "-1"], "--vote-chunk"),
     "suggest: json over the user's json": ([*SUGGEST, "--json", f"{S}/notes.json", "--overwrite"], "not written"),
     "suggest: json inside the model": ([*SUGGEST, "--json", f"{S}/model/s.json"], "input"),
     "demo: unknown dataset": (["demo", "--datasets", "nosuch", "--out", f"{S}/o"], "nosuch"),
@@ -503,6 +506,7 @@ def test_bad_input_sweep_api_and_app(sandbox) -> None:
         "save into the user's folder": lambda: loaded.save(sandbox / "mine", overwrite=True),
         "export over the user's onnx": lambda: loaded.export_onnx(sandbox / "user.onnx", overwrite=True),
         "export over a file, no overwrite": lambda: loaded.export_onnx(sandbox / "notes.txt"),
+        "export to a name that is no .onnx": lambda: loaded.export_onnx(sandbox / "graph"),
         "fit with a mask of another size": lambda: FewShotSegmenter(**API_OPTIONS).fit(
             [np.zeros((20, 20, 3), np.uint8)], [np.zeros((10, 10), np.uint8)]
         ),

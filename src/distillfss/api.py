@@ -288,12 +288,13 @@ class FewShotSegmenter:
         """The student as a standalone ONNX graph (``predict --engine onnx`` and onnxruntime read it), checked
         against PyTorch as ``distillfss export`` checks it (refused, nothing written, beyond 1e-3). An existing
         file is replaced only with ``overwrite`` and only if ``export_onnx`` wrote it."""
-        from .export import export_onnx, mark_onnx
+        from .export import export_onnx, mark_onnx, onnx_path
 
         path = Path(path)
         if self.student is None or self.model_cfg is None:
             raise ModelError(f"{path}: no student to export (call fit, or load a student folder)")
         with output_file(path, overwrite, self._inputs, command=EXPORT) as tmp:
+            onnx_path(path)  # after the guards: their refusals come first
             export_onnx(self.student, self.model_cfg.image_size, self.classes, tmp, name=path, scale=self.scale)
             mark_onnx(tmp, EXPORT)
         return path

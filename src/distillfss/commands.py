@@ -402,6 +402,8 @@ def _check_ours(path: Path, recorded: bool) -> None:
 
 def _predictor(args: argparse.Namespace) -> tuple[Predictor | OnnxPredictor, tuple[str, ...], str]:
     """The model of ``--model`` as a predictor -> (predictor, class names, kind: student / teacher / onnx)."""
+    if args.vote_chunk < 0:
+        raise DataError(f"--vote-chunk: expected >= 0 (0: every shot at once), got {args.vote_chunk}")
     if args.engine == "onnx":
         from .export import OnnxPredictor
 
@@ -577,10 +579,11 @@ def _port_free(port: int) -> bool:
 
 
 def export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, mark_onnx
+    from .export import export_onnx, mark_onnx, onnx_path
 
     inputs = [args.model, args.calibration, args.backbone_weights]
     check_output_file(args.out, args.overwrite, inputs, command=command(args))
+    onnx_path(args.out)
     loaded = load_model(args.model, args.backbone_weights)
     if loaded.kind != "student":
         raise DataError(f"{args.model}: is a {loaded.kind}; only students export (they need no support input)")

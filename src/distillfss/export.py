@@ -75,6 +75,15 @@ def export_onnx(
     return diff
 
 
+def onnx_path(path: str | Path) -> Path:
+    """An ONNX graph's file name (``export --out``, ``export_onnx``): it must end in .onnx (``predict --engine onnx``
+    and onnxruntime's users expect it; a bare name would be written as a file where a folder may be meant)."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ModelError(f"{path}: an ONNX graph's file name ends in .onnx (e.g. {path.with_suffix('.onnx').name})")
+    return path
+
+
 def mark_onnx(path: Path, command: str) -> None:
     """Record the command that wrote ``path`` in its metadata (``outputs.MARK``): only it may replace the file."""
     _set_metadata(path, {MARK: command})
