@@ -472,6 +472,11 @@ CLI_CASES = {
     "suggest: no images": (["suggest", "--model", f"{S}/model", "--images", f"{S}/mine"], "no images"),
     "suggest: negative top": ([*SUGGEST, "--top", "-1"], "--top"),
     "export: a name that is no .onnx": ([*EXPORT, "--out", f"{S}/graph"], "ends in .onnx"),
+    "app: a model folder that is not there": (
+        ["app", "--workspace", f"{S}/ws", "--model", f"{S}/none", "--port", "0"],
+        "none",
+    ),
+    "app: a bad image size": (["app", "--workspace", f"{S}/ws", "--image-size", "50", "--port", "0"], "image size"),
     "predict: negative voting chunk": ([*PREDICT, "--out", f"{S}/o", "--vote-chunk", "-1"], "--vote-chunk"),
     "evaluate: negative voting chunk": ([*EVALUATE, "--vote-chunk", "-1"], "--vote-chunk"),
     "suggest: json over the user's json": ([*SUGGEST, "--json", f"{S}/notes.json", "--overwrite"], "not written"),

@@ -171,6 +171,8 @@ def friendly(fn: Callable) -> Callable:
 
 def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **segmenter_options: Any):
     """The Gradio Blocks of the app (not launched). ``segmenter_options`` go to :class:`FewShotSegmenter`."""
+    FewShotSegmenter(**segmenter_options)  # bad options and a bad --model fail before the workspace is made
+    opened = FewShotSegmenter.load(model) if model else None
     ws = Workspace(workspace, [model])
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     # Gradio keeps uploaded files in its cache folder: inside the workspace too (read when the Blocks are built).
@@ -178,7 +180,7 @@ def build_app(workspace: Path, model: Path | None = None, steps: int = 60, **seg
     import gradio as gr
     import pandas as pd
 
-    state: dict[str, Any] = {"seg": FewShotSegmenter.load(model) if model else None, "cancel": threading.Event()}
+    state: dict[str, Any] = {"seg": opened, "cancel": threading.Event()}
     state["opened"] = Path(model).expanduser().resolve() if model else None
 
     def classes_of(text: str) -> list[str]:
