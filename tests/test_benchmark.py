@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import SMALL_CONFIG, TINY_ADAPT, write_dataset
 from distillfss.benchmark import resolve_dataset, table
 from distillfss.cli import main
 from distillfss.data import DataError
+from distillfss.demo import demo_root
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
 FAST += ["--config", str(SMALL_CONFIG)]
@@ -384,3 +386,12 @@ def test_library_entry_points_do_not_import_the_cli() -> None:
         "assert not {'distillfss.cli', 'distillfss.commands'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_folder_without_train_and_test_splits_is_not_benchmarked(tmp_path, capsys) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(demo_root() / "nuclei" / "train", plain)  # images/ + masks/: it would be scored on itself
+    assert main(["benchmark", "--data", str(plain), "--out", str(tmp_path / "b"), "--methods", "prototype"]) == 2
+    assert "no train/ or test/ split" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["demo", "--datasets", "nuclei,nuclei", "--out", str(tmp_path / "d")]) == 2
+    assert "nuclei named twice" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -66,7 +66,7 @@ def test_evaluate_json(student_dir, multiclass_dataset, tmp_path) -> None:
     assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     keys = {"miou", "miou_with_background", "per_class", "n_images", "seconds_per_image"}
-    assert set(r) == keys | {"vote_chunk", "eval_resolution", "written_by"}
+    assert set(r) == keys | {"vote_chunk", "eval_resolution", "support_images_scored", "written_by"}
     assert r["vote_chunk"] is None and r["eval_resolution"] == "original"  # a student has no support to vote over
     assert r["written_by"] == "distillfss evaluate"  # only evaluate --overwrite may replace this file
     args = ["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--eval-size", "32"]
@@ -442,3 +442,13 @@ def test_app_refuses_a_bad_or_busy_port_before_making_its_workspace(tmp_path, ca
         port = busy.getsockname()[1]
         assert main(["app", "--workspace", str(ws), "--port", str(port)]) == 2
     assert "in use" in capsys.readouterr().err and not ws.exists()
+
+
+def test_evaluate_says_when_it_scores_the_models_own_support_images(
+    student_dir, multiclass_dataset, capsys, caplog
+) -> None:
+    for split, own in (("test", 0), ("train", 4)):  # adapt drew 4 of the 6 train images
+        caplog.clear()
+        assert main(["evaluate", "--model", str(student_dir), "--data", str(multiclass_dataset), "--split", split]) == 0
+        assert json.loads(capsys.readouterr().out)["support_images_scored"] == own
+        assert ("not a test score" in caplog.text) == bool(own)

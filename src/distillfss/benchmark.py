@@ -100,6 +100,13 @@ def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), comm
     if clash:
         paths = ", ".join(str(root) for name, root in datasets if name == clash[0])
         raise DataError(f"--data: two datasets are named {clash[0]} ({paths}); results are keyed by name, rename one")
+    for _, root in datasets:  # a plain images/ + masks/ folder would be scored on its own support images
+        missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+        if missing:
+            raise DataError(
+                f"{root}: no {' or '.join(f'{s}/' for s in missing)} split; a benchmark draws support sets from "
+                "train/ and scores test/ (images it never adapted on)"
+            )
     shots = sorted(set(cfg.shots))
     seeds = list(dict.fromkeys(cfg.seeds))
     methods = cfg.methods

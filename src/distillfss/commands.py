@@ -433,17 +433,38 @@ def evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"--eval-size: expected >= 0, got {args.eval_size}")
     per_image: list[dict] | None = [] if args.per_image else None
     result = evaluate_predictor(predictor, split, eval_size=args.eval_size or None, per_image=per_image)
+    own = _support_scored(args.model, split)
     report = {
         **result.to_json(),
         "vote_chunk": (predictor.vote_chunk if predictor.voting else 0) if kind == "teacher" else None,
         "eval_resolution": args.eval_size or "original",
+        "support_images_scored": own,
     }
     if per_image is not None:
         report["per_image"] = per_image
     print(json.dumps(report, indent=2))
+    if own:
+        log.warning(
+            "note: %d of the %d images scored are the model's own support images: this mIoU is not a test score",
+            own,
+            len(split.samples),
+        )
     if args.json:
         write_json_file(args.json, report, args.overwrite, inputs, command=command(args))
     return 0
+
+
+def _support_scored(model: Path, split: Split) -> int:
+    """How many of the split's images are the model's own support images (as ``adapt`` recorded them)."""
+    if not model.is_dir():
+        return 0
+    support = read_config(model).get("support") or {}
+    root, stems = support.get("dataset"), set(support.get("stems") or ())
+    if not root or not stems:
+        return 0
+    base = Path(root) / "train" if (Path(root) / "train").is_dir() else Path(root)
+    images = (base / "images").resolve()
+    return sum(1 for s in split.samples if s.stem in stems and s.image.parent.resolve() == images)
 
 
 def suggest(args: argparse.Namespace) -> int:

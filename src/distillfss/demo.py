@@ -77,6 +77,9 @@ class DemoConfig(RunConfig):
         unknown = sorted(set(self.datasets) - {*known, "all"})
         if unknown or not self.datasets:
             raise DataError(f"unknown demo dataset(s) {unknown or '(none named)'}; bundled: {known}")
+        twice = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
+        if twice:
+            raise DataError(f"--datasets: {', '.join(twice)} named twice")
         if self.shots < 1:
             raise DataError(f"--shots: expected >= 1, got {self.shots}")
 
