@@ -93,6 +93,12 @@ def adapt_config(args: argparse.Namespace, base: AdaptConfig | None = None) -> A
         raise UserError(f"{e} (flags and {args.config})") from None
 
 
+def at_least(flag: str, value: float, low: float) -> None:
+    """A flag's number below its least meaningful value is a one-line error naming the flag."""
+    if value < low:
+        raise DataError(f"{flag}: expected >= {low}, got {value}")
+
+
 DEFAULT_SHOTS = 5  # support images sampled from a dataset's train/ when --shots is not given
 
 
@@ -278,8 +284,7 @@ def predict(args: argparse.Namespace) -> int:
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     inputs = [args.images, args.model, args.backbone_weights]
-    if args.batch < 1:
-        raise DataError(f"--batch: expected >= 1, got {args.batch}")
+    at_least("--batch", args.batch, 1)
     earlier = GrowingFolder.check(args.out, inputs, command=command(args))
     settings = _predict_settings(args)
     if earlier is not None and not args.overwrite:  # resume only what the same model and settings began
@@ -429,8 +434,7 @@ def evaluate(args: argparse.Namespace) -> int:
     split = load_split(args.data, args.split)
     if split.classes != classes:
         raise DataError(f"{args.data}: classes {list(split.classes)} differ from the model's {list(classes)}")
-    if args.eval_size < 0:
-        raise DataError(f"--eval-size: expected >= 0, got {args.eval_size}")
+    at_least("--eval-size", args.eval_size, 0)
     per_image: list[dict] | None = [] if args.per_image else None
     result = evaluate_predictor(predictor, split, eval_size=args.eval_size or None, per_image=per_image)
     own = _support_scored(args.model, split)
@@ -473,8 +477,7 @@ def suggest(args: argparse.Namespace) -> int:
     inputs = [args.model, args.images, args.backbone_weights]
     if args.json is not None:
         check_output_file(args.json, args.overwrite, inputs, command=command(args))
-    if args.top < 0:
-        raise DataError(f"--top: expected >= 0, got {args.top}")
+    at_least("--top", args.top, 0)
     files = image_files(args.images)
     seg = FewShotSegmenter.load(args.model, device=args.device, backbone_weights=args.backbone_weights)
     scored, unreadable = [], []
@@ -513,11 +516,11 @@ def speed(args: argparse.Namespace) -> int:
         check_output_file(args.json, args.overwrite, [args.backbone_weights], command=command(args))
 
     ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
-    least = {"--warmup": (args.warmup, 0), "--iters": (args.iters, 1), "--steps": (args.steps, 1)}
-    least |= {"--threads": (args.threads if args.threads is not None else 1, 1), "--chunk": (args.chunk, 0)}
-    for flag, (value, low) in least.items():
-        if value < low:
-            raise DataError(f"{flag}: expected >= {low}, got {value}")
+    for flag, value, low in (("--warmup", args.warmup, 0), ("--iters", args.iters, 1), ("--steps", args.steps, 1)):
+        at_least(flag, value, low)
+    if args.threads is not None:
+        at_least("--threads", args.threads, 1)
+    at_least("--chunk", args.chunk, 0)
     if not args.timeout > 0:
         raise DataError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     if args.adapt:
@@ -558,8 +561,6 @@ def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
     sets = [t.strip() for t in args.trainable.split(",") if t.strip()]
     if not sets or set(sets) - {"A", "B", "C"}:
         raise DataError(f"--trainable: expected a comma-separated subset of A,B,C, got {args.trainable!r}")
-    if args.steps < 1:
-        raise DataError(f"--steps: expected >= 1, got {args.steps}")
     caps = int_list(args.max_shots, "--max-shots", minimum=0)
     result = run_adapt_speed(
         model_config(args, 1), shots, sets, caps, args.steps, args.device, args.threads, args.timeout, log.info
@@ -575,8 +576,7 @@ def app(args: argparse.Namespace) -> int:
         from .app import launch
     except ImportError as e:
         raise DataError(f"distillfss app needs Gradio: pip install 'distillfss[app]' ({e})") from None
-    if args.steps < 1:
-        raise DataError(f"--steps: expected >= 1, got {args.steps}")
+    at_least("--steps", args.steps, 1)
     if not 0 <= args.port <= 65535:
         raise DataError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
     if args.port and not _port_free(args.port):  # before the workspace is made
@@ -766,9 +766,8 @@ def meta_train(args: argparse.Namespace) -> int:
         GrowingFolder.check(args.out, inputs, command=command(args))  # refused before the source is read
         cfg = config_from_args(MetaConfig, args)
         mcfg = model_config(args, 1)
-        if args.save_every < 1 or args.cache_gb < 0:
-            flag, value = ("--save-every", args.save_every) if args.save_every < 1 else ("--cache-gb", args.cache_gb)
-            raise DataError(f"{flag}: expected {'>= 1' if flag == '--save-every' else '>= 0'}, got {value}")
+        at_least("--save-every", args.save_every, 1)
+        at_least("--cache-gb", args.cache_gb, 0)
         source = build_source(cfg.source, args.data, mcfg.image_size, cfg.fold, cfg.views, cfg.seed)
         backbone = build_backbone(mcfg.backbone, mcfg.image_size, args.backbone_weights).to(device)
         # Rank 0 claims the folder (started, resumed, or started again with --overwrite); the others wait for it.
