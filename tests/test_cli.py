@@ -377,6 +377,16 @@ def test_adapt_offers_at_most_twenty_options_and_the_rest_live_in_the_config_fil
     assert len(flags) <= 20, sorted(a.option_strings[0] for a in flags)
 
 
+@pytest.mark.parametrize("command", ["adapt", "benchmark", "demo"])
+def test_each_command_s_help_gives_its_own_default_schedule(command, capsys) -> None:
+    from distillfss.config import DEMO_ADAPT, AdaptConfig
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    steps = (DEMO_ADAPT if command == "demo" else AdaptConfig()).iterations
+    assert f"teacher optimizer steps (default {steps})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_verbose_turns_on_our_debug_lines_only(tmp_path) -> None:
     import logging
 

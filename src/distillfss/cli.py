@@ -1,4 +1,5 @@
-"""Command line: ``distillfss adapt | predict | evaluate | suggest | app | export | demo | benchmark | speed | ...``.
+"""Turn a few annotated images into a small, fast segmentation model: start with `distillfss demo`, then adapt,
+evaluate, predict (each command's --help says more).
 
 Flags become config objects; the library does the work. Errors a user can act on end in one line on stderr and
 exit status 2; nothing is written half-way (outputs go to a temporary folder moved into place on success).
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backbones import BACKBONES
-from .config import BENCHMARK_METHODS, PRESETS, AdaptConfig, MetaConfig
+from .config import BENCHMARK_METHODS, DEMO_ADAPT, PRESETS, AdaptConfig, MetaConfig
 from .errors import UserError
 
 log = logging.getLogger("distillfss")
@@ -53,9 +54,12 @@ def _backbone_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: choose {', '.join(sorted(BACKBONES))} or timm:<model>")
 
 
-def _adapt_flags(p: argparse.ArgumentParser, student: bool = True) -> argparse._ArgumentGroup:
+def _adapt_flags(
+    p: argparse.ArgumentParser, student: bool = True, base: AdaptConfig | None = None
+) -> argparse._ArgumentGroup:
     """The adaptation flags adapt, demo and benchmark share; every other AdaptConfig field through --config.
-    student: whether --student is a flag (demo and benchmark rows name their student)."""
+    student: whether --student is a flag (demo and benchmark rows name their student); base: the command's defaults
+    (the demo's schedule is shorter)."""
     g = p.add_argument_group("adaptation")
     if student:
         g.add_argument(
@@ -67,7 +71,10 @@ def _adapt_flags(p: argparse.ArgumentParser, student: bool = True) -> argparse._
             "none: save the adapted teacher (TransferFSS; it needs the support images at inference, stored with it)",
         )
     g.add_argument(
-        "--iterations", type=int, default=None, help=f"teacher optimizer steps (default {AdaptConfig.iterations})"
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"teacher optimizer steps (default {(base or AdaptConfig()).iterations})",
     )
     g.add_argument(
         "--views",
@@ -130,12 +137,17 @@ def _seeds_flag(p: argparse.ArgumentParser, default: str | None) -> None:
 def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-weights", default=None, metavar="PATH", help="override the backbone weights file")
     _device_flag(p)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (~1.5x on CPU)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast (faster on CPUs with fast bf16 kernels, slower on others; default fp32)",
+    )
     _vote_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distillfss", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="distillfss", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -466,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also adapt from a randomly initialised teacher (rows *_random)",
     )
     _seeds_flag(p, "0,1,2")
-    _adapt_flags(p, student=False)
+    _adapt_flags(p, student=False, base=DEMO_ADAPT)
     return parser
 
 

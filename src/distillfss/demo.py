@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import AdaptConfig
+from .config import DEMO_ADAPT, AdaptConfig
 from .data import DataError, load_pair, load_split
 from .model_io import resolve_teacher
 from .outputs import check_output, machine, output_folder, timestamp, write_json_atomic
@@ -42,9 +42,6 @@ from .stats import mean_std
 from .viz import overlay, with_legend
 
 DEMO_METHODS = ("teacher", "transferfss", "distillfss_fast", "distillfss", "linear_probe", "prototype")
-# The demo's schedule, shorter than adapt's defaults (60 teacher, 200 fast-student steps) so that every bundled set
-# x 3 seeds takes minutes on 2 CPU cores (the README gives the measured time).
-DEMO_ADAPT = AdaptConfig(iterations=20, fast_iterations=100)
 
 log = logging.getLogger("distillfss")
 
