@@ -165,3 +165,23 @@ def test_predict_names_unreadable_files_at_the_end_and_predicts_the_rest(
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("distillfss predict: error:")]
     assert len(errors) == 1 and "1 of 3 images could not be read" in errors[0] and "broken.png" in errors[0]
     assert sorted(p.name for p in out.glob("*.png")) == ["img00.png", "img01.png"]
+
+
+@pytest.mark.parametrize(
+    ("command", "how"), [("distillfss evaluate", "--overwrite"), ("FewShotSegmenter.export_onnx", "overwrite=True")]
+)
+def test_a_refusal_names_the_callers_way_to_overwrite(tmp_path, command, how) -> None:
+    """The CLI's refusals name its flag, the Python API's its argument; the file is left as it was."""
+    from distillfss.outputs import check_output_file
+
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match=f"pass {how} to replace it"):
+        check_output_file(mine, False, command=command)
+    with pytest.raises(OutputError, match=f"{how} replaces only that command's own output"):
+        check_output_file(mine, True, command=command)
+    with pytest.raises(OutputError, match=f"pass {how} to replace it"):
+        check_output(tmp_path / "folder", False, command=command)
+    assert mine.read_text() == "{}" and (tmp_path / "folder" / "thesis.tex").read_text() == "years of work"

@@ -83,11 +83,16 @@ def written_files(folder: Path) -> list[str]:
     return manifest["files"] if manifest else []
 
 
+def _overwrite(command: str) -> str:
+    """How the caller of ``command`` asks to replace: the CLI's flag, or the Python API's argument."""
+    return "--overwrite" if command.startswith("distillfss ") else "overwrite=True"
+
+
 def _refuse_other_writer(out: Path, manifest: dict, command: str) -> None:
     if manifest["command"] != command:
         writer = f"`{manifest['command']}`" if manifest["command"] else "an older distillfss"
         raise OutputError(
-            f"{out}: was written by {writer}; only that command's --overwrite replaces its files "
+            f"{out}: was written by {writer}; only that writer replaces its files "
             f"(choose another output for `{command}`)"
         )
 
@@ -108,7 +113,7 @@ def _existing_manifest(out: PathLike, inputs: Sequence[PathLike], command: str, 
     if not (out.is_dir() and any(out.iterdir())):
         return None
     if needs_overwrite:
-        raise OutputError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+        raise OutputError(f"{out}: folder exists and is not empty (pass {_overwrite(command)} to replace it)")
     manifest = read_manifest(out)
     if manifest is None:
         raise OutputError(
@@ -301,11 +306,11 @@ def check_output_file(path: PathLike, overwrite: bool, inputs: Sequence[PathLike
         raise OutputError(f"{path}: is a folder; give a file name")
     if p.exists() or p.is_symlink():
         if not overwrite:
-            raise OutputError(f"{path}: exists (pass --overwrite to replace it)")
+            raise OutputError(f"{path}: exists (pass {_overwrite(command)} to replace it)")
         if p.is_symlink() or mark_of(p) != command:
             raise OutputError(
-                f"{path}: exists and was not written by `{command}`; --overwrite replaces only that command's own "
-                "output (choose another file name)"
+                f"{path}: exists and was not written by `{command}`; {_overwrite(command)} replaces only that "
+                "command's own output (choose another file name)"
             )
 
 
