@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
@@ -130,3 +131,24 @@ def test_speed_adapt_writes_a_table_of_step_times(tmp_path, capsys) -> None:
     assert "| A | 2 | 5 |" in capsys.readouterr().out  # the table is printed; only --json FILE is written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scaling.json"]
     assert main([*argv[:-2], "--json", str(tmp_path / "bad.json"), "--trainable", "D"]) == 2
+
+
+def test_speed_adapt_times_the_precision_asked_for_and_refuses_compile(monkeypatch, tmp_path) -> None:
+    """--precision reaches the timed training steps (not silently fp32); --compile, inference only, is refused."""
+    from distillfss import adapt_speed
+    from distillfss.cli import main
+
+    seen = []
+
+    def fake_adapt(backbone, images, labels, model_cfg, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(cfg.precision)
+        raise RuntimeError("stop after the config is known")
+
+    monkeypatch.setattr(adapt_speed, "adapt", fake_adapt)
+    job = adapt_speed.AdaptSpeedJob(2, "A", 2, 1, ModelConfig(backbone="efficientnet_lite0", image_size=64), "cpu", 1)
+    for precision in ("bf16", "fp32"):
+        with pytest.raises(RuntimeError, match="stop after"):
+            adapt_speed.measure_adapt(dataclasses.replace(job, precision=precision))
+    assert seen == ["bf16", "fp32"]
+    assert main(["speed", "--adapt", "--compile", "--shots", "2", "--json", str(tmp_path / "s.json")]) == 2
+    assert not (tmp_path / "s.json").exists()

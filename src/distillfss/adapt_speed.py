@@ -37,12 +37,13 @@ class AdaptSpeedJob:
     model_cfg: ModelConfig
     device: str
     threads: int
+    precision: str = "fp32"
 
     def describe(self) -> str:
         cap = self.max_shots or "all"
         return (
             f"adapt ({self.model_cfg.backbone}, {self.model_cfg.image_size} px, K = {self.shots}, set "
-            f"{self.trainable}, shots per episode {cap}, {self.threads} threads)"
+            f"{self.trainable}, shots per episode {cap}, {self.threads} threads, {self.precision})"
         )
 
 
@@ -68,7 +69,13 @@ def measure_adapt(job: AdaptSpeedJob) -> dict:
     with torch.no_grad():
         support = encode_support(backbone, images, labels, 1)
     encode_s = time.perf_counter() - t0
-    acfg = AdaptConfig(student="paper", iterations=job.steps, trainable=job.trainable, max_shots=job.max_shots)  # type: ignore[arg-type]
+    acfg = AdaptConfig(
+        student="paper",
+        iterations=job.steps,
+        trainable=job.trainable,  # type: ignore[arg-type]
+        max_shots=job.max_shots,
+        precision=job.precision,  # type: ignore[arg-type]
+    )
     result = adapt(backbone, images, labels, cfg, acfg, progress=False, support=support)
     stamps = [0.0] + [r["seconds"] for r in result.log]
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -99,13 +106,14 @@ def run_adapt_speed(
     threads: int | None = None,
     timeout_s: float = 600.0,
     progress=None,
+    precision: str = "fp32",
 ) -> dict:
     threads = threads or torch.get_num_threads()
     rows = []
     for t in trainable:
         for cap in max_shots:
             for k in shots:
-                job = AdaptSpeedJob(k, t, cap, steps, model_cfg, device, threads)
+                job = AdaptSpeedJob(k, t, cap, steps, model_cfg, device, threads, precision)
                 row = measure_isolated(job, timeout_s, target=_adapt_child)
                 rows.append(row)
                 if progress:
@@ -116,6 +124,7 @@ def run_adapt_speed(
     return {
         "device": device_name(device),
         "threads": threads,
+        "precision": precision,
         "model": model_cfg.to_dict(),
         "support": f"bundled {DATASET} train images and their symmetries",
         "rows": rows,
@@ -126,7 +135,7 @@ def adapt_table(result: dict) -> str:
     m = result["model"]
     lines = [
         f"Adaptation cost (joint TransferFSS + DistillFSS) on {result['device']}, {result['threads']} threads, "
-        f"{m['image_size']} px, backbone {m['backbone']}: support encoding once, then seconds per optimizer step "
+        f"{m['image_size']} px, backbone {m['backbone']}, precision {result.get('precision', 'fp32')}: support encoding once, then seconds per optimizer step "
         "(median after the first), peak resident memory of the process.",
         "",
         "| trainable | shots per episode | K | encode s | first step s | step s (median) | peak MB |",

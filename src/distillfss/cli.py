@@ -295,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--adapt: comma-separated caps on the shots per episode (0: all others; default %(default)s)",
     )
     _json_flags(p, "speed", "(the table is printed)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the forward")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast the forward (with --adapt: the training steps, as adapt --precision)",
+    )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

@@ -562,8 +562,19 @@ def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
     if not sets or set(sets) - {"A", "B", "C"}:
         raise DataError(f"--trainable: expected a comma-separated subset of A,B,C, got {args.trainable!r}")
     caps = int_list(args.max_shots, "--max-shots", minimum=0)
+    if args.compile:
+        raise DataError("--compile times inference only; leave it out with --adapt")
     result = run_adapt_speed(
-        model_config(args, 1), shots, sets, caps, args.steps, args.device, args.threads, args.timeout, log.info
+        model_config(args, 1),
+        shots,
+        sets,
+        caps,
+        args.steps,
+        args.device,
+        args.threads,
+        args.timeout,
+        log.info,
+        precision=args.precision,
     )
     print(adapt_table(result))
     if args.json is not None:

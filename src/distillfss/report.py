@@ -9,7 +9,8 @@ command, commit, machine and date that made it.
 * ``ablations.json`` (``benchmark`` output): the paper's ablation rows beside the rows they change.
 * ``measured/*.json``: earlier benchmark runs of options that were measured and removed (``REMOVED``): the option's
   row against the row without it, paired, with the run's machine.
-* ``speed/*.json`` (``speed`` output): time per image and memory of the student, teacher and backbone.
+* ``speed/*.json`` (``speed`` output): time per image and memory of the student, teacher and backbone; with
+  ``--adapt``, seconds per training step.
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def removed() -> list[str]:
 
 
 def speed() -> list[str]:
+    from .adapt_speed import adapt_table
     from .speed import table as speed_table
 
     lines = ["## Speed", ""]
@@ -257,7 +259,7 @@ def speed() -> list[str]:
         made = d.get("provenance")
         where = _provenance(d) if made else f"{d['device']} (an earlier run; command and commit not recorded)"
         lines += [f"`{path.relative_to(DOCS)}`: {where}.", ""]
-        lines += [speed_table(d), ""]
+        lines += [adapt_table(d) if "support" in d else speed_table(d), ""]  # speed --adapt's files name their support
     return lines
 
 
