@@ -107,3 +107,28 @@ def test_shot_guidance_pairs_each_advice_with_what_the_next_image_did() -> None:
     assert "; likely to help:" not in line  # the K = 3 'likely' step has no K = 4 in its order
     assert "unclear" not in line
     assert report.shot_guidance([]) == []
+
+
+def test_bf16_rows_pair_with_the_headlines_fp32_runs_and_other_precisions_are_refused(tmp_path, monkeypatch) -> None:
+    import json
+
+    def rows(mious: list[float], precision: str) -> list[dict]:
+        return [
+            {"dataset": "d", "shots": 5, "draw": 0, "method": "distillfss_fast", "seed": seed, "miou": m}
+            | {"adapt": {"precision": precision}}
+            for seed, m in enumerate(mious)
+        ]
+
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    made = {"command": "distillfss benchmark --precision bf16", "commit": "abc", "date": "2026-12-05", "machine": "m"}
+    (results / "headline.json").write_text(json.dumps({"rows": rows([50, 52, 54], "fp32")}))
+    monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
+    assert report.precision() == []  # no bf16 run committed: no section
+    bf16 = results / "precision_bf16.json"
+    bf16.write_text(json.dumps({"provenance": made, "rows": rows([51, 53, 55], "bf16")}))
+    section = "\n".join(report.precision())
+    assert "| distillfss_fast | 53.0 | 52.0 | +1.0 [+1.0, +1.0] | 3 | better |" in section
+    bf16.write_text(json.dumps({"provenance": made, "rows": rows([51, 53, 55], "fp32")}))
+    with pytest.raises(SystemExit, match="precision bf16"):
+        report.precision()

@@ -103,6 +103,39 @@ def ablations() -> list[str]:
     ]
 
 
+def precision() -> list[str]:
+    """Adapting in bf16 (``precision_bf16.json``, a ``benchmark --precision bf16`` run on the headline's support
+    sets and seeds) against the headline's fp32 rows, paired; none without the file."""
+    path = DOCS / "results" / "precision_bf16.json"
+    if not path.exists():
+        return []
+    d = _load(path)
+    if any(r["adapt"]["precision"] != "bf16" for r in d["rows"]):
+        raise SystemExit(f"{path}: every row should have been adapted with precision bf16")
+    rows = _load(DOCS / "results" / "headline.json")["rows"] + [
+        {**r, "method": f"{r['method']}@bf16"} for r in d["rows"]
+    ]
+    lines = [
+        "## Adapting in bf16 on a CPU",
+        "",
+        f"Made by {_provenance(d)}: the headline's support sets and seeds, adapted with `--precision bf16` (the "
+        "decoder and heads autocast to bfloat16), each row paired with the headline's fp32 run. Seconds per training "
+        "step at each precision: `speed/adapt_cpu_*.json` under *Speed* (this CPU has AVX512-BF16; CPUs without fast "
+        "bf16 kernels run it slower).",
+        "",
+        "| row | bf16 mIoU | fp32 mIoU | bf16 - fp32 [95 % interval] | runs | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in d["rows"]):
+        xs, ys, groups = _paired(rows, f"{method}@bf16", method)
+        c = paired_comparison(xs, ys, groups)
+        lines.append(
+            f"| {method} | {sum(xs) / len(xs):.1f} | {sum(ys) / len(ys):.1f} | {c.mean:+.1f} [{c.low:+.1f}, "
+            f"{c.high:+.1f}] | {c.n} | {c.verdict} |"
+        )
+    return [*lines, ""]
+
+
 def _key(row: dict) -> tuple:
     return row["dataset"], row["shots"], row.get("draw", 0), row["method"], row["seed"]
 
@@ -516,6 +549,7 @@ def build() -> str:
         "",
         *headline(_load(DOCS / "results" / "headline.json")),
         *ablations(),
+        *precision(),
         *removed(),
         "",
         *loop(),
