@@ -422,6 +422,22 @@ def test_a_bad_image_size_or_device_is_a_one_line_error(tmp_path, multiclass_dat
     assert message in err and "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapt", "--ways", "3"], "--ways: inference timing only; leave it out with --adapt"),
+        (["--adapt", "--iters", "5", "--no-channels-last"], "--iters, --channels-last: inference timing only"),
+        (["--adapt", "--compile"], "--compile: inference timing only"),
+        (["--steps", "3"], "--steps: set what --adapt times; add --adapt or leave it out"),
+        (["--trainable", "B", "--max-shots", "0"], "--trainable, --max-shots: set what --adapt times"),
+    ],
+)
+def test_speed_refuses_the_other_modes_flags_instead_of_ignoring_them(tmp_path, capsys, argv, message) -> None:
+    out = tmp_path / "s.json"
+    assert main(["speed", *argv, "--json", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("flag, value", [("--iters", "0"), ("--warmup", "-1"), ("--threads", "0"), ("--timeout", "0")])
 def test_speed_refuses_counts_that_cannot_measure(capsys, flag, value) -> None:
     assert main(["speed", flag, value]) == 2  # --iters 0 died in its child process as "out of memory?"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backbones import BACKBONES
-from .config import BENCHMARK_METHODS, DEMO_ADAPT, PRESETS, AdaptConfig, MetaConfig
+from .config import BENCHMARK_METHODS, DEMO_ADAPT, PRESETS, SPEED_ADAPT, SPEED_INFERENCE, AdaptConfig, MetaConfig
 from .errors import UserError
 
 log = logging.getLogger("distillfss")
@@ -266,20 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
 
     p = sub.add_parser("speed", help="time per query and peak memory: teacher vs student vs backbone")
-    p.add_argument("--ways", default="1,3,5", help="comma-separated numbers of classes")
+    p.add_argument("--ways", help=f"comma-separated numbers of classes (default {SPEED_INFERENCE['ways']})")
     p.add_argument("--shots", default="1,5,10,25,50", help="comma-separated numbers of support images")
     _device_flag(p)
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations (median, min, max reported)")
+    p.add_argument("--warmup", type=int, help=f"untimed iterations before timing (default {SPEED_INFERENCE['warmup']})")
+    p.add_argument(
+        "--iters", type=int, help=f"timed iterations (median, min, max reported; default {SPEED_INFERENCE['iters']})"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument(
         "--models",
-        default="backbone,student,teacher",
         help="subset of backbone,student,student_fast,onnx,onnx-int8,onnx-fast,onnx-fast-int8,teacher (student_fast: "
         "the fast student; onnx: the exported student on onnxruntime, CPU; onnx-fast: the fast student's; "
-        "...-int8: the same quantized to int8)",
+        f"...-int8: the same quantized to int8; default {SPEED_INFERENCE['models']})",
     )
-    p.add_argument("--chunk", type=int, default=0, help="teacher: voting over chunks of this many shots (paper: 10)")
+    p.add_argument(
+        "--chunk", type=int, help="teacher: voting over chunks of this many shots (paper: 10; default 0: all)"
+    )
     g = p.add_argument_group("adaptation cost (--adapt)")
     g.add_argument(
         "--adapt",
@@ -287,12 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="time adaptation instead of inference: support encoding, seconds per step and peak memory at each "
         "--shots K (on the bundled nuclei images and their symmetries, up to 64)",
     )
-    g.add_argument("--trainable", default="A,B", help="--adapt: comma-separated trainable sets (default %(default)s)")
-    g.add_argument("--steps", type=int, default=4, help="--adapt: optimizer steps timed per configuration")
+    g.add_argument("--trainable", help=f"comma-separated trainable sets (default {SPEED_ADAPT['trainable']})")
+    g.add_argument(
+        "--steps", type=int, help=f"optimizer steps timed per configuration (default {SPEED_ADAPT['steps']})"
+    )
     g.add_argument(
         "--max-shots",
-        default=str(AdaptConfig.max_shots),
-        help="--adapt: comma-separated caps on the shots per episode (0: all others; default %(default)s)",
+        help=f"comma-separated caps on the shots per episode (0: all others; default {SPEED_ADAPT['max_shots']})",
     )
     _json_flags(p, "speed", "(the table is printed)")
     p.add_argument(
@@ -304,10 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="channels_last memory layout, as predict runs (default); --no-channels-last: contiguous",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (opt-in)")
     p.add_argument(
         "--timeout",
         type=float,

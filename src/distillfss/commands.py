@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapt import adapt as run_adapt
 from .backbones import build_backbone
-from .config import AdaptConfig, ModelConfig, read_adapt_config, warm_config
+from .config import SPEED_ADAPT, SPEED_INFERENCE, AdaptConfig, ModelConfig, read_adapt_config, warm_config
 from .config import model_config as preset_config
 from .data import DataError, Split, class_sets, load_image, load_split, load_support_tensors, load_unlabeled
 from .data.folder import image_files
@@ -512,20 +512,35 @@ SUGGEST_BATCH = 32  # images read at a time by suggest
 def speed(args: argparse.Namespace) -> int:
     from .speed import ONNX_MODELS, run_speed, table
 
+    # each mode's own flags: given in the other mode, they are refused rather than ignored
+    own, other = (SPEED_ADAPT, SPEED_INFERENCE) if args.adapt else (SPEED_INFERENCE, SPEED_ADAPT)
+    stray = [f"--{k.replace('_', '-')}" for k in other if getattr(args, k) is not None]
+    if stray:
+        them = "it" if len(stray) == 1 else "them"
+        why = (
+            f"inference timing only; leave {them} out with --adapt"
+            if args.adapt
+            else f"set what --adapt times; add --adapt or leave {them} out"
+        )
+        raise DataError(f"{', '.join(stray)}: {why}")
+    opt = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in own.items()}
     if args.json is not None:
         check_output_file(args.json, args.overwrite, [args.backbone_weights], command=command(args))
-
-    ways, shots = int_list(args.ways, "--ways"), int_list(args.shots, "--shots")
-    for flag, value, low in (("--warmup", args.warmup, 0), ("--iters", args.iters, 1), ("--steps", args.steps, 1)):
-        at_least(flag, value, low)
+    shots = int_list(args.shots, "--shots")
     if args.threads is not None:
         at_least("--threads", args.threads, 1)
-    at_least("--chunk", args.chunk, 0)
     if not args.timeout > 0:
         raise DataError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     if args.adapt:
-        return _speed_adapt(args, shots)
-    models = tuple(m.strip() for m in args.models.split(","))
+        return _speed_adapt(args, shots, opt)
+    ways = int_list(opt["ways"], "--ways")
+    for flag, value, low in (
+        ("--warmup", opt["warmup"], 0),
+        ("--iters", opt["iters"], 1),
+        ("--chunk", opt["chunk"], 0),
+    ):
+        at_least(flag, value, low)
+    models = tuple(m.strip() for m in opt["models"].split(","))
     known = ("backbone", "student", "student_fast", *ONNX_MODELS, "teacher")
     bad = set(models) - set(known)
     if bad:
@@ -538,15 +553,15 @@ def speed(args: argparse.Namespace) -> int:
         ways,
         shots,
         args.device,
-        args.warmup,
-        args.iters,
+        opt["warmup"],
+        opt["iters"],
         args.threads,
         models,
         progress=log.info,
         precision=args.precision,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        chunk=args.chunk,
+        channels_last=opt["channels_last"],
+        compile=opt["compile"],
+        chunk=opt["chunk"],
         timeout_s=args.timeout,
     )
     print(table(result))
@@ -555,21 +570,20 @@ def speed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_adapt(args: argparse.Namespace, shots: list[int]) -> int:
+def _speed_adapt(args: argparse.Namespace, shots: list[int], opt: dict) -> int:
     from .adapt_speed import adapt_table, run_adapt_speed
 
-    sets = [t.strip() for t in args.trainable.split(",") if t.strip()]
+    sets = [t.strip() for t in opt["trainable"].split(",") if t.strip()]
     if not sets or set(sets) - {"A", "B", "C"}:
-        raise DataError(f"--trainable: expected a comma-separated subset of A,B,C, got {args.trainable!r}")
-    caps = int_list(args.max_shots, "--max-shots", minimum=0)
-    if args.compile:
-        raise DataError("--compile times inference only; leave it out with --adapt")
+        raise DataError(f"--trainable: expected a comma-separated subset of A,B,C, got {opt['trainable']!r}")
+    caps = int_list(opt["max_shots"], "--max-shots", minimum=0)
+    at_least("--steps", opt["steps"], 1)
     result = run_adapt_speed(
         model_config(args, 1),
         shots,
         sets,
         caps,
-        args.steps,
+        opt["steps"],
         args.device,
         args.threads,
         args.timeout,

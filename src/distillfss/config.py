@@ -261,3 +261,16 @@ class SupportInfo:
 # The demo's schedule, shorter than adapt's defaults (60 teacher, 200 fast-student steps) so that every bundled set
 # x 3 seeds takes minutes on 2 CPU cores (the README gives the measured time).
 DEMO_ADAPT = AdaptConfig(iterations=20, fast_iterations=100)
+
+# `distillfss speed`'s defaults for the flags of one mode (inference, or --adapt's training steps); a flag of the other
+# mode is refused, not ignored.
+SPEED_INFERENCE: dict[str, Any] = {
+    "ways": "1,3,5",
+    "warmup": 2,
+    "iters": 10,
+    "models": "backbone,student,teacher",
+    "chunk": 0,
+    "channels_last": True,
+    "compile": False,
+}
+SPEED_ADAPT: dict[str, Any] = {"trainable": "A,B", "steps": 4, "max_shots": str(AdaptConfig.max_shots)}
