@@ -135,8 +135,8 @@ def adapt_table(result: dict) -> str:
     m = result["model"]
     lines = [
         f"Adaptation cost (joint TransferFSS + DistillFSS) on {result['device']}, {result['threads']} threads, "
-        f"{m['image_size']} px, backbone {m['backbone']}, precision {result.get('precision', 'fp32')}: support encoding once, then seconds per optimizer step "
-        "(median after the first), peak resident memory of the process.",
+        f"{m['image_size']} px, backbone {m['backbone']}, precision {result.get('precision', 'fp32')}: support "
+        "encoding once, then seconds per optimizer step (median after the first), peak resident memory of the process.",
         "",
         "| trainable | shots per episode | K | encode s | first step s | step s (median) | peak MB |",
         "|---|---|---|---|---|---|---|",
