@@ -87,8 +87,8 @@ def _adapt_flags(
         "--precision",
         default=None,
         choices=["bf16", "fp32"],
-        help="bf16: autocast the decoder and heads (faster on CPUs with fast bf16 kernels, slower on others; "
-        f"default {AdaptConfig.precision})",
+        help="bf16: autocast the decoder and heads (faster on CPUs with fast bf16 kernels, can be slower on "
+        f"others; default {AdaptConfig.precision})",
     )
     g.add_argument(
         "--config",
@@ -141,7 +141,7 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="bf16: autocast (faster on CPUs with fast bf16 kernels, slower on others; default fp32)",
+        help="bf16: autocast (faster on CPUs with fast bf16 kernels, can be slower on others; default fp32)",
     )
     _vote_flag(p)
 

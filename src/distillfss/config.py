@@ -121,8 +121,8 @@ class AdaptConfig(Serializable):
     focal_gamma: float = 2.0
     class_weights: Literal["none", "balanced"] = "balanced"  # balanced: frequency^-0.5 (the original: none)
     view_batch: int = 8  # views per student step
-    # bf16 autocasts the decoder/heads: faster on CPUs with fast bf16 kernels, slower on others; fp32 is the same
-    # everywhere: the default.
+    # bf16 autocasts the decoder/heads: faster on CPUs with fast bf16 kernels, can be slower on others; fp32 is the
+    # same everywhere: the default.
     precision: Literal["bf16", "fp32"] = "fp32"
     seed: int = 0
 

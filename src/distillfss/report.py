@@ -121,7 +121,7 @@ def precision() -> list[str]:
         f"Made by {_provenance(d)}: the headline's support sets and seeds, adapted with `--precision bf16` (the "
         "decoder and heads autocast to bfloat16), each row paired with the headline's fp32 run. Seconds per training "
         "step at each precision: `speed/adapt_cpu_*.json` under *Speed* (this CPU has AVX512-BF16; CPUs without fast "
-        "bf16 kernels run it slower).",
+        "bf16 kernels were not measured here and can be slower).",
         "",
         "| row | bf16 mIoU | fp32 mIoU | bf16 - fp32 [95 % interval] | runs | verdict |",
         "|---|---|---|---|---|---|",
