@@ -132,3 +132,7 @@ def test_bf16_rows_pair_with_the_headlines_fp32_runs_and_other_precisions_are_re
     bf16.write_text(json.dumps({"provenance": made, "rows": rows([51, 53, 55], "fp32")}))
     with pytest.raises(SystemExit, match="precision bf16"):
         report.precision()
+    unpaired = [{**r, "dataset": "other"} for r in rows([51], "bf16")]
+    bf16.write_text(json.dumps({"provenance": made, "rows": unpaired}))
+    with pytest.raises(SystemExit, match="no distillfss_fast run shares a support set"):
+        report.precision()

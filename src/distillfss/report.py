@@ -128,6 +128,8 @@ def precision() -> list[str]:
     ]
     for method in dict.fromkeys(r["method"] for r in d["rows"]):
         xs, ys, groups = _paired(rows, f"{method}@bf16", method)
+        if not xs:
+            raise SystemExit(f"{path}: no {method} run shares a support set and seed with headline.json's")
         c = paired_comparison(xs, ys, groups)
         lines.append(
             f"| {method} | {sum(xs) / len(xs):.1f} | {sum(ys) / len(ys):.1f} | {c.mean:+.1f} [{c.low:+.1f}, "
