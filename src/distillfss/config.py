@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -245,17 +245,6 @@ class MetaConfig(Serializable):
                 raise UserError(
                     f"{name}: expected a {'positive' if name == 'lr' else 'non-negative'} number, got {value}"
                 )
-
-
-@dataclass(frozen=True)
-class SupportInfo:
-    """Which images formed the support set (recorded beside every model)."""
-
-    dataset: str
-    stems: tuple[str, ...]
-    classes: tuple[str, ...]
-    shots: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # The demo's schedule, shorter than adapt's defaults (60 teacher, 200 fast-student steps) so that every bundled set

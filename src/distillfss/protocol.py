@@ -73,11 +73,6 @@ ALL_METHODS = (*UNTRAINED[:1], *ROWS, *UNTRAINED[1:], *BASELINES)
 RANDOM_START = ("teacher_random", "transferfss_random", "distillfss_random")
 
 
-def takes_unlabeled(method: str) -> bool:
-    """Whether a benchmark row learns from the train split's images outside the support set as unlabeled images."""
-    return method in ROWS and ROWS[method].unlabeled
-
-
 def row_config(base: AdaptConfig, method: str) -> AdaptConfig:
     """The ``AdaptConfig`` a model row runs: ``base`` with the row's changes."""
     return dataclasses.replace(base, **dict(ROWS[method].changes))

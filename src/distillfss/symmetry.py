@@ -18,14 +18,3 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     if k & 2:
         x = x.flip(-2)
     return x
-
-
-def undo_dihedral(x: Tensor, k: int) -> Tensor:
-    """The inverse of ``dihedral(x, k)``."""
-    if k & 2:
-        x = x.flip(-2)
-    if k & 1:
-        x = x.flip(-1)
-    if k & 4:
-        x = x.transpose(-1, -2)
-    return x

@@ -17,8 +17,6 @@ from torch import Tensor
 
 from ..losses import IGNORE
 
-SPLITS = ("train", "val")
-
 
 class EpisodeSource(Protocol):
     name: str

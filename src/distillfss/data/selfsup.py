@@ -142,10 +142,6 @@ class SelfSupSource:
             return torch.zeros(self.size, self.size, dtype=torch.long)
         return (self._labels[split][item] == sid).long()
 
-    def class_name(self, split: str, cls: int) -> str:
-        name, sid = self._classes[split][cls]
-        return f"{name}#{sid}"
-
     def describe(self) -> dict:
         per_split = {s: sorted({self._classes[s][c][0] for c in self._items[s]}) for s in ("train", "val")}
         return {

@@ -250,10 +250,6 @@ class SyntheticSource:
     def mask(self, split: str, item: int, cls: int) -> Tensor:
         return (self._labels[split][item] == cls).long()
 
-    def class_name(self, split: str, cls: int) -> str:
-        m = self._materials[split][cls]
-        return f"{m.kind}:{m.photo}#{cls}" if m.photo else f"{m.kind}#{cls}"
-
     def describe(self) -> dict:
         kinds = {s: sorted({self._materials[s][c].kind for c in self._items[s]}) for s in ("train", "val")}
         return {
