@@ -135,7 +135,7 @@ def test_saved_student_predicts_like_the_trained_one(tmp_path, binary_dataset) -
 
 def test_transfer_saves_a_teacher_with_its_support(tmp_path, binary_dataset) -> None:
     out = tmp_path / "t"
-    args = ["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", "--student", "none"]
+    args = ["adapt", "--support", str(binary_dataset), "--out", str(out), "--shots", "2", "--method", "transfer"]
     assert main([*args, *FAST]) == 0
     assert json.loads((out / "config.json").read_text())["kind"] == "teacher"
     pred = tmp_path / "p"
@@ -264,7 +264,7 @@ def test_plain_folder_support_uses_every_image(tmp_path, binary_dataset) -> None
 def test_adapt_can_start_from_a_saved_teacher(tmp_path, binary_dataset, multiclass_dataset) -> None:
     teacher = tmp_path / "teacher"
     base = ["adapt", "--shots", "2", *FAST]
-    assert main([*base, "--support", str(binary_dataset), "--out", str(teacher), "--student", "none"]) == 0
+    assert main([*base, "--support", str(binary_dataset), "--out", str(teacher), "--method", "transfer"]) == 0
     out = tmp_path / "from_teacher"
     # a binary teacher starts a 3-class adaptation: its attention and decoder do not depend on the classes
     assert main([*base, "--support", str(multiclass_dataset), "--out", str(out), "--teacher", str(teacher)]) == 0
@@ -363,6 +363,20 @@ def test_flags_win_over_the_config_file_and_the_model_records_the_result(tmp_pat
     assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), "--config", str(config), *small]) == 0
     recorded = json.loads((out / "config.json").read_text())["adapt"]
     assert recorded["iterations"] == 1 and recorded["trainable"] == "B" and recorded["fast_iterations"] == 2
+
+
+def test_the_product_contracts_adapt_flags_and_the_paper_student_through_the_config_file(tmp_path, binary_dataset):
+    # design/product.md: adapt --support DIR --out MODEL [--shots K] [--method distill|transfer] [--teacher CKPT]
+    # [--backbone NAME] [--iterations N] [--seed S] [--device D]
+    config = tmp_path / "paper.yaml"
+    config.write_text("student: paper\n")
+    out = tmp_path / "m"
+    flags = ["--shots", "2", "--method", "distill", "--teacher", "random", "--backbone", "efficientnet_lite0"]
+    flags += ["--iterations", "1", "--seed", "3", "--device", "cpu", "--image-size", "64", "--config", str(config)]
+    assert main(["adapt", "--support", str(binary_dataset), "--out", str(out), *flags]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["kind"] == "student" and saved["student"] == "paper"
+    assert saved["adapt"]["method"] == "distill" and saved["adapt"]["seed"] == 3 and saved["teacher_init"] == "random"
 
 
 def test_adapt_offers_at_most_twenty_options_and_the_rest_live_in_the_config_file() -> None:

@@ -55,20 +55,21 @@ def _backbone_name(text: str) -> str:
 
 
 def _adapt_flags(
-    p: argparse.ArgumentParser, student: bool = True, base: AdaptConfig | None = None
+    p: argparse.ArgumentParser, method: bool = True, base: AdaptConfig | None = None
 ) -> argparse._ArgumentGroup:
     """The adaptation flags adapt, demo and benchmark share; every other AdaptConfig field through --config.
-    student: whether --student is a flag (demo and benchmark rows name their student); base: the command's defaults
+    method: whether --method is a flag (demo and benchmark rows name their method); base: the command's defaults
     (the demo's schedule is shorter)."""
     g = p.add_argument_group("adaptation")
-    if student:
+    if method:
         g.add_argument(
-            "--student",
+            "--method",
             default=None,
-            choices=["fast", "paper", "none"],
-            help="fast (default): one slim pass for all classes at about the backbone's cost, distilled from the "
-            "adapted teacher on views of the support and --unlabeled images; paper: the paper's ConvDist student; "
-            "none: save the adapted teacher (TransferFSS; it needs the support images at inference, stored with it)",
+            choices=["distill", "transfer"],
+            help="distill (default): TransferFSS, then DistillFSS: the student is the model (the fast one: one slim "
+            "pass for all classes at about the backbone's cost; `student: paper` in --config for the paper's "
+            "ConvDist student); transfer: the adapted teacher is the model (TransferFSS; it needs the support "
+            "images at inference, stored with it)",
         )
     g.add_argument(
         "--iterations",
@@ -95,7 +96,7 @@ def _adapt_flags(
         type=Path,
         default=None,
         metavar="FILE",
-        help="a JSON or YAML file of AdaptConfig fields (the paper's knobs: trainable, mode, distill_weight, "
+        help="a JSON or YAML file of AdaptConfig fields (the paper's knobs: student, trainable, mode, distill_weight, "
         "fast_iterations, max_shots, lr, ...; see the README); flags given on the command line win",
     )
     return g
@@ -409,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-unlabeled", type=int, default=64, help="*_unlabeled rows: at most this many images")
     p.add_argument("--scale", default="auto", metavar="auto|fit|S", help="pixel scale, as adapt --scale")
     _model_flags(p)
-    _adapt_flags(p, student=False)
+    _adapt_flags(p, method=False)
 
     p = sub.add_parser(
         "meta-train",
@@ -486,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also adapt from a randomly initialised teacher (rows *_random)",
     )
     _seeds_flag(p, "0,1,2")
-    _adapt_flags(p, student=False, base=DEMO_ADAPT)
+    _adapt_flags(p, method=False, base=DEMO_ADAPT)
     return parser
 
 

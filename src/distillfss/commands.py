@@ -83,8 +83,6 @@ def adapt_config(args: argparse.Namespace, base: AdaptConfig | None = None) -> A
         fields.update(read_adapt_config(args.config))
     names = {f.name for f in dataclasses.fields(AdaptConfig)}
     fields.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    if fields.get("student") == "none":  # --student none: no student, the adapted teacher is the model
-        fields.update(student=AdaptConfig.student, method="transfer")
     try:
         return AdaptConfig(**fields)
     except UserError as e:

@@ -384,7 +384,7 @@ def table(result: dict) -> str:
         "|---|" + "---|" * len(combos),
     ]
     kinds = [
-        ("student", False, "paper student (`--student paper`)"),
+        ("student", False, "paper student (`student: paper`)"),
         ("student_fast", False, "fast student (the default)"),
         ("onnx", False, "student, onnxruntime"),
         ("onnx-int8", False, "student, onnxruntime int8"),
