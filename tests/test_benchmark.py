@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from distillfss.benchmark import resolve_dataset, table
 from distillfss.cli import main
 from distillfss.data import DataError
 from distillfss.demo import demo_root
+from distillfss.outputs import machine
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--probe-size", "64", "--iterations", "1"]
 FAST += ["--config", str(SMALL_CONFIG)]
@@ -41,6 +43,26 @@ def test_benchmark_runs_resumes_and_tabulates(tmp_path) -> None:
 
     # Another configuration in the same folder is refused.
     assert main([*args, "--seed", "1"]) == 2
+
+
+def test_results_record_the_command_line_commit_machine_and_each_resume(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    import distillfss
+
+    data = write_dataset(tmp_path / "toy", n_train=3, n_test=1)
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", str(data), "--shots", "1", "--methods", "prototype", "--out", str(out), *FAST]
+    monkeypatch.chdir(tmp_path)  # the commit is the package's checkout's, not the working directory's
+    assert main(args) == 0
+    made = json.loads((out / "results.json").read_text())["provenance"]
+    here = Path(distillfss.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    assert made["command"] == shlex.join(["distillfss", *args]) and made["commit"] == head.stdout.strip()
+    assert made["machine"] == machine("cpu") and made["date"] and "resumed" not in made
+    assert main(args) == 0  # nothing left to run: a resume all the same
+    again = json.loads((out / "results.json").read_text())["provenance"]
+    assert {k: v for k, v in again.items() if k != "resumed"} == made and len(again["resumed"]) == 1
 
 
 def test_benchmark_names_unimplemented_paper_datasets(tmp_path, capsys) -> None:

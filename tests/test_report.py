@@ -109,30 +109,53 @@ def test_shot_guidance_pairs_each_advice_with_what_the_next_image_did() -> None:
     assert report.shot_guidance([]) == []
 
 
+def _variant_rows(mious: list[float], precision: str = "fp32", seconds: float = 10.0) -> list[dict]:
+    return [
+        {"dataset": "lung_ct", "shots": 5, "draw": 0, "method": "distillfss_fast", "seed": seed, "miou": m}
+        | {"adapt": {"precision": precision}, "adapt_seconds": seconds + seed}
+        for seed, m in enumerate(mious)
+    ]
+
+
 def test_bf16_rows_pair_with_the_headlines_fp32_runs_and_other_precisions_are_refused(tmp_path, monkeypatch) -> None:
     import json
-
-    def rows(mious: list[float], precision: str) -> list[dict]:
-        return [
-            {"dataset": "d", "shots": 5, "draw": 0, "method": "distillfss_fast", "seed": seed, "miou": m}
-            | {"adapt": {"precision": precision}}
-            for seed, m in enumerate(mious)
-        ]
 
     results = tmp_path / "docs" / "results"
     results.mkdir(parents=True)
     made = {"command": "distillfss benchmark --precision bf16", "commit": "abc", "date": "2026-12-05", "machine": "m"}
-    (results / "headline.json").write_text(json.dumps({"rows": rows([50, 52, 54], "fp32")}))
+    (results / "headline.json").write_text(json.dumps({"rows": _variant_rows([50, 52, 54], "fp32", 20)}))
     monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
     assert report.precision() == []  # no bf16 run committed: no section
     bf16 = results / "precision_bf16.json"
-    bf16.write_text(json.dumps({"provenance": made, "rows": rows([51, 53, 55], "bf16")}))
+    bf16.write_text(json.dumps({"provenance": made, "rows": _variant_rows([51, 53, 55], "bf16")}))
     section = "\n".join(report.precision())
-    assert "| distillfss_fast | 53.0 | 52.0 | +1.0 [+1.0, +1.0] | 3 | better |" in section
-    bf16.write_text(json.dumps({"provenance": made, "rows": rows([51, 53, 55], "fp32")}))
-    with pytest.raises(SystemExit, match="precision bf16"):
+    assert "| distillfss_fast | 53.0 | 52.0 | +1.0 [+1.0, +1.0] | 3 | better | 11 | 21 |" in section
+    bf16.write_text(json.dumps({"provenance": made, "rows": _variant_rows([51, 53, 55], "fp32")}))
+    with pytest.raises(SystemExit, match="not the bf16 run"):
         report.precision()
-    unpaired = [{**r, "dataset": "other"} for r in rows([51], "bf16")]
+    unpaired = [{**r, "dataset": "other"} for r in _variant_rows([51], "bf16")]
     bf16.write_text(json.dumps({"provenance": made, "rows": unpaired}))
     with pytest.raises(SystemExit, match="no distillfss_fast run shares a support set"):
         report.precision()
+
+
+def test_lung_ct_enlarged_pairs_with_the_same_draws_at_the_default_scale(tmp_path, monkeypatch) -> None:
+    import json
+
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
+    made = {"command": "distillfss benchmark --scale 2", "commit": "abc", "date": "2026-12-05", "machine": "m"}
+    enlarged = results / "lung_scale_2.json"
+    enlarged.write_text(
+        json.dumps({"provenance": made, "config": {"scale": "2"}, "rows": _variant_rows([9, 12, 15], seconds=300)})
+    )
+    assert report.lung_scale() == []  # no reference run: no section
+    reference = {"provenance": {**made, "command": "distillfss benchmark --scale auto"}, "config": {"scale": "auto"}}
+    (results / "lung_scale_auto.json").write_text(json.dumps({**reference, "rows": _variant_rows([0, 0, 0])}))
+    section = "\n".join(report.lung_scale())
+    assert "| distillfss_fast | 12.0 | 0.0 | +12.0 [+9.0, +15.0] | 3 | better | 301 | 11 |" in section
+    assert "`distillfss benchmark --scale auto` at commit abc" in section  # both runs' commands are named
+    enlarged.write_text(json.dumps({"provenance": made, "config": {"scale": "auto"}, "rows": _variant_rows([1])}))
+    with pytest.raises(SystemExit, match="not the scale 2 run"):
+        report.lung_scale()

@@ -19,7 +19,7 @@ from .config import BENCHMARK_METHODS
 from .data import DataError, load_split
 from .demo import demo_datasets, demo_root
 from .model_io import ModelError, resolve_teacher
-from .outputs import MANIFEST, GrowingFolder, machine, refuse_unsafe_output, timestamp, written_files
+from .outputs import MANIFEST, GrowingFolder, machine, provenance, refuse_unsafe_output, timestamp, written_files
 from .protocol import ALL_METHODS, BackboneCache, Cell, RunConfig, run_seeds
 from .stats import mean_std, paired_comparison
 from .tiling import choose_scale
@@ -88,12 +88,16 @@ class BenchmarkConfig(RunConfig):
 COMMAND = "distillfss benchmark"
 
 
-def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), command: str = COMMAND) -> dict:
+def run_benchmark(
+    cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), command: str = COMMAND, invocation: str | None = None
+) -> dict:
     """Run (or resume) the benchmark -> its results (also in ``cfg.out``: results.json, table.md, plots).
 
     ``cfg.out``: a new or empty folder, or one an earlier benchmark (``command``) wrote: resumed when it holds the
     same configuration, started again (its files removed, nothing else) with ``cfg.overwrite``. ``inputs``: paths
-    the run reads besides the datasets (a config file, a teacher folder), which the output may not touch."""
+    the run reads besides the datasets (a config file, a teacher folder), which the output may not touch.
+    ``invocation``: the full command line, recorded in the results' ``provenance`` (with the commit, machine and
+    date; a resume is added to its ``resumed`` list); default ``command``."""
     datasets = [resolve_dataset(s, cfg.data_root) for s in cfg.data]
     names = [name for name, _ in datasets]
     clash = sorted({n for n in names if names.count(n) > 1})
@@ -135,7 +139,8 @@ def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), comm
     roots = [root for _, root in datasets]
     refuse_unsafe_output(out, [*roots, *inputs])
     results_path = out / "results.json"
-    results = {"created": timestamp(), "config": config, "rows": []}
+    made = provenance(invocation or command, cfg.device)
+    results = {"created": timestamp(), "provenance": made, "config": config, "rows": []}
     if not cfg.overwrite and (out / MANIFEST).is_file() and "results.json" in written_files(out):
         previous = json.loads(results_path.read_text())
         if previous.get("config") != config:
@@ -143,6 +148,8 @@ def run_benchmark(cfg: BenchmarkConfig, inputs: Sequence[Path | None] = (), comm
     folder, resumed = GrowingFolder.claim(out, cfg.overwrite, [*roots, *inputs], command=command)
     if resumed and "results.json" in folder.files():
         results = json.loads(results_path.read_text())
+        if "provenance" in results:  # (files written before it was recorded have none)
+            results["provenance"].setdefault("resumed", []).append(made)
         log.info("resuming: %d rows already in %s", len(results["rows"]), results_path)
     done = {(r["dataset"], r["shots"], r.get("draw", 0)) for r in results["rows"]}
     here = machine(cfg.device)

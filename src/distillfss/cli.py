@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -509,6 +510,7 @@ def _engine_flag(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.invocation = shlex.join(["distillfss", *(sys.argv[1:] if argv is None else argv)])  # for result files
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # -v: our debug lines, not every library's (Pillow logs each PNG chunk it reads)
     logging.getLogger("distillfss").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)

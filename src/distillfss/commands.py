@@ -720,7 +720,7 @@ def benchmark(args: argparse.Namespace) -> int:
         scale=args.scale,
     )
     inputs = [args.config, teacher_input(args.teacher), args.backbone_weights]
-    print(table(run_benchmark(cfg, inputs=inputs, command=command(args))))
+    print(table(run_benchmark(cfg, inputs=inputs, command=command(args), invocation=args.invocation)))
     return 0
 
 

@@ -356,12 +356,18 @@ def machine(device: torch.device | str = "cpu") -> str:
 
 
 def provenance(command: str, device: torch.device | str = "cpu", commit: str = "HEAD") -> dict[str, str]:
-    """What a result file records about how it was made: the command, the commit it ran at (short hash; empty
-    outside a git checkout or for an unknown commit), the machine and the date."""
+    """What a result file records about how it was made: the command, the commit of this package's checkout it ran
+    at (short hash; empty without git, when the package is not in a git checkout, or for an unknown commit), the
+    machine and the date."""
     import subprocess
 
-    found = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True)
-    return {"command": command, "commit": found.stdout.strip(), "machine": machine(device), "date": timestamp()}
+    here = Path(__file__).parent  # the package's checkout, whatever the working directory
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", commit], cwd=here, capture_output=True, text=True)
+        sha = found.stdout.strip()
+    except OSError:  # no git on this machine
+        sha = ""
+    return {"command": command, "commit": sha, "machine": machine(device), "date": timestamp()}
 
 
 def timestamp() -> str:

@@ -7,6 +7,8 @@ command, commit, machine and date that made it.
   over seeds, and the paired differences of the default student against the others (mean over every dataset of the
   run, weak ones included).
 * ``ablations.json`` (``benchmark`` output): the paper's ablation rows beside the rows they change.
+* ``precision_bf16.json``, ``lung_scale_2.json`` (``benchmark`` outputs): one change (bf16; lung CT enlarged) against
+  a run without it (``headline.json``; ``lung_scale_auto.json``), paired by support set and seed.
 * ``measured/*.json``: earlier benchmark runs of options that were measured and removed (``REMOVED``): the option's
   row against the row without it, paired, with the run's machine.
 * ``speed/*.json`` (``speed`` output): time per image and memory of the student, teacher and backbone; with
@@ -106,36 +108,87 @@ def ablations() -> list[str]:
 def precision() -> list[str]:
     """Adapting in bf16 (``precision_bf16.json``, a ``benchmark --precision bf16`` run on the headline's support
     sets and seeds) against the headline's fp32 rows, paired; none without the file."""
-    path = DOCS / "results" / "precision_bf16.json"
+    return variant(
+        "Adapting in bf16 on a CPU",
+        "precision_bf16.json",
+        "headline.json",
+        "bf16",
+        "fp32",
+        lambda d: all(r["adapt"]["precision"] == "bf16" for r in d["rows"]),
+        "the headline's support sets and seeds, adapted with `--precision bf16` (the decoder and heads autocast to "
+        "bfloat16), each row paired with the headline's fp32 run. Seconds per training step at each precision: "
+        "`speed/adapt_cpu_*.json` under *Speed* (this CPU has AVX512-BF16; CPUs without fast bf16 kernels were not "
+        "measured here and can be slower).",
+    )
+
+
+def lung_scale() -> list[str]:
+    """Lung CT enlarged (``lung_scale_2.json``, ``benchmark --scale 2``) against the default scale
+    (``lung_scale_auto.json``, the same support draws and seeds), paired; none without the files."""
+    if not all((DOCS / "results" / f).exists() for f in ("lung_scale_2.json", "lung_scale_auto.json")):
+        return []
+    return variant(
+        "Small structures: lung CT enlarged",
+        "lung_scale_2.json",
+        "lung_scale_auto.json",
+        "scale 2",
+        "auto",
+        lambda d: d["config"]["scale"] == "2" and {r["dataset"] for r in d["rows"]} == {"lung_ct"},
+        "three support draws of lung CT (nodules of 0.06-2 % of a 512 px slice) x 3 seeds at `--scale 2` (the "
+        "slices enlarged to 1024 px, segmented in 256 px windows), each run paired with the same draw and seed at "
+        "the default scale (`auto`: 0.5, a slice resized to one 256 px window), made by "
+        + _provenance(_load(DOCS / "results" / "lung_scale_auto.json"))
+        + ". Seconds to adapt: mean over the runs (a seed that reuses an earlier seed's teacher stage counts that "
+        "stage's seconds).",
+    )
+
+
+def variant(
+    title: str,
+    name: str,
+    reference: str,
+    tag: str,
+    ref_tag: str,
+    check,  # noqa: ANN001 - (results dict) -> bool: the file is the variant it claims to be
+    blurb: str,
+) -> list[str]:
+    """A ``benchmark`` run of one change (``name`` under docs/results) against a run without it (``reference``),
+    row by row, paired by dataset, K, draw and seed; none without the files."""
+    path, ref_path = DOCS / "results" / name, DOCS / "results" / reference
     if not path.exists():
         return []
     d = _load(path)
-    if any(r["adapt"]["precision"] != "bf16" for r in d["rows"]):
-        raise SystemExit(f"{path}: every row should have been adapted with precision bf16")
-    rows = _load(DOCS / "results" / "headline.json")["rows"] + [
-        {**r, "method": f"{r['method']}@bf16"} for r in d["rows"]
-    ]
+    if not check(d):
+        raise SystemExit(f"{path}: not the {tag} run it should be (its configuration or rows say otherwise)")
+    ref = _load(ref_path)["rows"]
+    rows = ref + [{**r, "method": f"{r['method']}@{tag}"} for r in d["rows"]]
     lines = [
-        "## Adapting in bf16 on a CPU",
+        f"## {title}",
         "",
-        f"Made by {_provenance(d)}: the headline's support sets and seeds, adapted with `--precision bf16` (the "
-        "decoder and heads autocast to bfloat16), each row paired with the headline's fp32 run. Seconds per training "
-        "step at each precision: `speed/adapt_cpu_*.json` under *Speed* (this CPU has AVX512-BF16; CPUs without fast "
-        "bf16 kernels were not measured here and can be slower).",
+        f"Made by {_provenance(d)}: {blurb}",
         "",
-        "| row | bf16 mIoU | fp32 mIoU | bf16 - fp32 [95 % interval] | runs | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| row | {tag} mIoU | {ref_tag} mIoU | {tag} - {ref_tag} [95 % interval] | runs | verdict | {tag}: adapt s "
+        f"| {ref_tag}: adapt s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in d["rows"]):
-        xs, ys, groups = _paired(rows, f"{method}@bf16", method)
+        xs, ys, groups = _paired(rows, f"{method}@{tag}", method)
         if not xs:
-            raise SystemExit(f"{path}: no {method} run shares a support set and seed with headline.json's")
+            raise SystemExit(f"{path}: no {method} run shares a support set and seed with {ref_path.name}'s")
         c = paired_comparison(xs, ys, groups)
+        secs = [sum(r["adapt_seconds"] for r in rs) / len(rs) for rs in _matching(d["rows"], ref, method)]
         lines.append(
             f"| {method} | {sum(xs) / len(xs):.1f} | {sum(ys) / len(ys):.1f} | {c.mean:+.1f} [{c.low:+.1f}, "
-            f"{c.high:+.1f}] | {c.n} | {c.verdict} |"
+            f"{c.high:+.1f}] | {c.n} | {c.verdict} | {secs[0]:.0f} | {secs[1]:.0f} |"
         )
     return [*lines, ""]
+
+
+def _matching(rows: list[dict], ref: list[dict], method: str) -> tuple[list[dict], list[dict]]:
+    """``method``'s rows of a variant run and the reference's rows of the same (dataset, K, draw, seed)."""
+    mine = [r for r in rows if r["method"] == method]
+    keys = {_key(r) for r in mine}
+    return mine, [r for r in ref if _key(r) in keys]
 
 
 def _key(row: dict) -> tuple:
@@ -552,6 +605,7 @@ def build() -> str:
         *headline(_load(DOCS / "results" / "headline.json")),
         *ablations(),
         *precision(),
+        *lung_scale(),
         *removed(),
         "",
         *loop(),
