@@ -185,9 +185,10 @@ def variant(
 
 
 def _matching(rows: list[dict], ref: list[dict], method: str) -> tuple[list[dict], list[dict]]:
-    """``method``'s rows of a variant run and the reference's rows of the same (dataset, K, draw, seed)."""
+    """``method``'s rows of a variant run and the reference's rows it pairs with, as ``_paired`` pairs them: the
+    same (dataset, K, draw) and seed, or the seed-independent row (seed None) of that support set."""
     mine = [r for r in rows if r["method"] == method]
-    keys = {_key(r) for r in mine}
+    keys = {_key(r) for r in mine} | {(*_key(r)[:-1], None) for r in mine}
     return mine, [r for r in ref if _key(r) in keys]
 
 
