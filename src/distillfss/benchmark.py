@@ -254,10 +254,10 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float], list[tuple]]:
-    """a's and b's mIoU on every run they share (same dataset, K and draw, and the same seed where b depends on
-    it), with each pair's group (dataset, K, draw): the runs of a group share their support set."""
-    ref = {(r["dataset"], r["shots"], r.get("draw", 0), r.get("seed")): r["miou"] for r in rows if r["method"] == b}
+def _paired(rows: list[dict], a: str, b: str, field: str = "miou") -> tuple[list[float], list[float], list[tuple]]:
+    """a's and b's ``field`` (mIoU) on every run they share (same dataset, K and draw, and the same seed where b
+    depends on it), with each pair's group (dataset, K, draw): the runs of a group share their support set."""
+    ref = {(r["dataset"], r["shots"], r.get("draw", 0), r.get("seed")): r[field] for r in rows if r["method"] == b}
     xs, ys, groups = [], [], []
     for r in rows:
         if r["method"] != a:
@@ -265,7 +265,7 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[list[float], list[float],
         key = (r["dataset"], r["shots"], r.get("draw", 0))
         y = ref.get((*key, r.get("seed")), ref.get((*key, None)))
         if y is not None:
-            xs.append(r["miou"])
+            xs.append(r[field])
             ys.append(y)
             groups.append(key)
     return xs, ys, groups

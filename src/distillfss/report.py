@@ -176,20 +176,12 @@ def variant(
         if not xs:
             raise SystemExit(f"{path}: no {method} run shares a support set and seed with {ref_path.name}'s")
         c = paired_comparison(xs, ys, groups)
-        secs = [sum(r["adapt_seconds"] for r in rs) / len(rs) for rs in _matching(d["rows"], ref, method)]
+        secs = [sum(s) / len(s) for s in _paired(rows, f"{method}@{tag}", method, field="adapt_seconds")[:2]]
         lines.append(
             f"| {method} | {sum(xs) / len(xs):.1f} | {sum(ys) / len(ys):.1f} | {c.mean:+.1f} [{c.low:+.1f}, "
             f"{c.high:+.1f}] | {c.n} | {c.verdict} | {secs[0]:.0f} | {secs[1]:.0f} |"
         )
     return [*lines, ""]
-
-
-def _matching(rows: list[dict], ref: list[dict], method: str) -> tuple[list[dict], list[dict]]:
-    """``method``'s rows of a variant run and the reference's rows it pairs with, as ``_paired`` pairs them: the
-    same (dataset, K, draw) and seed, or the seed-independent row (seed None) of that support set."""
-    mine = [r for r in rows if r["method"] == method]
-    keys = {_key(r) for r in mine} | {(*_key(r)[:-1], None) for r in mine}
-    return mine, [r for r in ref if _key(r) in keys]
 
 
 def _key(row: dict) -> tuple:

@@ -5,13 +5,13 @@ predicts the teacher's coarse mask of every layer in that group from the query's
 one operation: the first conv of every class reads the same input, so it is one conv C -> C_cls*C, and the 1x1
 convs are one grouped conv. The classes then go through the shared decoder in one batch, each at full resolution.
 
-``FastStudent`` (``student: fast``, the default): one pass for all classes. A trunk per layer group (1x1 conv C -> FAST_WIDTH,
-ReLU) is shared by the classes, with a 1x1 head per class: pointwise, as the teacher's coarse map at a query token
-is a function of that token's feature (and position) alone (cross-attention). The per-stride coarse maps of all
-classes are stacked as channels into a slim decoder of its own (FAST_WIDTH channels): 3x3 convs merge the strides
-and the stride-8 skip at stride 8, and at stride 4 a 1x1 conv takes in the stride-4 skip before one 3x3 conv and the
-classifier, which emits the C+1 merged logits, upsampled bilinearly. Its cost barely depends on the number of
-classes (about 0.21 GFLOP beside EfficientNet-Lite2's 1.44 at 256 px).
+``FastStudent`` (``student: fast``, the default): one pass for all classes. A trunk per layer group (1x1 conv C ->
+FAST_WIDTH, ReLU) is shared by the classes, with a 1x1 head per class: pointwise, as the teacher's coarse map at a query
+token is a function of that token's feature (and position) alone (cross-attention). The per-stride coarse maps of all
+classes are stacked as channels into a slim decoder of its own (FAST_WIDTH channels): 3x3 convs merge the strides and
+the stride-8 skip at stride 8, and at stride 4 a 1x1 conv takes in the stride-4 skip before one 3x3 conv and the
+classifier, which emits the C+1 merged logits, upsampled bilinearly. Its cost barely depends on the number of classes
+(about 0.21 GFLOP beside EfficientNet-Lite2's 1.44 at 256 px).
 """
 
 from __future__ import annotations
