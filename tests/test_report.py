@@ -123,13 +123,18 @@ def test_bf16_rows_pair_with_the_headlines_fp32_runs_and_other_precisions_are_re
     results = tmp_path / "docs" / "results"
     results.mkdir(parents=True)
     made = {"command": "distillfss benchmark --precision bf16", "commit": "abc", "date": "2026-12-05", "machine": "m"}
-    (results / "headline.json").write_text(json.dumps({"rows": _variant_rows([50, 52, 54], "fp32", 20)}))
+    head = {
+        "provenance": {**made, "command": "distillfss benchmark --draws 3"},
+        "rows": _variant_rows([50, 52, 54], "fp32", 20),
+    }
+    (results / "headline.json").write_text(json.dumps(head))
     monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
     assert report.precision() == []  # no bf16 run committed: no section
     bf16 = results / "precision_bf16.json"
     bf16.write_text(json.dumps({"provenance": made, "rows": _variant_rows([51, 53, 55], "bf16")}))
     section = "\n".join(report.precision())
     assert "| distillfss_fast | 53.0 | 52.0 | +1.0 [+1.0, +1.0] | 3 | better | 11 | 21 |" in section
+    assert "The fp32 run (headline.json): `distillfss benchmark --draws 3` at commit abc" in section
     bf16.write_text(json.dumps({"provenance": made, "rows": _variant_rows([51, 53, 55], "fp32")}))
     with pytest.raises(SystemExit, match="not the bf16 run"):
         report.precision()

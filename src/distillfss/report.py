@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .benchmark import _paired, table
@@ -115,8 +116,8 @@ def precision() -> list[str]:
         "bf16",
         "fp32",
         lambda d: all(r["adapt"]["precision"] == "bf16" for r in d["rows"]),
-        "the headline's support sets and seeds, adapted with `--precision bf16` (the decoder and heads autocast to "
-        "bfloat16), each row paired with the headline's fp32 run. Seconds per training step at each precision: "
+        "the headline's first support draw and its seeds, adapted with `--precision bf16` (the decoder and heads "
+        "autocast to bfloat16), each row paired with the headline's fp32 run. Seconds per training step at each precision: "
         "`speed/adapt_cpu_*.json` under *Speed* (this CPU has AVX512-BF16; CPUs without fast bf16 kernels were not "
         "measured here and can be slower).",
     )
@@ -125,8 +126,6 @@ def precision() -> list[str]:
 def lung_scale() -> list[str]:
     """Lung CT enlarged (``lung_scale_2.json``, ``benchmark --scale 2``) against the default scale
     (``lung_scale_auto.json``, the same support draws and seeds), paired; none without the files."""
-    if not all((DOCS / "results" / f).exists() for f in ("lung_scale_2.json", "lung_scale_auto.json")):
-        return []
     return variant(
         "Small structures: lung CT enlarged",
         "lung_scale_2.json",
@@ -136,10 +135,8 @@ def lung_scale() -> list[str]:
         lambda d: d["config"]["scale"] == "2" and {r["dataset"] for r in d["rows"]} == {"lung_ct"},
         "three support draws of lung CT (nodules of 0.06-2 % of a 512 px slice) x 3 seeds at `--scale 2` (the "
         "slices enlarged to 1024 px, segmented in 256 px windows), each run paired with the same draw and seed at "
-        "the default scale (`auto`: 0.5, a slice resized to one 256 px window), made by "
-        + _provenance(_load(DOCS / "results" / "lung_scale_auto.json"))
-        + ". Seconds to adapt: mean over the runs (a seed that reuses an earlier seed's teacher stage counts that "
-        "stage's seconds).",
+        "the default scale (`auto`: 0.5, a slice resized to one 256 px window). Seconds to adapt: mean over the runs "
+        "(a seed that reuses an earlier seed's teacher stage counts that stage's seconds).",
     )
 
 
@@ -149,23 +146,22 @@ def variant(
     reference: str,
     tag: str,
     ref_tag: str,
-    check,  # noqa: ANN001 - (results dict) -> bool: the file is the variant it claims to be
+    check: Callable[[dict], bool],  # the file is the variant it claims to be
     blurb: str,
 ) -> list[str]:
     """A ``benchmark`` run of one change (``name`` under docs/results) against a run without it (``reference``),
     row by row, paired by dataset, K, draw and seed; none without the files."""
     path, ref_path = DOCS / "results" / name, DOCS / "results" / reference
-    if not path.exists():
+    if not (path.exists() and ref_path.exists()):
         return []
-    d = _load(path)
+    d, ref = _load(path), _load(ref_path)
     if not check(d):
         raise SystemExit(f"{path}: not the {tag} run it should be (its configuration or rows say otherwise)")
-    ref = _load(ref_path)["rows"]
-    rows = ref + [{**r, "method": f"{r['method']}@{tag}"} for r in d["rows"]]
+    rows = ref["rows"] + [{**r, "method": f"{r['method']}@{tag}"} for r in d["rows"]]
     lines = [
         f"## {title}",
         "",
-        f"Made by {_provenance(d)}: {blurb}",
+        f"Made by {_provenance(d)}: {blurb} The {ref_tag} run ({reference}): {_provenance(ref)}.",
         "",
         f"| row | {tag} mIoU | {ref_tag} mIoU | {tag} - {ref_tag} [95 % interval] | runs | verdict | {tag}: adapt s "
         f"| {ref_tag}: adapt s |",
